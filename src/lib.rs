@@ -4,3 +4,4 @@
 //! and prepares ResourceClaims (compute policy + CDI spec) when the kubelet asks.
 //! See `README.md` for the architecture picture; each module's docs say what it owns.
 pub mod devnodes;
+pub mod prepare;
