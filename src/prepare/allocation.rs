@@ -108,7 +108,7 @@ pub fn allocated_devices(
     let results = allocation
         .devices
         .as_ref()
-        .map(|d| d.results.as_slice())
+        .and_then(|d| d.results.as_deref())
         .unwrap_or_default();
     let ours: Vec<AllocatedDevice> = results
         .iter()
