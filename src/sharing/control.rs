@@ -90,7 +90,9 @@ pub enum TimeSliceState {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// The NVML library could not be loaded or initialised.
-    #[error("loading NVML from {lib}: check the NVIDIA driver is installed and the library path is right")]
+    #[error(
+        "loading NVML from {lib}: check the NVIDIA driver is installed and the library path is right"
+    )]
     NvmlInit {
         /// The library path tried (`libnvidia-ml.so.1` when not configured).
         lib: String,
@@ -118,7 +120,9 @@ pub enum ControlError {
         gpu_uuid: String,
     },
     /// A helper command could not be started or did not finish in time.
-    #[error("running `{command}` for GPU {gpu_uuid}: check the path (flag) and that the tool is installed")]
+    #[error(
+        "running `{command}` for GPU {gpu_uuid}: check the path (flag) and that the tool is installed"
+    )]
     Spawn {
         /// The command line.
         command: String,
@@ -170,8 +174,10 @@ pub trait TimeSliceControl: Send + Sync {
         interval: TimeSlice,
     ) -> BoxFuture<'a, Result<(), ControlError>>;
     /// Reads the interval back, or says the GPU does not support the setting.
-    fn time_slice<'a>(&'a self, gpu_uuid: &'a str)
-    -> BoxFuture<'a, Result<TimeSliceState, ControlError>>;
+    fn time_slice<'a>(
+        &'a self,
+        gpu_uuid: &'a str,
+    ) -> BoxFuture<'a, Result<TimeSliceState, ControlError>>;
 }
 
 /// [`ComputeControl`] over nvml-wrapper 0.13.
@@ -191,7 +197,10 @@ impl NvmlComputeControl {
             builder.lib_path(&lib);
         }
         let nvml = builder.init().map_err(|source| ControlError::NvmlInit {
-            lib: lib_path.map_or_else(|| "libnvidia-ml.so.1".to_owned(), |p| p.display().to_string()),
+            lib: lib_path.map_or_else(
+                || "libnvidia-ml.so.1".to_owned(),
+                |p| p.display().to_string(),
+            ),
             source,
         })?;
         Ok(Self { nvml })
@@ -205,12 +214,15 @@ impl NvmlComputeControl {
 
 impl ComputeControl for NvmlComputeControl {
     fn set_compute_mode(&self, gpu_uuid: &str, mode: ComputeMode) -> Result<(), ControlError> {
-        let mut device = self.nvml.device_by_uuid(gpu_uuid).map_err(|source| ControlError::Nvml {
-            function: "nvmlDeviceGetHandleByUUID",
-            gpu_uuid: gpu_uuid.to_owned(),
-            hint: "check the GPU is still present on this node (nvidia-smi -L)",
-            source,
-        })?;
+        let mut device =
+            self.nvml
+                .device_by_uuid(gpu_uuid)
+                .map_err(|source| ControlError::Nvml {
+                    function: "nvmlDeviceGetHandleByUUID",
+                    gpu_uuid: gpu_uuid.to_owned(),
+                    hint: "check the GPU is still present on this node (nvidia-smi -L)",
+                    source,
+                })?;
         let nvml_mode = match mode {
             ComputeMode::Default => NvmlComputeMode::Default,
             ComputeMode::ExclusiveThread => NvmlComputeMode::ExclusiveThread,
@@ -226,16 +238,21 @@ impl ComputeControl for NvmlComputeControl {
     }
 
     fn compute_mode(&self, gpu_uuid: &str) -> Result<ComputeMode, ControlError> {
-        let device = self.nvml.device_by_uuid(gpu_uuid).map_err(|source| ControlError::Nvml {
-            function: "nvmlDeviceGetHandleByUUID",
-            gpu_uuid: gpu_uuid.to_owned(),
-            hint: "check the GPU is still present on this node (nvidia-smi -L)",
-            source,
-        })?;
-        let mode = device.compute_mode().map_err(|source| match source {
-            nvml_wrapper::error::NvmlError::UnexpectedVariant(_) => ControlError::UnknownComputeMode {
+        let device = self
+            .nvml
+            .device_by_uuid(gpu_uuid)
+            .map_err(|source| ControlError::Nvml {
+                function: "nvmlDeviceGetHandleByUUID",
                 gpu_uuid: gpu_uuid.to_owned(),
-            },
+                hint: "check the GPU is still present on this node (nvidia-smi -L)",
+                source,
+            })?;
+        let mode = device.compute_mode().map_err(|source| match source {
+            nvml_wrapper::error::NvmlError::UnexpectedVariant(_) => {
+                ControlError::UnknownComputeMode {
+                    gpu_uuid: gpu_uuid.to_owned(),
+                }
+            }
             source => ControlError::Nvml {
                 function: "nvmlDeviceGetComputeMode",
                 gpu_uuid: gpu_uuid.to_owned(),
@@ -262,7 +279,10 @@ pub struct NvidiaSmiTimeSlice {
 impl NvidiaSmiTimeSlice {
     /// Uses the `nvidia-smi` at `nvidia_smi` and gives each run at most `timeout`.
     pub fn new(nvidia_smi: impl Into<PathBuf>, timeout: Duration) -> Self {
-        Self { nvidia_smi: nvidia_smi.into(), timeout }
+        Self {
+            nvidia_smi: nvidia_smi.into(),
+            timeout,
+        }
     }
 
     fn command_line(&self, args: &[&str]) -> String {
@@ -275,7 +295,11 @@ impl NvidiaSmiTimeSlice {
     }
 
     /// Runs nvidia-smi and returns (success, stdout, stderr).
-    async fn run(&self, gpu_uuid: &str, args: &[&str]) -> Result<(std::process::ExitStatus, String, String), ControlError> {
+    async fn run(
+        &self,
+        gpu_uuid: &str,
+        args: &[&str],
+    ) -> Result<(std::process::ExitStatus, String, String), ControlError> {
         let spawn_error = |source| ControlError::Spawn {
             command: self.command_line(args),
             gpu_uuid: gpu_uuid.to_owned(),
@@ -291,7 +315,12 @@ impl NvidiaSmiTimeSlice {
             .map_err(spawn_error)?;
         let output = tokio::time::timeout(self.timeout, child.wait_with_output())
             .await
-            .map_err(|_| spawn_error(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {:?}", self.timeout))))?
+            .map_err(|_| {
+                spawn_error(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {:?}", self.timeout),
+                ))
+            })?
             .map_err(spawn_error)?;
         Ok((
             output.status,
@@ -309,7 +338,13 @@ impl TimeSliceControl for NvidiaSmiTimeSlice {
     ) -> BoxFuture<'a, Result<(), ControlError>> {
         Box::pin(async move {
             let value = interval.as_arg().to_string();
-            let args = ["compute-policy", "-i", gpu_uuid, "--set-timeslice", value.as_str()];
+            let args = [
+                "compute-policy",
+                "-i",
+                gpu_uuid,
+                "--set-timeslice",
+                value.as_str(),
+            ];
             let (status, stdout, stderr) = self.run(gpu_uuid, &args).await?;
             if status.success() {
                 return Ok(());
@@ -323,14 +358,23 @@ impl TimeSliceControl for NvidiaSmiTimeSlice {
         })
     }
 
-    fn time_slice<'a>(&'a self, gpu_uuid: &'a str) -> BoxFuture<'a, Result<TimeSliceState, ControlError>> {
+    fn time_slice<'a>(
+        &'a self,
+        gpu_uuid: &'a str,
+    ) -> BoxFuture<'a, Result<TimeSliceState, ControlError>> {
         Box::pin(async move {
             let args = ["compute-policy", "-i", gpu_uuid, "-l"];
             let (status, stdout, stderr) = self.run(gpu_uuid, &args).await?;
-            let said = if stderr.is_empty() { stdout.clone() } else { format!("{stderr}\n{stdout}") };
+            let said = if stderr.is_empty() {
+                stdout.clone()
+            } else {
+                format!("{stderr}\n{stdout}")
+            };
             if !status.success() {
                 if mentions_not_supported(&said) {
-                    return Ok(TimeSliceState::Unsupported { detail: said.trim().to_owned() });
+                    return Ok(TimeSliceState::Unsupported {
+                        detail: said.trim().to_owned(),
+                    });
                 }
                 return Err(ControlError::CommandFailed {
                     command: self.command_line(&args),
@@ -367,7 +411,9 @@ pub fn parse_time_slice_listing(listing: &str) -> Option<TimeSliceState> {
         };
         let rest = &line[at..];
         if mentions_not_supported(rest) || rest.to_ascii_lowercase().contains("n/a") {
-            return Some(TimeSliceState::Unsupported { detail: line.trim().to_owned() });
+            return Some(TimeSliceState::Unsupported {
+                detail: line.trim().to_owned(),
+            });
         }
         let value = rest
             .split(|c: char| c.is_whitespace() || matches!(c, ':' | '|' | '=' | ',' | '(' | ')'))
@@ -386,7 +432,12 @@ mod tests {
 
     #[test]
     fn time_slice_args_match_nvidia_smi_values() {
-        let all = [TimeSlice::Default, TimeSlice::Short, TimeSlice::Medium, TimeSlice::Long];
+        let all = [
+            TimeSlice::Default,
+            TimeSlice::Short,
+            TimeSlice::Medium,
+            TimeSlice::Long,
+        ];
         for (i, ts) in all.into_iter().enumerate() {
             assert_eq!(usize::from(ts.as_arg()), i);
             assert_eq!(TimeSlice::from_token(&i.to_string()), Some(ts));
@@ -398,7 +449,10 @@ mod tests {
     #[test]
     fn listing_parser_reads_value_and_unsupported() {
         let table = "+------------------+\n| GPU  Policy     Value |\n|   0  Timeslice  Long  |\n";
-        assert_eq!(parse_time_slice_listing(table), Some(TimeSliceState::Supported(TimeSlice::Long)));
+        assert_eq!(
+            parse_time_slice_listing(table),
+            Some(TimeSliceState::Supported(TimeSlice::Long))
+        );
         assert_eq!(
             parse_time_slice_listing("GPU 00000000:3B:00.0\n    Timeslice : Medium\n"),
             Some(TimeSliceState::Supported(TimeSlice::Medium))
@@ -428,7 +482,10 @@ mod tests {
         let record = dir.path().join("argv");
         let smi = script(dir.path(), &format!("echo \"$@\" > {}", record.display()));
         let control = NvidiaSmiTimeSlice::new(smi, Duration::from_secs(10));
-        control.set_time_slice("GPU-1", TimeSlice::Long).await.unwrap();
+        control
+            .set_time_slice("GPU-1", TimeSlice::Long)
+            .await
+            .unwrap();
         let argv = std::fs::read_to_string(record).unwrap();
         assert_eq!(argv.trim(), "compute-policy -i GPU-1 --set-timeslice 3");
     }
@@ -438,9 +495,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let smi = script(dir.path(), "echo 'Insufficient Permissions' >&2; exit 4");
         let control = NvidiaSmiTimeSlice::new(smi, Duration::from_secs(10));
-        let err = control.set_time_slice("GPU-9", TimeSlice::Short).await.unwrap_err();
+        let err = control
+            .set_time_slice("GPU-9", TimeSlice::Short)
+            .await
+            .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("GPU-9") && text.contains("Insufficient Permissions"), "{text}");
+        assert!(
+            text.contains("GPU-9") && text.contains("Insufficient Permissions"),
+            "{text}"
+        );
         assert!(text.contains("--set-timeslice 1"), "{text}");
     }
 
@@ -449,11 +512,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let smi = script(dir.path(), "echo '    Timeslice : Short'");
         let control = NvidiaSmiTimeSlice::new(smi, Duration::from_secs(10));
-        assert_eq!(control.time_slice("GPU-1").await.unwrap(), TimeSliceState::Supported(TimeSlice::Short));
+        assert_eq!(
+            control.time_slice("GPU-1").await.unwrap(),
+            TimeSliceState::Supported(TimeSlice::Short)
+        );
 
-        let smi = script(dir.path(), "echo 'Setting timeslice is Not Supported for GPU' >&2; exit 3");
+        let smi = script(
+            dir.path(),
+            "echo 'Setting timeslice is Not Supported for GPU' >&2; exit 3",
+        );
         let control = NvidiaSmiTimeSlice::new(smi, Duration::from_secs(10));
-        assert!(matches!(control.time_slice("GPU-1").await.unwrap(), TimeSliceState::Unsupported { .. }));
+        assert!(matches!(
+            control.time_slice("GPU-1").await.unwrap(),
+            TimeSliceState::Unsupported { .. }
+        ));
 
         let missing = NvidiaSmiTimeSlice::new(dir.path().join("absent"), Duration::from_secs(10));
         let err = missing.time_slice("GPU-1").await.unwrap_err();

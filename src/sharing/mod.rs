@@ -29,10 +29,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use futures::future::join_all;
 
 pub use control::{
-    ComputeControl, ComputeMode, ControlError, NvidiaSmiTimeSlice, NvmlComputeControl, TimeSlice, TimeSliceControl,
-    TimeSliceState,
+    ComputeControl, ComputeMode, ControlError, NvidiaSmiTimeSlice, NvmlComputeControl, TimeSlice,
+    TimeSliceControl, TimeSliceState,
 };
-pub use mps::{AdoptOutcome, ClaimEdits, MountSpec, MpsError, MpsSettings, MpsSupervisor, PrivateShm};
+pub use mps::{
+    AdoptOutcome, ClaimEdits, MountSpec, MpsError, MpsSettings, MpsSupervisor, PrivateShm,
+};
 pub use policy::{Action, Conflict, Ledger, MpsLimits, Policy};
 
 /// Errors of [`SharingManager`]; each says which claim, which GPU and what to do.
@@ -40,7 +42,7 @@ pub use policy::{Action, Conflict, Ledger, MpsLimits, Policy};
 pub enum SharingError {
     /// The GPU is used by another claim under an incompatible policy.
     #[error(transparent)]
-    Conflict(#[from] Conflict),
+    Conflict(#[from] Box<Conflict>),
     /// The claim asks for a time slice on a GPU that cannot set one.
     #[error(
         "claim {claim_uid}: GPU {gpu_uuid} does not support setting the time slice ({detail}); remove the TimeSlicing sharing config from the claim (or its DeviceClass) or select another GPU model"
@@ -110,7 +112,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl SharingManager {
     /// A manager over these seams with an empty ledger.
-    pub fn new(compute: Arc<dyn ComputeControl>, time_slice: Arc<dyn TimeSliceControl>, mps: MpsSupervisor) -> Self {
+    pub fn new(
+        compute: Arc<dyn ComputeControl>,
+        time_slice: Arc<dyn TimeSliceControl>,
+        mps: MpsSupervisor,
+    ) -> Self {
         Self {
             compute,
             time_slice,
@@ -124,7 +130,10 @@ impl SharingManager {
     async fn lock_gpus(&self, sorted_gpus: &[String]) -> GpuGuards {
         let mutexes: Vec<_> = {
             let mut map = lock(&self.gpu_locks);
-            sorted_gpus.iter().map(|g| Arc::clone(map.entry(g.clone()).or_default())).collect()
+            sorted_gpus
+                .iter()
+                .map(|g| Arc::clone(map.entry(g.clone()).or_default()))
+                .collect()
         };
         let mut guards = Vec::with_capacity(mutexes.len());
         for mutex in mutexes {
@@ -143,14 +152,22 @@ impl SharingManager {
     /// Errors: [`SharingError::Conflict`] (rules in [`policy`]),
     /// [`SharingError::TimeSliceUnsupported`], [`SharingError::Control`] (NVML /
     /// nvidia-smi), [`SharingError::Mps`], [`SharingError::NoGpus`].
-    pub async fn apply(&self, gpu_uuids: &[String], claim_uid: &str, policy: Option<Policy>) -> Result<ClaimEdits, SharingError> {
+    pub async fn apply(
+        &self,
+        gpu_uuids: &[String],
+        claim_uid: &str,
+        policy: Option<Policy>,
+    ) -> Result<ClaimEdits, SharingError> {
         let mut gpus = gpu_uuids.to_vec();
         gpus.sort();
         gpus.dedup();
         if gpus.is_empty() {
             return match policy {
                 None => Ok(ClaimEdits::default()),
-                Some(p) => Err(SharingError::NoGpus { claim_uid: claim_uid.to_owned(), policy: p.to_string() }),
+                Some(p) => Err(SharingError::NoGpus {
+                    claim_uid: claim_uid.to_owned(),
+                    policy: p.to_string(),
+                }),
             };
         }
         if let Some(Policy::Mps(limits)) = &policy {
@@ -162,11 +179,20 @@ impl SharingManager {
         let actions = {
             let ledger = lock(&self.ledger);
             gpus.iter()
-                .map(|gpu| ledger.check(gpu, claim_uid, policy.as_ref()).map(|a| (gpu.clone(), a)))
+                .map(|gpu| {
+                    ledger
+                        .check(gpu, claim_uid, policy.as_ref())
+                        .map(|a| (gpu.clone(), a))
+                })
                 .collect::<Result<Vec<_>, _>>()?
         };
 
-        let results = join_all(actions.iter().map(|(gpu, action)| self.execute(claim_uid, gpu, action))).await;
+        let results = join_all(
+            actions
+                .iter()
+                .map(|(gpu, action)| self.execute(claim_uid, gpu, action)),
+        )
+        .await;
         let mut first_error = None;
         let mut applied = Vec::new();
         for ((gpu, action), result) in actions.iter().zip(results) {
@@ -192,7 +218,10 @@ impl SharingManager {
                 let started = if fresh {
                     self.mps.start(claim_uid, &gpus, limits).await
                 } else {
-                    self.mps.adopt(claim_uid, &gpus, limits).await.map(|(_, edits)| edits)
+                    self.mps
+                        .adopt(claim_uid, &gpus, limits)
+                        .await
+                        .map(|(_, edits)| edits)
                 };
                 match started {
                     Ok(edits) => edits,
@@ -216,7 +245,9 @@ impl SharingManager {
 
     /// Undoes policies this call applied; failures are logged (the original error wins).
     async fn roll_back(&self, claim_uid: &str, applied: &[(String, Policy)]) {
-        let undo = applied.iter().map(|(gpu, p)| async move { (gpu, self.restore_gpu(claim_uid, gpu, p).await) });
+        let undo = applied
+            .iter()
+            .map(|(gpu, p)| async move { (gpu, self.restore_gpu(claim_uid, gpu, p).await) });
         for (gpu, result) in join_all(undo).await {
             if let Err(err) = result {
                 tracing::error!(claim.uid = claim_uid, gpu.uuid = %gpu, error = %err, "rolling back a partial apply failed; the GPU keeps the policy until the claim is released");
@@ -224,7 +255,12 @@ impl SharingManager {
         }
     }
 
-    async fn execute(&self, claim_uid: &str, gpu: &str, action: &Action) -> Result<(), SharingError> {
+    async fn execute(
+        &self,
+        claim_uid: &str,
+        gpu: &str,
+        action: &Action,
+    ) -> Result<(), SharingError> {
         let control_error = |action: &str, source| SharingError::Control {
             claim_uid: claim_uid.to_owned(),
             gpu_uuid: gpu.to_owned(),
@@ -235,12 +271,19 @@ impl SharingManager {
             Action::Nothing => Ok(()),
             Action::Restore(p) => self.restore_gpu(claim_uid, gpu, p).await,
             Action::Apply(Policy::TimeSlicing { interval }) => {
-                match self.time_slice.time_slice(gpu).await.map_err(|e| control_error("reading the time slice", e))? {
-                    TimeSliceState::Unsupported { detail } => Err(SharingError::TimeSliceUnsupported {
-                        claim_uid: claim_uid.to_owned(),
-                        gpu_uuid: gpu.to_owned(),
-                        detail,
-                    }),
+                match self
+                    .time_slice
+                    .time_slice(gpu)
+                    .await
+                    .map_err(|e| control_error("reading the time slice", e))?
+                {
+                    TimeSliceState::Unsupported { detail } => {
+                        Err(SharingError::TimeSliceUnsupported {
+                            claim_uid: claim_uid.to_owned(),
+                            gpu_uuid: gpu.to_owned(),
+                            detail,
+                        })
+                    }
                     TimeSliceState::Supported(current) if current == *interval => Ok(()),
                     TimeSliceState::Supported(_) => self
                         .time_slice
@@ -257,7 +300,12 @@ impl SharingManager {
     }
 
     /// Puts one GPU back to the default for `policy` (the MPS daemon is stopped by the caller).
-    async fn restore_gpu(&self, claim_uid: &str, gpu: &str, policy: &Policy) -> Result<(), SharingError> {
+    async fn restore_gpu(
+        &self,
+        claim_uid: &str,
+        gpu: &str,
+        policy: &Policy,
+    ) -> Result<(), SharingError> {
         let control_error = |action: &str, source| SharingError::Control {
             claim_uid: claim_uid.to_owned(),
             gpu_uuid: gpu.to_owned(),
@@ -284,7 +332,11 @@ impl SharingManager {
     /// On a failure the claim stays recorded on the GPUs that could not be restored, so a
     /// retry finishes the job. Errors: [`SharingError::Mps`], [`SharingError::Control`].
     pub async fn release(&self, claim_uid: &str) -> Result<(), SharingError> {
-        let gpus: Vec<String> = lock(&self.ledger).claim_gpus(claim_uid).into_iter().map(|(g, _)| g).collect();
+        let gpus: Vec<String> = lock(&self.ledger)
+            .claim_gpus(claim_uid)
+            .into_iter()
+            .map(|(g, _)| g)
+            .collect();
         let _guards = self.lock_gpus(&gpus).await;
         let held = lock(&self.ledger).claim_gpus(claim_uid);
         if held.iter().any(|(_, p)| matches!(p, Some(Policy::Mps(_)))) || held.is_empty() {
@@ -292,9 +344,15 @@ impl SharingManager {
         }
         let plan: Vec<(String, Action)> = {
             let ledger = lock(&self.ledger);
-            held.iter().map(|(gpu, _)| (gpu.clone(), ledger.plan_release(gpu, claim_uid))).collect()
+            held.iter()
+                .map(|(gpu, _)| (gpu.clone(), ledger.plan_release(gpu, claim_uid)))
+                .collect()
         };
-        let results = join_all(plan.iter().map(|(gpu, action)| self.execute(claim_uid, gpu, action))).await;
+        let results = join_all(
+            plan.iter()
+                .map(|(gpu, action)| self.execute(claim_uid, gpu, action)),
+        )
+        .await;
         let mut first_error = None;
         let mut ledger = lock(&self.ledger);
         for ((gpu, _), result) in plan.iter().zip(results) {
@@ -336,7 +394,11 @@ impl SharingManager {
         let mut claims: BTreeMap<String, (Vec<String>, MpsLimits)> = BTreeMap::new();
         for (gpu, claim, policy) in self.entries() {
             if let Some(Policy::Mps(limits)) = policy {
-                claims.entry(claim).or_insert_with(|| (Vec::new(), limits)).0.push(gpu);
+                claims
+                    .entry(claim)
+                    .or_insert_with(|| (Vec::new(), limits))
+                    .0
+                    .push(gpu);
             }
         }
         let mut report = MpsRecovery::default();

@@ -24,7 +24,7 @@
 //! claim's containers get the same dir mounted at `/dev/shm`. Without it (tests, or a
 //! plugin sharing the host IPC namespace) no shm mount is emitted.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -102,7 +102,9 @@ pub enum MpsError {
         claim_uid: String,
     },
     /// A limit names a GPU that is not in the claim.
-    #[error("claim {claim_uid}: MPS pinned memory limit for {device}, which is not one of the claim's GPUs {gpus:?}")]
+    #[error(
+        "claim {claim_uid}: MPS pinned memory limit for {device}, which is not one of the claim's GPUs {gpus:?}"
+    )]
     UnknownDevice {
         /// The claim UID.
         claim_uid: String,
@@ -133,7 +135,9 @@ pub enum MpsError {
         source: std::io::Error,
     },
     /// The control binary could not be run or did not finish in time.
-    #[error("claim {claim_uid}: running `{command}`: check --mps-control-path and that the NVIDIA driver utilities are installed")]
+    #[error(
+        "claim {claim_uid}: running `{command}`: check --mps-control-path and that the NVIDIA driver utilities are installed"
+    )]
     Spawn {
         /// The claim UID.
         claim_uid: String,
@@ -156,7 +160,9 @@ pub enum MpsError {
         output: String,
     },
     /// The control pipe did not appear in time.
-    #[error("claim {claim_uid}: MPS control daemon did not create {path} within {waited:?}; see its logs in {log_dir}")]
+    #[error(
+        "claim {claim_uid}: MPS control daemon did not create {path} within {waited:?}; see its logs in {log_dir}"
+    )]
     NotReady {
         /// The claim UID.
         claim_uid: String,
@@ -189,12 +195,21 @@ pub struct ClaimDirs {
 /// per-device value wins over the global one). Bytes are rounded down to whole MiB, the
 /// finest unit the daemon accepts. Errors: percentage over 100, a limit under 1 MiB, a
 /// per-device key that is not one of `gpu_uuids`.
-pub fn limit_commands(claim_uid: &str, gpu_uuids: &[String], limits: &MpsLimits) -> Result<Vec<String>, MpsError> {
-    let invalid = |what: String| MpsError::InvalidLimit { claim_uid: claim_uid.to_owned(), what };
+pub fn limit_commands(
+    claim_uid: &str,
+    gpu_uuids: &[String],
+    limits: &MpsLimits,
+) -> Result<Vec<String>, MpsError> {
+    let invalid = |what: String| MpsError::InvalidLimit {
+        claim_uid: claim_uid.to_owned(),
+        what,
+    };
     let mut commands = Vec::new();
     if let Some(pct) = limits.active_thread_percentage {
         if pct > 100 {
-            return Err(invalid(format!("active thread percentage {pct} is outside 0..100")));
+            return Err(invalid(format!(
+                "active thread percentage {pct} is outside 0..100"
+            )));
         }
         commands.push(format!("set_default_active_thread_percentage {pct}"));
     }
@@ -238,7 +253,9 @@ fn valid_claim_uid(claim_uid: &str) -> bool {
     !claim_uid.is_empty()
         && claim_uid != "."
         && claim_uid != ".."
-        && claim_uid.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && claim_uid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 impl MpsSupervisor {
@@ -250,10 +267,17 @@ impl MpsSupervisor {
     /// The directories of `claim_uid`. Errors: [`MpsError::InvalidClaimUid`].
     pub fn dirs(&self, claim_uid: &str) -> Result<ClaimDirs, MpsError> {
         if !valid_claim_uid(claim_uid) {
-            return Err(MpsError::InvalidClaimUid { claim_uid: claim_uid.to_owned() });
+            return Err(MpsError::InvalidClaimUid {
+                claim_uid: claim_uid.to_owned(),
+            });
         }
         let root = self.settings.root_dir.join(claim_uid);
-        Ok(ClaimDirs { pipe: root.join("pipe"), log: root.join("log"), shm: root.join("shm"), root })
+        Ok(ClaimDirs {
+            pipe: root.join("pipe"),
+            log: root.join("log"),
+            shm: root.join("shm"),
+            root,
+        })
     }
 
     /// The container edits for a claim served by a daemon (pure).
@@ -280,8 +304,14 @@ impl MpsSupervisor {
         }
         ClaimEdits {
             env: vec![
-                ("CUDA_MPS_PIPE_DIRECTORY".to_owned(), CONTAINER_PIPE_DIR.to_owned()),
-                ("CUDA_MPS_LOG_DIRECTORY".to_owned(), CONTAINER_LOG_DIR.to_owned()),
+                (
+                    "CUDA_MPS_PIPE_DIRECTORY".to_owned(),
+                    CONTAINER_PIPE_DIR.to_owned(),
+                ),
+                (
+                    "CUDA_MPS_LOG_DIRECTORY".to_owned(),
+                    CONTAINER_LOG_DIR.to_owned(),
+                ),
             ],
             mounts,
         }
@@ -315,7 +345,12 @@ impl MpsSupervisor {
     /// Leftovers of an earlier daemon of the same claim are stopped and removed first. On
     /// any failure the daemon is stopped and the directories removed. The GPUs must already
     /// be in EXCLUSIVE_PROCESS mode. Returns the claim's container edits.
-    pub async fn start(&self, claim_uid: &str, gpu_uuids: &[String], limits: &MpsLimits) -> Result<ClaimEdits, MpsError> {
+    pub async fn start(
+        &self,
+        claim_uid: &str,
+        gpu_uuids: &[String],
+        limits: &MpsLimits,
+    ) -> Result<ClaimEdits, MpsError> {
         let commands = limit_commands(claim_uid, gpu_uuids, limits)?;
         let dirs = self.dirs(claim_uid)?;
         if tokio::fs::try_exists(&dirs.root).await.unwrap_or(true) {
@@ -332,14 +367,22 @@ impl MpsSupervisor {
         }
     }
 
-    async fn start_in(&self, claim_uid: &str, gpu_uuids: &[String], dirs: &ClaimDirs, commands: &[String]) -> Result<(), MpsError> {
+    async fn start_in(
+        &self,
+        claim_uid: &str,
+        gpu_uuids: &[String],
+        dirs: &ClaimDirs,
+        commands: &[String],
+    ) -> Result<(), MpsError> {
         for dir in [&dirs.pipe, &dirs.log, &dirs.shm] {
-            tokio::fs::create_dir_all(dir).await.map_err(|source| MpsError::Io {
-                claim_uid: claim_uid.to_owned(),
-                action: "creating",
-                path: dir.clone(),
-                source,
-            })?;
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|source| MpsError::Io {
+                    claim_uid: claim_uid.to_owned(),
+                    action: "creating",
+                    path: dir.clone(),
+                    source,
+                })?;
         }
         self.launch(claim_uid, gpu_uuids, dirs).await?;
         self.wait_ready(claim_uid, dirs).await?;
@@ -349,7 +392,12 @@ impl MpsSupervisor {
         Ok(())
     }
 
-    async fn launch(&self, claim_uid: &str, gpu_uuids: &[String], dirs: &ClaimDirs) -> Result<(), MpsError> {
+    async fn launch(
+        &self,
+        claim_uid: &str,
+        gpu_uuids: &[String],
+        dirs: &ClaimDirs,
+    ) -> Result<(), MpsError> {
         let (program, args) = self.launch_command(dirs);
         let command_line = format!("{} {}", program.display(), args.join(" "));
         let spawn_error = |source| MpsError::Spawn {
@@ -415,7 +463,12 @@ impl MpsSupervisor {
     }
 
     /// Sends one command to the claim's daemon; returns what it printed.
-    async fn send(&self, claim_uid: &str, dirs: &ClaimDirs, command: &str) -> Result<String, MpsError> {
+    async fn send(
+        &self,
+        claim_uid: &str,
+        dirs: &ClaimDirs,
+        command: &str,
+    ) -> Result<String, MpsError> {
         let spawn_error = |source| MpsError::Spawn {
             claim_uid: claim_uid.to_owned(),
             command: format!("echo {command} | {}", self.settings.control_path.display()),
@@ -431,7 +484,10 @@ impl MpsSupervisor {
             .spawn()
             .map_err(spawn_error)?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(format!("{command}\n").as_bytes()).await.map_err(spawn_error)?;
+            stdin
+                .write_all(format!("{command}\n").as_bytes())
+                .await
+                .map_err(spawn_error)?;
             // Dropping stdin closes it: the control client ends at end of input.
         }
         let output = tokio::time::timeout(self.settings.command_timeout, child.wait_with_output())
@@ -457,7 +513,9 @@ impl MpsSupervisor {
     /// failing to remove the directories is.
     pub async fn stop(&self, claim_uid: &str) -> Result<(), MpsError> {
         let dirs = self.dirs(claim_uid)?;
-        if tokio::fs::try_exists(dirs.pipe.join(CONTROL_PIPE)).await.unwrap_or(false)
+        if tokio::fs::try_exists(dirs.pipe.join(CONTROL_PIPE))
+            .await
+            .unwrap_or(false)
             && let Err(err) = self.send(claim_uid, &dirs, "quit").await
         {
             tracing::warn!(claim.uid = claim_uid, error = %err, "MPS control daemon did not take quit; removing its directories");
@@ -476,11 +534,21 @@ impl MpsSupervisor {
 
     /// After a plugin restart: keeps the claim's daemon if it still answers (limits are
     /// re-applied, which only affects servers started later), else starts it afresh.
-    pub async fn adopt(&self, claim_uid: &str, gpu_uuids: &[String], limits: &MpsLimits) -> Result<(AdoptOutcome, ClaimEdits), MpsError> {
+    pub async fn adopt(
+        &self,
+        claim_uid: &str,
+        gpu_uuids: &[String],
+        limits: &MpsLimits,
+    ) -> Result<(AdoptOutcome, ClaimEdits), MpsError> {
         let commands = limit_commands(claim_uid, gpu_uuids, limits)?;
         let dirs = self.dirs(claim_uid)?;
-        let alive = tokio::fs::try_exists(dirs.pipe.join(CONTROL_PIPE)).await.unwrap_or(false)
-            && self.send(claim_uid, &dirs, "get_default_active_thread_percentage").await.is_ok();
+        let alive = tokio::fs::try_exists(dirs.pipe.join(CONTROL_PIPE))
+            .await
+            .unwrap_or(false)
+            && self
+                .send(claim_uid, &dirs, "get_default_active_thread_percentage")
+                .await
+                .is_ok();
         if alive {
             for command in &commands {
                 self.send(claim_uid, &dirs, command).await?;
@@ -498,7 +566,12 @@ impl MpsSupervisor {
             Ok(entries) => entries,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => {
-                return Err(MpsError::Io { claim_uid: String::new(), action: "listing", path: root.clone(), source });
+                return Err(MpsError::Io {
+                    claim_uid: String::new(),
+                    action: "listing",
+                    path: root.clone(),
+                    source,
+                });
             }
         };
         let mut claims: Vec<String> = entries
@@ -513,7 +586,10 @@ impl MpsSupervisor {
 }
 
 fn timed_out(limit: Duration) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {limit:?}"))
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {limit:?}"),
+    )
 }
 
 #[cfg(test)]
@@ -575,6 +651,7 @@ done
 mod tests {
     use super::test_support::{fake_mps_control, recorded};
     use super::*;
+    use std::path::Path;
 
     fn settings(dir: &Path, control: PathBuf) -> MpsSettings {
         MpsSettings {
@@ -605,15 +682,33 @@ mod tests {
                 "set_default_device_pinned_mem_limit GPU-b 2048M",
             ]
         );
-        assert!(limit_commands("c", &gpus(&["GPU-a"]), &MpsLimits::default()).unwrap().is_empty());
+        assert!(
+            limit_commands("c", &gpus(&["GPU-a"]), &MpsLimits::default())
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn limit_commands_reject_bad_values() {
-        let pct = MpsLimits { active_thread_percentage: Some(101), ..MpsLimits::default() };
-        assert!(limit_commands("c", &gpus(&["G"]), &pct).unwrap_err().to_string().contains("0..100"));
-        let tiny = MpsLimits { pinned_memory_limit_bytes: Some(1000), ..MpsLimits::default() };
-        assert!(matches!(limit_commands("c", &gpus(&["G"]), &tiny), Err(MpsError::InvalidLimit { .. })));
+        let pct = MpsLimits {
+            active_thread_percentage: Some(101),
+            ..MpsLimits::default()
+        };
+        assert!(
+            limit_commands("c", &gpus(&["G"]), &pct)
+                .unwrap_err()
+                .to_string()
+                .contains("0..100")
+        );
+        let tiny = MpsLimits {
+            pinned_memory_limit_bytes: Some(1000),
+            ..MpsLimits::default()
+        };
+        assert!(matches!(
+            limit_commands("c", &gpus(&["G"]), &tiny),
+            Err(MpsError::InvalidLimit { .. })
+        ));
         let stranger = MpsLimits {
             per_device_pinned_memory_limit_bytes: [("GPU-x".to_owned(), 1 << 30)].into(),
             ..MpsLimits::default()
@@ -626,7 +721,10 @@ mod tests {
     fn claim_uid_must_be_a_plain_name() {
         let sup = MpsSupervisor::new(settings(Path::new("/x"), PathBuf::from("/bin/false")));
         for bad in ["", "..", "a/b", "../x"] {
-            assert!(matches!(sup.dirs(bad), Err(MpsError::InvalidClaimUid { .. })), "{bad:?}");
+            assert!(
+                matches!(sup.dirs(bad), Err(MpsError::InvalidClaimUid { .. })),
+                "{bad:?}"
+            );
         }
         let dirs = sup.dirs("0b7c-uid").unwrap();
         assert_eq!(dirs.pipe, Path::new("/x/plugin/mps/0b7c-uid/pipe"));
@@ -634,19 +732,42 @@ mod tests {
 
     #[test]
     fn private_shm_wraps_launch_in_unshare_and_mounts_shm() {
-        let mut s = settings(Path::new("/x"), PathBuf::from("/usr/bin/nvidia-cuda-mps-control"));
+        let mut s = settings(
+            Path::new("/x"),
+            PathBuf::from("/usr/bin/nvidia-cuda-mps-control"),
+        );
         let plain = MpsSupervisor::new(s.clone());
         let dirs = plain.dirs("u").unwrap();
-        assert_eq!(plain.launch_command(&dirs), (s.control_path.clone(), vec!["-d".to_owned()]));
-        assert!(plain.edits(&dirs).mounts.iter().all(|m| m.container_path != "/dev/shm"));
+        assert_eq!(
+            plain.launch_command(&dirs),
+            (s.control_path.clone(), vec!["-d".to_owned()])
+        );
+        assert!(
+            plain
+                .edits(&dirs)
+                .mounts
+                .iter()
+                .all(|m| m.container_path != "/dev/shm")
+        );
 
-        s.private_shm = Some(PrivateShm { unshare_path: "/usr/bin/unshare".into(), shell_path: "/bin/sh".into() });
+        s.private_shm = Some(PrivateShm {
+            unshare_path: "/usr/bin/unshare".into(),
+            shell_path: "/bin/sh".into(),
+        });
         let private = MpsSupervisor::new(s);
         let (program, args) = private.launch_command(&dirs);
         assert_eq!(program, Path::new("/usr/bin/unshare"));
         assert_eq!(args[..4], ["--mount", "--propagation", "private", "--"]);
-        assert_eq!(args[args.len() - 2..], ["/x/plugin/mps/u/shm", "/usr/bin/nvidia-cuda-mps-control"]);
-        let shm = private.edits(&dirs).mounts.into_iter().find(|m| m.container_path == "/dev/shm").unwrap();
+        assert_eq!(
+            args[args.len() - 2..],
+            ["/x/plugin/mps/u/shm", "/usr/bin/nvidia-cuda-mps-control"]
+        );
+        let shm = private
+            .edits(&dirs)
+            .mounts
+            .into_iter()
+            .find(|m| m.container_path == "/dev/shm")
+            .unwrap();
         assert_eq!(shm.host_path, dirs.shm);
     }
 
@@ -660,13 +781,22 @@ mod tests {
             pinned_memory_limit_bytes: Some(4 << 30),
             ..MpsLimits::default()
         };
-        let edits = sup.start("claim-1", &gpus(&["GPU-a", "GPU-b"]), &limits).await.unwrap();
+        let edits = sup
+            .start("claim-1", &gpus(&["GPU-a", "GPU-b"]), &limits)
+            .await
+            .unwrap();
         let dirs = sup.dirs("claim-1").unwrap();
         assert_eq!(
             edits.env,
             [
-                ("CUDA_MPS_PIPE_DIRECTORY".to_owned(), "/tmp/nvidia-mps".to_owned()),
-                ("CUDA_MPS_LOG_DIRECTORY".to_owned(), "/var/log/nvidia-mps".to_owned()),
+                (
+                    "CUDA_MPS_PIPE_DIRECTORY".to_owned(),
+                    "/tmp/nvidia-mps".to_owned()
+                ),
+                (
+                    "CUDA_MPS_LOG_DIRECTORY".to_owned(),
+                    "/var/log/nvidia-mps".to_owned()
+                ),
             ]
         );
         assert_eq!(edits.mounts[0].host_path, dirs.pipe);
@@ -674,7 +804,11 @@ mod tests {
         assert_eq!(
             recorded(tmp.path()),
             [
-                format!("start args=-d visible=GPU-a,GPU-b pipe={} log={}", dirs.pipe.display(), dirs.log.display()),
+                format!(
+                    "start args=-d visible=GPU-a,GPU-b pipe={} log={}",
+                    dirs.pipe.display(),
+                    dirs.log.display()
+                ),
                 "cmd set_default_active_thread_percentage 50".to_owned(),
                 "cmd set_default_device_pinned_mem_limit GPU-a 4096M".to_owned(),
                 "cmd set_default_device_pinned_mem_limit GPU-b 4096M".to_owned(),
@@ -694,10 +828,16 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let control = fake_mps_control(tmp.path(), Some("sleep 0.3"));
         let sup = MpsSupervisor::new(settings(tmp.path(), control));
-        let limits = MpsLimits { active_thread_percentage: Some(10), ..MpsLimits::default() };
+        let limits = MpsLimits {
+            active_thread_percentage: Some(10),
+            ..MpsLimits::default()
+        };
         sup.start("slow", &gpus(&["GPU-a"]), &limits).await.unwrap();
         // The limit command only succeeds once the pipe exists, so reaching it proves the wait.
-        assert_eq!(recorded(tmp.path()).last().unwrap(), "cmd set_default_active_thread_percentage 10");
+        assert_eq!(
+            recorded(tmp.path()).last().unwrap(),
+            "cmd set_default_active_thread_percentage 10"
+        );
     }
 
     #[tokio::test]
@@ -707,7 +847,10 @@ mod tests {
         let mut s = settings(tmp.path(), control);
         s.ready_timeout = Duration::from_millis(200);
         let sup = MpsSupervisor::new(s);
-        let err = sup.start("never", &gpus(&["GPU-a"]), &MpsLimits::default()).await.unwrap_err();
+        let err = sup
+            .start("never", &gpus(&["GPU-a"]), &MpsLimits::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, MpsError::NotReady { .. }), "{err}");
         assert!(!sup.dirs("never").unwrap().root.exists());
     }
@@ -717,10 +860,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let control = fake_mps_control(tmp.path(), None);
         let sup = MpsSupervisor::new(settings(tmp.path(), control));
-        let limits = MpsLimits { pinned_memory_limit_bytes: Some(1 << 30), ..MpsLimits::default() };
-        let err = sup.start("c", &gpus(&["GPU-unknown"]), &limits).await.unwrap_err();
+        let limits = MpsLimits {
+            pinned_memory_limit_bytes: Some(1 << 30),
+            ..MpsLimits::default()
+        };
+        let err = sup
+            .start("c", &gpus(&["GPU-unknown"]), &limits)
+            .await
+            .unwrap_err();
         let text = err.to_string();
-        assert!(matches!(err, MpsError::CommandFailed { .. }) && text.contains("Invalid device"), "{text}");
+        assert!(
+            matches!(err, MpsError::CommandFailed { .. }) && text.contains("Invalid device"),
+            "{text}"
+        );
         assert_eq!(recorded(tmp.path()).last().unwrap(), "cmd quit");
         assert!(!sup.dirs("c").unwrap().root.exists());
     }
@@ -729,7 +881,10 @@ mod tests {
     async fn missing_binary_and_stale_pipe() {
         let tmp = tempfile::tempdir().unwrap();
         let missing = MpsSupervisor::new(settings(tmp.path(), tmp.path().join("absent")));
-        let err = missing.start("c", &gpus(&["GPU-a"]), &MpsLimits::default()).await.unwrap_err();
+        let err = missing
+            .start("c", &gpus(&["GPU-a"]), &MpsLimits::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, MpsError::Spawn { .. }), "{err}");
         assert!(!missing.dirs("c").unwrap().root.exists());
         // A stale control pipe whose daemon is gone: quit fails, stop still cleans up.
@@ -745,7 +900,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let control = fake_mps_control(tmp.path(), None);
         let sup = MpsSupervisor::new(settings(tmp.path(), control));
-        let limits = MpsLimits { active_thread_percentage: Some(30), ..MpsLimits::default() };
+        let limits = MpsLimits {
+            active_thread_percentage: Some(30),
+            ..MpsLimits::default()
+        };
         sup.start("c", &gpus(&["GPU-a"]), &limits).await.unwrap();
         let (outcome, _) = sup.adopt("c", &gpus(&["GPU-a"]), &limits).await.unwrap();
         assert_eq!(outcome, AdoptOutcome::Adopted);

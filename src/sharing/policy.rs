@@ -84,7 +84,8 @@ pub enum Action {
     Restore(Policy),
 }
 
-/// A claim was refused because the GPU is used under an incompatible policy.
+/// A claim was refused because the GPU is used under an incompatible policy (boxed in
+/// results: it carries five strings).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "GPU {gpu_uuid} is already used by claim {holder_claim} with {holder_policy}; claim {claim_uid} asks for {requested}: {rule}. Use the same sharing config in both claims, share one claim between the pods, or let the scheduler pick another GPU"
@@ -113,7 +114,9 @@ struct GpuEntry {
 impl GpuEntry {
     /// The policy in force and the first claim (by UID) holding it.
     fn holder(&self) -> Option<(&str, &Policy)> {
-        self.claims.iter().find_map(|(claim, policy)| policy.as_ref().map(|p| (claim.as_str(), p)))
+        self.claims
+            .iter()
+            .find_map(|(claim, policy)| policy.as_ref().map(|p| (claim.as_str(), p)))
     }
 }
 
@@ -136,23 +139,34 @@ impl Ledger {
     /// Decides whether `claim_uid` may use `gpu_uuid` with `policy`, without recording it.
     ///
     /// Returns the [`Action`] to execute, or the [`Conflict`] (rules in the module docs).
-    pub fn check(&self, gpu_uuid: &str, claim_uid: &str, policy: Option<&Policy>) -> Result<Action, Conflict> {
+    pub fn check(
+        &self,
+        gpu_uuid: &str,
+        claim_uid: &str,
+        policy: Option<&Policy>,
+    ) -> Result<Action, Box<Conflict>> {
         let Some(entry) = self.gpus.get(gpu_uuid).filter(|e| !e.claims.is_empty()) else {
             return Ok(policy.map_or(Action::Nothing, |p| Action::Apply(p.clone())));
         };
-        let conflict = |holder_claim: &str, holder_policy: Option<&Policy>, rule| Conflict {
-            gpu_uuid: gpu_uuid.to_owned(),
-            claim_uid: claim_uid.to_owned(),
-            requested: describe(policy),
-            holder_claim: holder_claim.to_owned(),
-            holder_policy: describe(holder_policy),
-            rule,
+        let conflict = |holder_claim: &str, holder_policy: Option<&Policy>, rule| {
+            Box::new(Conflict {
+                gpu_uuid: gpu_uuid.to_owned(),
+                claim_uid: claim_uid.to_owned(),
+                requested: describe(policy),
+                holder_claim: holder_claim.to_owned(),
+                holder_policy: describe(holder_policy),
+                rule,
+            })
         };
         if let Some(existing) = entry.claims.get(claim_uid) {
             if existing.as_ref() == policy {
                 return Ok(Action::Nothing);
             }
-            return Err(conflict(claim_uid, existing.as_ref(), "a claim cannot change its sharing policy while prepared"));
+            return Err(conflict(
+                claim_uid,
+                existing.as_ref(),
+                "a claim cannot change its sharing policy while prepared",
+            ));
         }
         let Some((holder_claim, held)) = entry.holder() else {
             // Only no-policy claims use the GPU.
@@ -160,24 +174,51 @@ impl Ledger {
             return match policy {
                 None => Ok(Action::Nothing),
                 Some(p @ Policy::TimeSlicing { .. }) => Ok(Action::Apply(p.clone())),
-                Some(Policy::Mps(_)) => Err(conflict(first, None, "MPS needs the GPU to itself (EXCLUSIVE_PROCESS)")),
-                Some(Policy::Exclusive) => Err(conflict(first, None, "Exclusive means a single claim on the GPU")),
+                Some(Policy::Mps(_)) => Err(conflict(
+                    first,
+                    None,
+                    "MPS needs the GPU to itself (EXCLUSIVE_PROCESS)",
+                )),
+                Some(Policy::Exclusive) => Err(conflict(
+                    first,
+                    None,
+                    "Exclusive means a single claim on the GPU",
+                )),
             };
         };
         match (held, policy) {
             (Policy::TimeSlicing { .. }, None) => Ok(Action::Nothing),
-            (Policy::TimeSlicing { interval: held_interval }, Some(Policy::TimeSlicing { interval })) => {
+            (
+                Policy::TimeSlicing {
+                    interval: held_interval,
+                },
+                Some(Policy::TimeSlicing { interval }),
+            ) => {
                 if held_interval == interval {
                     Ok(Action::Nothing)
                 } else {
-                    Err(conflict(holder_claim, Some(held), "time-slice intervals differ"))
+                    Err(conflict(
+                        holder_claim,
+                        Some(held),
+                        "time-slice intervals differ",
+                    ))
                 }
             }
-            (Policy::TimeSlicing { .. }, Some(_)) => {
-                Err(conflict(holder_claim, Some(held), "the GPU is time-sliced; MPS and Exclusive need it to themselves"))
-            }
-            (Policy::Mps(_), _) => Err(conflict(holder_claim, Some(held), "MPS is one claim per GPU (share the claim instead)")),
-            (Policy::Exclusive, _) => Err(conflict(holder_claim, Some(held), "Exclusive means a single claim on the GPU")),
+            (Policy::TimeSlicing { .. }, Some(_)) => Err(conflict(
+                holder_claim,
+                Some(held),
+                "the GPU is time-sliced; MPS and Exclusive need it to themselves",
+            )),
+            (Policy::Mps(_), _) => Err(conflict(
+                holder_claim,
+                Some(held),
+                "MPS is one claim per GPU (share the claim instead)",
+            )),
+            (Policy::Exclusive, _) => Err(conflict(
+                holder_claim,
+                Some(held),
+                "Exclusive means a single claim on the GPU",
+            )),
         }
     }
 
@@ -192,7 +233,12 @@ impl Ledger {
     }
 
     /// [`Ledger::check`] then [`Ledger::record`] when admitted.
-    pub fn admit(&mut self, gpu_uuid: &str, claim_uid: &str, policy: Option<Policy>) -> Result<Action, Conflict> {
+    pub fn admit(
+        &mut self,
+        gpu_uuid: &str,
+        claim_uid: &str,
+        policy: Option<Policy>,
+    ) -> Result<Action, Box<Conflict>> {
         let action = self.check(gpu_uuid, claim_uid, policy.as_ref())?;
         self.record(gpu_uuid, claim_uid, policy);
         Ok(action)
@@ -210,7 +256,11 @@ impl Ledger {
             .claims
             .iter()
             .any(|(claim, other)| claim != claim_uid && other.is_some());
-        if others_hold { Action::Nothing } else { Action::Restore(policy.clone()) }
+        if others_hold {
+            Action::Nothing
+        } else {
+            Action::Restore(policy.clone())
+        }
     }
 
     /// Removes `claim_uid` from `gpu_uuid`, returning what to undo (see [`Ledger::plan_release`]).
@@ -229,7 +279,12 @@ impl Ledger {
     pub fn claim_gpus(&self, claim_uid: &str) -> Vec<(String, Option<Policy>)> {
         self.gpus
             .iter()
-            .filter_map(|(gpu, entry)| entry.claims.get(claim_uid).map(|p| (gpu.clone(), p.clone())))
+            .filter_map(|(gpu, entry)| {
+                entry
+                    .claims
+                    .get(claim_uid)
+                    .map(|p| (gpu.clone(), p.clone()))
+            })
             .collect()
     }
 
@@ -238,7 +293,10 @@ impl Ledger {
         self.gpus
             .iter()
             .flat_map(|(gpu, entry)| {
-                entry.claims.iter().map(move |(claim, policy)| (gpu.clone(), claim.clone(), policy.clone()))
+                entry
+                    .claims
+                    .iter()
+                    .map(move |(claim, policy)| (gpu.clone(), claim.clone(), policy.clone()))
             })
             .collect()
     }
@@ -253,29 +311,50 @@ mod tests {
     }
 
     fn mps() -> Option<Policy> {
-        Some(Policy::Mps(MpsLimits { active_thread_percentage: Some(50), ..MpsLimits::default() }))
+        Some(Policy::Mps(MpsLimits {
+            active_thread_percentage: Some(50),
+            ..MpsLimits::default()
+        }))
     }
 
     #[test]
     fn first_claim_sets_policy_and_free_no_policy_claim_does_nothing() {
         let mut ledger = Ledger::new();
-        assert_eq!(ledger.admit("G", "a", ts(TimeSlice::Long)), Ok(Action::Apply(ts(TimeSlice::Long).unwrap())));
+        assert_eq!(
+            ledger.admit("G", "a", ts(TimeSlice::Long)),
+            Ok(Action::Apply(ts(TimeSlice::Long).unwrap()))
+        );
         assert_eq!(ledger.admit("H", "b", None), Ok(Action::Nothing));
-        assert_eq!(ledger.admit("I", "c", Some(Policy::Exclusive)), Ok(Action::Apply(Policy::Exclusive)));
+        assert_eq!(
+            ledger.admit("I", "c", Some(Policy::Exclusive)),
+            Ok(Action::Apply(Policy::Exclusive))
+        );
     }
 
     #[test]
     fn identical_time_slice_shares_and_different_interval_conflicts_naming_holder() {
         let mut ledger = Ledger::new();
         ledger.admit("G", "a", ts(TimeSlice::Long)).unwrap();
-        assert_eq!(ledger.admit("G", "b", ts(TimeSlice::Long)), Ok(Action::Nothing));
+        assert_eq!(
+            ledger.admit("G", "b", ts(TimeSlice::Long)),
+            Ok(Action::Nothing)
+        );
         let err = ledger.admit("G", "c", ts(TimeSlice::Short)).unwrap_err();
         assert_eq!(err.holder_claim, "a");
         assert_eq!(err.claim_uid, "c");
         let text = err.to_string();
-        assert!(text.contains("claim a with TimeSlicing (interval Long)"), "{text}");
-        assert!(text.contains("asks for TimeSlicing (interval Short)"), "{text}");
-        assert!(ledger.claim_gpus("c").is_empty(), "a refused claim is not recorded");
+        assert!(
+            text.contains("claim a with TimeSlicing (interval Long)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("asks for TimeSlicing (interval Short)"),
+            "{text}"
+        );
+        assert!(
+            ledger.claim_gpus("c").is_empty(),
+            "a refused claim is not recorded"
+        );
     }
 
     #[test]
@@ -293,7 +372,10 @@ mod tests {
     fn mps_and_exclusive_are_single_claim() {
         let mut ledger = Ledger::new();
         ledger.admit("M", "m", mps()).unwrap();
-        assert!(ledger.admit("M", "n", mps()).is_err(), "identical MPS is still one claim per GPU");
+        assert!(
+            ledger.admit("M", "n", mps()).is_err(),
+            "identical MPS is still one claim per GPU"
+        );
         assert!(ledger.admit("M", "n", ts(TimeSlice::Default)).is_err());
         ledger.admit("E", "e", Some(Policy::Exclusive)).unwrap();
         assert!(ledger.admit("E", "f", Some(Policy::Exclusive)).is_err());
@@ -312,9 +394,18 @@ mod tests {
     fn gpu_with_only_no_policy_claims_accepts_time_slicing_refuses_mps_and_exclusive() {
         let mut ledger = Ledger::new();
         ledger.admit("G", "a", None).unwrap();
-        assert_eq!(ledger.check("G", "b", mps().as_ref()).unwrap_err().holder_claim, "a");
+        assert_eq!(
+            ledger
+                .check("G", "b", mps().as_ref())
+                .unwrap_err()
+                .holder_claim,
+            "a"
+        );
         assert!(ledger.check("G", "b", Some(&Policy::Exclusive)).is_err());
-        assert_eq!(ledger.admit("G", "b", ts(TimeSlice::Short)), Ok(Action::Apply(ts(TimeSlice::Short).unwrap())));
+        assert_eq!(
+            ledger.admit("G", "b", ts(TimeSlice::Short)),
+            Ok(Action::Apply(ts(TimeSlice::Short).unwrap()))
+        );
         // The time-slice holder now sets the rule for later claims.
         assert!(ledger.admit("G", "c", ts(TimeSlice::Long)).is_err());
     }
@@ -323,8 +414,15 @@ mod tests {
     fn same_claim_again_is_idempotent_and_cannot_change_policy() {
         let mut ledger = Ledger::new();
         ledger.admit("G", "a", ts(TimeSlice::Long)).unwrap();
-        assert_eq!(ledger.admit("G", "a", ts(TimeSlice::Long)), Ok(Action::Nothing));
-        assert!(ledger.check("G", "a", ts(TimeSlice::Short).as_ref()).is_err());
+        assert_eq!(
+            ledger.admit("G", "a", ts(TimeSlice::Long)),
+            Ok(Action::Nothing)
+        );
+        assert!(
+            ledger
+                .check("G", "a", ts(TimeSlice::Short).as_ref())
+                .is_err()
+        );
     }
 
     #[test]
@@ -333,13 +431,31 @@ mod tests {
         ledger.admit("G", "a", ts(TimeSlice::Long)).unwrap();
         ledger.admit("G", "b", ts(TimeSlice::Long)).unwrap();
         ledger.admit("G", "c", None).unwrap();
-        assert_eq!(ledger.release("G", "a"), Action::Nothing, "b still holds the policy");
-        assert_eq!(ledger.release("G", "b"), Action::Restore(ts(TimeSlice::Long).unwrap()));
-        assert_eq!(ledger.release("G", "c"), Action::Nothing, "no-policy claim restores nothing");
+        assert_eq!(
+            ledger.release("G", "a"),
+            Action::Nothing,
+            "b still holds the policy"
+        );
+        assert_eq!(
+            ledger.release("G", "b"),
+            Action::Restore(ts(TimeSlice::Long).unwrap())
+        );
+        assert_eq!(
+            ledger.release("G", "c"),
+            Action::Nothing,
+            "no-policy claim restores nothing"
+        );
         assert!(ledger.entries().is_empty());
-        assert_eq!(ledger.release("G", "c"), Action::Nothing, "release is idempotent");
+        assert_eq!(
+            ledger.release("G", "c"),
+            Action::Nothing,
+            "release is idempotent"
+        );
         // After restore the GPU is free for any policy.
-        assert_eq!(ledger.admit("G", "d", mps()), Ok(Action::Apply(mps().unwrap())));
+        assert_eq!(
+            ledger.admit("G", "d", mps()),
+            Ok(Action::Apply(mps().unwrap()))
+        );
     }
 
     #[test]
@@ -349,9 +465,20 @@ mod tests {
         ledger.record("G1", "b", ts(TimeSlice::Short));
         ledger.record("G1", "a", ts(TimeSlice::Short));
         assert_eq!(
-            ledger.entries().iter().map(|(g, c, _)| format!("{g}/{c}")).collect::<Vec<_>>(),
+            ledger
+                .entries()
+                .iter()
+                .map(|(g, c, _)| format!("{g}/{c}"))
+                .collect::<Vec<_>>(),
             ["G1/a", "G1/b", "G2/b"]
         );
-        assert_eq!(ledger.claim_gpus("b").iter().map(|(g, _)| g.as_str()).collect::<Vec<_>>(), ["G1", "G2"]);
+        assert_eq!(
+            ledger
+                .claim_gpus("b")
+                .iter()
+                .map(|(g, _)| g.as_str())
+                .collect::<Vec<_>>(),
+            ["G1", "G2"]
+        );
     }
 }

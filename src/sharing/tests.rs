@@ -49,17 +49,30 @@ impl ComputeControl for Hardware {
         if self.failing(gpu_uuid) {
             return Err(Self::nvml_error(gpu_uuid));
         }
-        self.events.lock().unwrap().push(format!("mode {gpu_uuid} {mode:?}"));
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("mode {gpu_uuid} {mode:?}"));
         self.modes.lock().unwrap().insert(gpu_uuid.to_owned(), mode);
         Ok(())
     }
     fn compute_mode(&self, gpu_uuid: &str) -> Result<ComputeMode, ControlError> {
-        Ok(self.modes.lock().unwrap().get(gpu_uuid).copied().unwrap_or(ComputeMode::Default))
+        Ok(self
+            .modes
+            .lock()
+            .unwrap()
+            .get(gpu_uuid)
+            .copied()
+            .unwrap_or(ComputeMode::Default))
     }
 }
 
 impl TimeSliceControl for Hardware {
-    fn set_time_slice<'a>(&'a self, gpu_uuid: &'a str, interval: TimeSlice) -> BoxFuture<'a, Result<(), ControlError>> {
+    fn set_time_slice<'a>(
+        &'a self,
+        gpu_uuid: &'a str,
+        interval: TimeSlice,
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
         Box::pin(async move {
             if let Some(barrier) = &self.barrier {
                 barrier.wait().await;
@@ -67,17 +80,34 @@ impl TimeSliceControl for Hardware {
             if self.failing(gpu_uuid) {
                 return Err(Self::nvml_error(gpu_uuid));
             }
-            self.events.lock().unwrap().push(format!("slice {gpu_uuid} {interval:?}"));
-            self.slices.lock().unwrap().insert(gpu_uuid.to_owned(), interval);
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("slice {gpu_uuid} {interval:?}"));
+            self.slices
+                .lock()
+                .unwrap()
+                .insert(gpu_uuid.to_owned(), interval);
             Ok(())
         })
     }
-    fn time_slice<'a>(&'a self, gpu_uuid: &'a str) -> BoxFuture<'a, Result<TimeSliceState, ControlError>> {
+    fn time_slice<'a>(
+        &'a self,
+        gpu_uuid: &'a str,
+    ) -> BoxFuture<'a, Result<TimeSliceState, ControlError>> {
         Box::pin(async move {
             if self.no_time_slice.contains(gpu_uuid) {
-                return Ok(TimeSliceState::Unsupported { detail: "Timeslice: Not Supported".into() });
+                return Ok(TimeSliceState::Unsupported {
+                    detail: "Timeslice: Not Supported".into(),
+                });
             }
-            let current = self.slices.lock().unwrap().get(gpu_uuid).copied().unwrap_or(TimeSlice::Default);
+            let current = self
+                .slices
+                .lock()
+                .unwrap()
+                .get(gpu_uuid)
+                .copied()
+                .unwrap_or(TimeSlice::Default);
             Ok(TimeSliceState::Supported(current))
         })
     }
@@ -100,7 +130,9 @@ fn gpus(list: &[&str]) -> Vec<String> {
 }
 
 fn long() -> Option<Policy> {
-    Some(Policy::TimeSlicing { interval: TimeSlice::Long })
+    Some(Policy::TimeSlicing {
+        interval: TimeSlice::Long,
+    })
 }
 
 fn mps_policy() -> Option<Policy> {
@@ -123,7 +155,11 @@ async fn time_slicing_is_probed_set_shared_and_restored_by_last_claim() {
     assert_eq!(hw.events(), ["slice GPU-a Long"]);
     m.release("c1").await.unwrap();
     m.release("c3").await.unwrap();
-    assert_eq!(hw.events(), ["slice GPU-a Long"], "c2 still holds the policy");
+    assert_eq!(
+        hw.events(),
+        ["slice GPU-a Long"],
+        "c2 still holds the policy"
+    );
     m.release("c2").await.unwrap();
     assert_eq!(hw.events(), ["slice GPU-a Long", "slice GPU-a Default"]);
     assert!(m.entries().is_empty());
@@ -142,12 +178,21 @@ async fn no_policy_touches_nothing() {
 #[tokio::test]
 async fn unsupported_time_slice_fails_claim_clearly_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let hw = Arc::new(Hardware { no_time_slice: ["GPU-t4".to_owned()].into(), ..Hardware::default() });
+    let hw = Arc::new(Hardware {
+        no_time_slice: ["GPU-t4".to_owned()].into(),
+        ..Hardware::default()
+    });
     let m = manager(tmp.path(), &hw);
     let err = m.apply(&gpus(&["GPU-t4"]), "c1", long()).await.unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, SharingError::TimeSliceUnsupported { .. }), "{text}");
-    assert!(text.contains("GPU-t4") && text.contains("c1") && text.contains("remove the TimeSlicing"), "{text}");
+    assert!(
+        matches!(err, SharingError::TimeSliceUnsupported { .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("GPU-t4") && text.contains("c1") && text.contains("remove the TimeSlicing"),
+        "{text}"
+    );
     assert!(hw.events().is_empty());
     assert!(m.entries().is_empty());
 }
@@ -158,14 +203,22 @@ async fn failure_on_second_gpu_rolls_back_the_first() {
     let hw = Arc::new(Hardware::default());
     hw.fail("GPU-b");
     let m = manager(tmp.path(), &hw);
-    let err = m.apply(&gpus(&["GPU-b", "GPU-a"]), "c1", long()).await.unwrap_err();
+    let err = m
+        .apply(&gpus(&["GPU-b", "GPU-a"]), "c1", long())
+        .await
+        .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("GPU-b") && text.contains("setting time slice Long"), "{text}");
+    assert!(
+        text.contains("GPU-b") && text.contains("setting time slice Long"),
+        "{text}"
+    );
     assert_eq!(hw.events(), ["slice GPU-a Long", "slice GPU-a Default"]);
     assert!(m.entries().is_empty());
     // The GPU is free again.
     hw.heal();
-    m.apply(&gpus(&["GPU-a", "GPU-b"]), "c2", Some(Policy::Exclusive)).await.unwrap();
+    m.apply(&gpus(&["GPU-a", "GPU-b"]), "c2", Some(Policy::Exclusive))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -174,10 +227,16 @@ async fn conflict_is_refused_before_any_hardware_change() {
     let hw = Arc::new(Hardware::default());
     let m = manager(tmp.path(), &hw);
     m.apply(&gpus(&["GPU-b"]), "holder", long()).await.unwrap();
-    let err = m.apply(&gpus(&["GPU-a", "GPU-b"]), "late", mps_policy()).await.unwrap_err();
+    let err = m
+        .apply(&gpus(&["GPU-a", "GPU-b"]), "late", mps_policy())
+        .await
+        .unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, SharingError::Conflict(_)), "{text}");
-    assert!(text.contains("claim holder with TimeSlicing (interval Long)") && text.contains("late"), "{text}");
+    assert!(
+        text.contains("claim holder with TimeSlicing (interval Long)") && text.contains("late"),
+        "{text}"
+    );
     assert_eq!(hw.events(), ["slice GPU-b Long"]);
     assert!(recorded(tmp.path()).is_empty(), "no MPS daemon started");
 }
@@ -187,10 +246,15 @@ async fn exclusive_sets_and_restores_compute_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let hw = Arc::new(Hardware::default());
     let m = manager(tmp.path(), &hw);
-    m.apply(&gpus(&["GPU-a"]), "c1", Some(Policy::Exclusive)).await.unwrap();
+    m.apply(&gpus(&["GPU-a"]), "c1", Some(Policy::Exclusive))
+        .await
+        .unwrap();
     assert!(m.apply(&gpus(&["GPU-a"]), "c2", None).await.is_err());
     m.release("c1").await.unwrap();
-    assert_eq!(hw.events(), ["mode GPU-a ExclusiveProcess", "mode GPU-a Default"]);
+    assert_eq!(
+        hw.events(),
+        ["mode GPU-a ExclusiveProcess", "mode GPU-a Default"]
+    );
 }
 
 #[tokio::test]
@@ -198,9 +262,18 @@ async fn mps_sets_exclusive_process_starts_daemon_and_tears_down() {
     let tmp = tempfile::tempdir().unwrap();
     let hw = Arc::new(Hardware::default());
     let m = manager(tmp.path(), &hw);
-    let edits = m.apply(&gpus(&["GPU-b", "GPU-a"]), "c1", mps_policy()).await.unwrap();
-    assert_eq!(hw.events(), ["mode GPU-a ExclusiveProcess", "mode GPU-b ExclusiveProcess"]);
-    assert!(edits.env.contains(&("CUDA_MPS_PIPE_DIRECTORY".to_owned(), "/tmp/nvidia-mps".to_owned())));
+    let edits = m
+        .apply(&gpus(&["GPU-b", "GPU-a"]), "c1", mps_policy())
+        .await
+        .unwrap();
+    assert_eq!(
+        hw.events(),
+        ["mode GPU-a ExclusiveProcess", "mode GPU-b ExclusiveProcess"]
+    );
+    assert!(edits.env.contains(&(
+        "CUDA_MPS_PIPE_DIRECTORY".to_owned(),
+        "/tmp/nvidia-mps".to_owned()
+    )));
     let pipe = tmp.path().join("plugin/mps/c1/pipe");
     assert_eq!(edits.mounts[0].host_path, pipe);
     let lines = recorded(tmp.path());
@@ -214,15 +287,33 @@ async fn mps_sets_exclusive_process_starts_daemon_and_tears_down() {
         ]
     );
     // Preparing again is idempotent: same edits, the live daemon is kept.
-    let again = m.apply(&gpus(&["GPU-a", "GPU-b"]), "c1", mps_policy()).await.unwrap();
+    let again = m
+        .apply(&gpus(&["GPU-a", "GPU-b"]), "c1", mps_policy())
+        .await
+        .unwrap();
     assert_eq!(again, edits);
-    assert_eq!(recorded(tmp.path()).iter().filter(|l| l.starts_with("start")).count(), 1);
+    assert_eq!(
+        recorded(tmp.path())
+            .iter()
+            .filter(|l| l.starts_with("start"))
+            .count(),
+        1
+    );
     assert_eq!(hw.events().len(), 2);
 
     m.release("c1").await.unwrap();
-    assert_eq!(recorded(tmp.path()).iter().filter(|l| *l == "cmd quit").count(), 1);
+    assert_eq!(
+        recorded(tmp.path())
+            .iter()
+            .filter(|l| *l == "cmd quit")
+            .count(),
+        1
+    );
     assert!(!tmp.path().join("plugin/mps/c1").exists());
-    assert_eq!(hw.events()[2..], ["mode GPU-a Default", "mode GPU-b Default"]);
+    assert_eq!(
+        hw.events()[2..],
+        ["mode GPU-a Default", "mode GPU-b Default"]
+    );
 }
 
 #[tokio::test]
@@ -230,10 +321,25 @@ async fn mps_daemon_failure_rolls_back_compute_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let hw = Arc::new(Hardware::default());
     let m = manager(tmp.path(), &hw);
-    let bad = Some(Policy::Mps(MpsLimits { pinned_memory_limit_bytes: Some(1 << 30), ..MpsLimits::default() }));
-    let err = m.apply(&gpus(&["GPU-unknown"]), "c1", bad).await.unwrap_err();
-    assert!(matches!(err, SharingError::Mps(MpsError::CommandFailed { .. })), "{err}");
-    assert_eq!(hw.events(), ["mode GPU-unknown ExclusiveProcess", "mode GPU-unknown Default"]);
+    let bad = Some(Policy::Mps(MpsLimits {
+        pinned_memory_limit_bytes: Some(1 << 30),
+        ..MpsLimits::default()
+    }));
+    let err = m
+        .apply(&gpus(&["GPU-unknown"]), "c1", bad)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SharingError::Mps(MpsError::CommandFailed { .. })),
+        "{err}"
+    );
+    assert_eq!(
+        hw.events(),
+        [
+            "mode GPU-unknown ExclusiveProcess",
+            "mode GPU-unknown Default"
+        ]
+    );
     assert!(m.entries().is_empty());
 }
 
@@ -242,9 +348,15 @@ async fn invalid_mps_limits_are_refused_before_hardware() {
     let tmp = tempfile::tempdir().unwrap();
     let hw = Arc::new(Hardware::default());
     let m = manager(tmp.path(), &hw);
-    let bad = Some(Policy::Mps(MpsLimits { active_thread_percentage: Some(150), ..MpsLimits::default() }));
+    let bad = Some(Policy::Mps(MpsLimits {
+        active_thread_percentage: Some(150),
+        ..MpsLimits::default()
+    }));
     assert!(m.apply(&gpus(&["GPU-a"]), "c1", bad).await.is_err());
-    assert!(m.apply(&[], "c1", long()).await.is_err(), "a policy needs a GPU");
+    assert!(
+        m.apply(&[], "c1", long()).await.is_err(),
+        "a policy needs a GPU"
+    );
     assert!(hw.events().is_empty());
 }
 
@@ -253,25 +365,38 @@ async fn failed_release_keeps_claim_for_retry() {
     let tmp = tempfile::tempdir().unwrap();
     let hw = Arc::new(Hardware::default());
     let m = manager(tmp.path(), &hw);
-    m.apply(&gpus(&["GPU-a", "GPU-b"]), "c1", long()).await.unwrap();
+    m.apply(&gpus(&["GPU-a", "GPU-b"]), "c1", long())
+        .await
+        .unwrap();
     hw.fail("GPU-b");
     assert!(m.release("c1").await.is_err());
     assert_eq!(m.entries().len(), 1, "only GPU-b still records the claim");
     hw.heal();
     m.release("c1").await.unwrap();
     assert!(m.entries().is_empty());
-    assert_eq!(hw.events().iter().filter(|e| e.ends_with("Default")).count(), 2);
+    assert_eq!(
+        hw.events()
+            .iter()
+            .filter(|e| e.ends_with("Default"))
+            .count(),
+        2
+    );
 }
 
 #[tokio::test]
 async fn different_gpus_apply_in_parallel() {
     let tmp = tempfile::tempdir().unwrap();
     // Each set waits until the other is also in progress: a node-wide lock would deadlock.
-    let hw = Arc::new(Hardware { barrier: Some(tokio::sync::Barrier::new(2)), ..Hardware::default() });
+    let hw = Arc::new(Hardware {
+        barrier: Some(tokio::sync::Barrier::new(2)),
+        ..Hardware::default()
+    });
     let m = manager(tmp.path(), &hw);
     let (a, b) = (gpus(&["GPU-a"]), gpus(&["GPU-b"]));
     let both = futures::future::join(m.apply(&a, "c1", long()), m.apply(&b, "c2", long()));
-    let (r1, r2) = tokio::time::timeout(Duration::from_secs(10), both).await.expect("applies on different GPUs must not wait for each other");
+    let (r1, r2) = tokio::time::timeout(Duration::from_secs(10), both)
+        .await
+        .expect("applies on different GPUs must not wait for each other");
     r1.unwrap();
     r2.unwrap();
 }
@@ -281,8 +406,14 @@ async fn restore_rebuilds_ledger_and_recovers_mps_daemons() {
     let tmp = tempfile::tempdir().unwrap();
     let hw = Arc::new(Hardware::default());
     let first = manager(tmp.path(), &hw);
-    first.apply(&gpus(&["GPU-a"]), "live", mps_policy_a()).await.unwrap();
-    first.apply(&gpus(&["GPU-b"]), "dead", mps_policy_b()).await.unwrap();
+    first
+        .apply(&gpus(&["GPU-a"]), "live", mps_policy_a())
+        .await
+        .unwrap();
+    first
+        .apply(&gpus(&["GPU-b"]), "dead", mps_policy_b())
+        .await
+        .unwrap();
     first.apply(&gpus(&["GPU-c"]), "ts", long()).await.unwrap();
     let checkpoint = first.entries();
     // "dead" lost its daemon; an orphan directory exists for a claim the checkpoint lacks.
@@ -298,15 +429,26 @@ async fn restore_rebuilds_ledger_and_recovers_mps_daemons() {
     assert_eq!(report.stopped_orphans, ["orphan"]);
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     // The restored ledger still enforces the rules and restores on release.
-    assert!(second.apply(&gpus(&["GPU-c"]), "other", Some(Policy::Exclusive)).await.is_err());
+    assert!(
+        second
+            .apply(&gpus(&["GPU-c"]), "other", Some(Policy::Exclusive))
+            .await
+            .is_err()
+    );
     second.release("ts").await.unwrap();
     assert_eq!(hw.events().last().unwrap(), "slice GPU-c Default");
 }
 
 fn mps_policy_a() -> Option<Policy> {
-    Some(Policy::Mps(MpsLimits { active_thread_percentage: Some(25), ..MpsLimits::default() }))
+    Some(Policy::Mps(MpsLimits {
+        active_thread_percentage: Some(25),
+        ..MpsLimits::default()
+    }))
 }
 
 fn mps_policy_b() -> Option<Policy> {
-    Some(Policy::Mps(MpsLimits { pinned_memory_limit_bytes: Some(2 << 30), ..MpsLimits::default() }))
+    Some(Policy::Mps(MpsLimits {
+        pinned_memory_limit_bytes: Some(2 << 30),
+        ..MpsLimits::default()
+    }))
 }
