@@ -469,10 +469,8 @@ mod tests {
     }
 
     fn script(dir: &Path, body: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
         let path = dir.join("nvidia-smi");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        crate::sharing::mps::test_support::write_script(&path, &format!("#!/bin/sh\n{body}\n"));
         path
     }
 

@@ -600,7 +600,6 @@ pub(crate) mod test_support {
     /// Writes the stand-in into `dir`; it appends what it was told to `<dir>/record`.
     /// `ready_after`: a shell snippet run (in the background) before creating the pipe.
     pub fn fake_mps_control(dir: &Path, ready_after: Option<&str>) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
         let record = dir.join("record");
         let make_pipe = match ready_after {
             None => r#": > "$CUDA_MPS_PIPE_DIRECTORY/control""#.to_owned(),
@@ -630,11 +629,23 @@ done
             record = record.display()
         );
         let path = dir.join("nvidia-cuda-mps-control");
-        let tmp = dir.join(".nvidia-cuda-mps-control.tmp");
-        std::fs::write(&tmp, script).unwrap();
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
+        write_script(&path, &script);
         path
+    }
+
+    /// Writes an executable script without ever holding a writable fd to it in this
+    /// process: a test thread forking at that moment would make exec fail with ETXTBSY.
+    pub fn write_script(path: &Path, body: &str) {
+        let source = path.with_extension("src");
+        std::fs::write(&source, body).unwrap();
+        let status = std::process::Command::new("install")
+            .arg("-m")
+            .arg("755")
+            .arg(&source)
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "install {}", path.display());
     }
 
     /// The recorded lines.

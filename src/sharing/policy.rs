@@ -459,6 +459,31 @@ mod tests {
     }
 
     #[test]
+    fn policy_serialises_with_a_strategy_tag_for_the_checkpoint() {
+        let json = serde_json::to_string(&ts(TimeSlice::Long)).unwrap();
+        assert_eq!(json, r#"{"strategy":"timeSlicing","interval":"Long"}"#);
+        let limits = MpsLimits {
+            active_thread_percentage: Some(50),
+            pinned_memory_limit_bytes: None,
+            per_device_pinned_memory_limit_bytes: [("GPU-a".to_owned(), 1 << 30)].into(),
+        };
+        let json = serde_json::to_string(&Policy::Mps(limits.clone())).unwrap();
+        assert_eq!(
+            json,
+            r#"{"strategy":"mps","activeThreadPercentage":50,"pinnedMemoryLimitBytes":null,"perDevicePinnedMemoryLimitBytes":{"GPU-a":1073741824}}"#
+        );
+        for policy in [
+            Policy::Exclusive,
+            Policy::Mps(limits),
+            ts(TimeSlice::Short).unwrap(),
+        ] {
+            let back: Policy =
+                serde_json::from_str(&serde_json::to_string(&policy).unwrap()).unwrap();
+            assert_eq!(back, policy);
+        }
+    }
+
+    #[test]
     fn entries_and_claim_gpus_are_sorted() {
         let mut ledger = Ledger::new();
         ledger.record("G2", "b", None);
