@@ -468,6 +468,20 @@ mod tests {
         assert_eq!(parse_time_slice_listing("nothing here"), None);
     }
 
+    #[test]
+    fn missing_nvml_library_is_a_clear_init_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libnvidia-ml.so.1");
+        let Err(err) = NvmlComputeControl::new(Some(&lib)) else {
+            panic!("a missing library must not load");
+        };
+        assert!(matches!(err, ControlError::NvmlInit { .. }));
+        assert!(
+            err.to_string().contains(&lib.display().to_string()),
+            "{err}"
+        );
+    }
+
     fn script(dir: &Path, body: &str) -> PathBuf {
         let path = dir.join("nvidia-smi");
         crate::sharing::mps::test_support::write_script(&path, &format!("#!/bin/sh\n{body}\n"));

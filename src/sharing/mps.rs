@@ -136,7 +136,7 @@ pub enum MpsError {
     },
     /// The control binary could not be run or did not finish in time.
     #[error(
-        "claim {claim_uid}: running `{command}`: check --mps-control-path and that the NVIDIA driver utilities are installed"
+        "claim {claim_uid}: running `{command}`: check the configured nvidia-cuda-mps-control path and that the NVIDIA driver utilities are installed"
     )]
     Spawn {
         /// The claim UID.
