@@ -30,7 +30,8 @@ pub const SPEC_FILE_PREFIX: &str = "gpu-dra.dev-claim_";
 /// Spec file extension.
 pub const SPEC_FILE_SUFFIX: &str = ".json";
 /// Control device nodes every CUDA container needs, in the order they are written.
-pub const CONTROL_DEVICE_NODES: [&str; 3] = ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"];
+pub const CONTROL_DEVICE_NODES: [&str; 3] =
+    ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"];
 /// Directory of the MIG capability device nodes.
 pub const NVIDIA_CAPS_DIR: &str = "/dev/nvidia-caps";
 /// Environment variable listing the visible GPU/MIG UUIDs for the NVIDIA container stack.
@@ -87,7 +88,12 @@ impl CdiDeviceInput {
             minor: cap.major.map(|_| i64::from(cap.minor)),
             ..DeviceNode::at(format!("{NVIDIA_CAPS_DIR}/nvidia-cap{}", cap.minor))
         }));
-        Self { device_name: device_name.into(), uuid: mig_uuid.into(), device_nodes, ..Self::default() }
+        Self {
+            device_name: device_name.into(),
+            uuid: mig_uuid.into(),
+            device_nodes,
+            ..Self::default()
+        }
     }
 }
 
@@ -129,11 +135,18 @@ pub fn claim_spec(claim_uid: &str, devices: &[CdiDeviceInput]) -> Spec {
 
 /// As [`claim_spec`], with `extra_common` edits appended to the spec-level edits (driver
 /// library mounts, hooks, claim-wide MPS settings).
-pub fn claim_spec_with_common(claim_uid: &str, devices: &[CdiDeviceInput], extra_common: ContainerEdits) -> Spec {
+pub fn claim_spec_with_common(
+    claim_uid: &str,
+    devices: &[CdiDeviceInput],
+    extra_common: ContainerEdits,
+) -> Spec {
     let uuids: Vec<&str> = devices.iter().map(|d| d.uuid.as_str()).collect();
     let mut common = ContainerEdits {
         env: vec![format!("{VISIBLE_DEVICES_ENV}={}", uuids.join(","))],
-        device_nodes: CONTROL_DEVICE_NODES.iter().map(|p| DeviceNode::at(*p)).collect(),
+        device_nodes: CONTROL_DEVICE_NODES
+            .iter()
+            .map(|p| DeviceNode::at(*p))
+            .collect(),
         ..ContainerEdits::default()
     };
     common.env.extend(extra_common.env);
@@ -155,7 +168,13 @@ pub fn claim_spec_with_common(claim_uid: &str, devices: &[CdiDeviceInput], extra
             ..Device::default()
         })
         .collect();
-    let mut spec = Spec { cdi_version: String::new(), kind: KIND.into(), devices, container_edits: common, ..Spec::default() };
+    let mut spec = Spec {
+        cdi_version: String::new(),
+        kind: KIND.into(),
+        devices,
+        container_edits: common,
+        ..Spec::default()
+    };
     spec.cdi_version = minimum_version(&spec).to_string();
     spec
 }
@@ -169,12 +188,21 @@ mod tests {
 
     #[test]
     fn names_and_ids() {
-        assert_eq!(cdi_device_id(UID, "gpu-0"), format!("gpu-dra.dev/claim={UID}-gpu-0"));
+        assert_eq!(
+            cdi_device_id(UID, "gpu-0"),
+            format!("gpu-dra.dev/claim={UID}-gpu-0")
+        );
         assert_eq!(spec_file_name(UID), format!("gpu-dra.dev-claim_{UID}.json"));
-        assert_eq!(spec_path(Path::new("/var/run/cdi"), "u1"), PathBuf::from("/var/run/cdi/gpu-dra.dev-claim_u1.json"));
+        assert_eq!(
+            spec_path(Path::new("/var/run/cdi"), "u1"),
+            PathBuf::from("/var/run/cdi/gpu-dra.dev-claim_u1.json")
+        );
         assert_eq!(claim_uid_of_file_name(&spec_file_name(UID)), Some(UID));
         assert_eq!(claim_uid_of_file_name("gpu-dra.dev-claim_.json"), None);
-        assert_eq!(claim_uid_of_file_name("k8s.gpu.nvidia.com-claim_x.json"), None);
+        assert_eq!(
+            claim_uid_of_file_name("k8s.gpu.nvidia.com-claim_x.json"),
+            None
+        );
         assert_eq!(claim_uid_of_file_name("gpu-dra.dev-claim_x.json.tmp"), None);
     }
 
@@ -229,7 +257,10 @@ mod tests {
     ]
   }
 }"#;
-        assert_eq!(serde_json::to_string_pretty(&spec).expect("serialise"), expected);
+        assert_eq!(
+            serde_json::to_string_pretty(&spec).expect("serialise"),
+            expected
+        );
         let back: Spec = serde_json::from_str(expected).expect("decode");
         assert_eq!(back, spec);
     }
@@ -240,9 +271,19 @@ mod tests {
             "gpu-1-mig-1g10gb-19-0",
             "MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
             1,
-            &[MigCapNode { minor: 21, major: Some(237) }, MigCapNode { minor: 22, major: Some(237) }],
+            &[
+                MigCapNode {
+                    minor: 21,
+                    major: Some(237),
+                },
+                MigCapNode {
+                    minor: 22,
+                    major: Some(237),
+                },
+            ],
         );
-        mig.env.push(("CUDA_MPS_PIPE_DIRECTORY".into(), "/mps/pipe".into()));
+        mig.env
+            .push(("CUDA_MPS_PIPE_DIRECTORY".into(), "/mps/pipe".into()));
         mig.mounts.push(Mount {
             host_path: "/var/lib/kubelet/plugins/gpu.gpu-dra.dev/mps/u/pipe".into(),
             container_path: "/mps/pipe".into(),
@@ -308,20 +349,50 @@ mod tests {
     ]
   }
 }"#;
-        assert_eq!(serde_json::to_string_pretty(&spec).expect("serialise"), expected);
+        assert_eq!(
+            serde_json::to_string_pretty(&spec).expect("serialise"),
+            expected
+        );
+    }
+
+    #[test]
+    fn unknown_spec_fields_are_rejected_on_decode() {
+        let err = serde_json::from_str::<Spec>(
+            r#"{"cdiVersion": "0.5.0", "kind": "a/b", "devices": [], "extra": 1}"#,
+        )
+        .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `extra`"), "{err}");
     }
 
     #[test]
     fn mig_caps_without_major_let_the_runtime_stat() {
-        let d = CdiDeviceInput::mig("m", "MIG-x", 0, &[MigCapNode { minor: 30, major: None }]);
-        assert_eq!(d.device_nodes[1], DeviceNode::at("/dev/nvidia-caps/nvidia-cap30"));
+        let d = CdiDeviceInput::mig(
+            "m",
+            "MIG-x",
+            0,
+            &[MigCapNode {
+                minor: 30,
+                major: None,
+            }],
+        );
+        assert_eq!(
+            d.device_nodes[1],
+            DeviceNode::at("/dev/nvidia-caps/nvidia-cap30")
+        );
     }
 
     #[test]
     fn extra_common_edits_are_appended() {
-        let extra = ContainerEdits { env: vec!["X=1".into()], additional_gids: vec![44], ..Default::default() };
+        let extra = ContainerEdits {
+            env: vec!["X=1".into()],
+            additional_gids: vec![44],
+            ..Default::default()
+        };
         let spec = claim_spec_with_common("u", &[CdiDeviceInput::gpu("gpu-0", "GPU-a", 0)], extra);
-        assert_eq!(spec.container_edits.env, ["NVIDIA_VISIBLE_DEVICES=GPU-a", "X=1"]);
+        assert_eq!(
+            spec.container_edits.env,
+            ["NVIDIA_VISIBLE_DEVICES=GPU-a", "X=1"]
+        );
         assert_eq!(spec.cdi_version, "0.7.0");
     }
 }

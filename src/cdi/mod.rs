@@ -13,8 +13,8 @@ pub mod version;
 pub mod writer;
 
 pub use claim_spec::{
-    CdiDeviceInput, KIND, MigCapNode, cdi_device_id, cdi_device_name, claim_spec, claim_spec_with_common,
-    spec_path,
+    CdiDeviceInput, KIND, MigCapNode, cdi_device_id, cdi_device_name, claim_spec,
+    claim_spec_with_common, spec_path,
 };
 pub use spec::{ContainerEdits, Device, DeviceNode, Hook, Mount, Spec};
 pub use version::minimum_version;

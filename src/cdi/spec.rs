@@ -107,7 +107,10 @@ pub struct DeviceNode {
 impl DeviceNode {
     /// A node at `path` whose type and numbers the runtime reads from the host.
     pub fn at(path: impl Into<String>) -> Self {
-        Self { path: path.into(), ..Self::default() }
+        Self {
+            path: path.into(),
+            ..Self::default()
+        }
     }
 }
 

@@ -36,11 +36,13 @@ pub fn minimum_version(spec: &Spec) -> &'static str {
     if needs_060 {
         return "0.6.0";
     }
-    let needs_050 = spec
-        .devices
-        .iter()
-        .any(|d| d.name.chars().next().is_some_and(|c| !c.is_ascii_alphabetic()))
-        || all_edits().any(|e: &ContainerEdits| e.device_nodes.iter().any(|n| n.host_path.is_some()));
+    let needs_050 = spec.devices.iter().any(|d| {
+        d.name
+            .chars()
+            .next()
+            .is_some_and(|c| !c.is_ascii_alphabetic())
+    }) || all_edits()
+        .any(|e: &ContainerEdits| e.device_nodes.iter().any(|n| n.host_path.is_some()));
     if needs_050 {
         return "0.5.0";
     }
@@ -59,28 +61,50 @@ mod tests {
         Spec {
             cdi_version: String::new(),
             kind: "gpu-dra.dev/claim".into(),
-            devices: vec![Device { name: device_name.into(), container_edits: edits, ..Device::default() }],
+            devices: vec![Device {
+                name: device_name.into(),
+                container_edits: edits,
+                ..Device::default()
+            }],
             ..Spec::default()
         }
     }
 
     #[test]
     fn base_version_for_plain_edits() {
-        let edits = ContainerEdits { env: vec!["A=B".into()], device_nodes: vec![DeviceNode::at("/dev/nvidia0")], ..Default::default() };
+        let edits = ContainerEdits {
+            env: vec!["A=B".into()],
+            device_nodes: vec![DeviceNode::at("/dev/nvidia0")],
+            ..Default::default()
+        };
         assert_eq!(minimum_version(&spec_with("gpu0", edits)), "0.3.0");
     }
 
     #[test]
     fn mount_type_needs_040() {
-        let mount = Mount { host_path: "/a".into(), container_path: "/a".into(), mount_type: Some("bind".into()), options: vec![] };
-        let edits = ContainerEdits { mounts: vec![mount], ..Default::default() };
+        let mount = Mount {
+            host_path: "/a".into(),
+            container_path: "/a".into(),
+            mount_type: Some("bind".into()),
+            options: vec![],
+        };
+        let edits = ContainerEdits {
+            mounts: vec![mount],
+            ..Default::default()
+        };
         assert_eq!(minimum_version(&spec_with("gpu0", edits)), "0.4.0");
     }
 
     #[test]
     fn digit_name_or_host_path_needs_050() {
-        assert_eq!(minimum_version(&spec_with("7f3a-gpu-0", ContainerEdits::default())), "0.5.0");
-        let node = DeviceNode { host_path: Some("/dev/nvidia0".into()), ..DeviceNode::at("/dev/nvidia1") };
+        assert_eq!(
+            minimum_version(&spec_with("7f3a-gpu-0", ContainerEdits::default())),
+            "0.5.0"
+        );
+        let node = DeviceNode {
+            host_path: Some("/dev/nvidia0".into()),
+            ..DeviceNode::at("/dev/nvidia1")
+        };
         let mut spec = spec_with("gpu0", ContainerEdits::default());
         spec.container_edits.device_nodes.push(node);
         assert_eq!(minimum_version(&spec), "0.5.0");

@@ -87,10 +87,15 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// atomically (pretty JSON, trailing newline) and returns the path.
 pub fn write_spec(cdi_root: &Path, claim_uid: &str, spec: &Spec) -> Result<PathBuf, CdiWriteError> {
     let path = spec_path(cdi_root, claim_uid);
-    let mut bytes = serde_json::to_vec_pretty(spec)
-        .map_err(|source| CdiWriteError::Serialize { claim_uid: claim_uid.to_string(), source })?;
+    let mut bytes = serde_json::to_vec_pretty(spec).map_err(|source| CdiWriteError::Serialize {
+        claim_uid: claim_uid.to_string(),
+        source,
+    })?;
     bytes.push(b'\n');
-    write_atomic(&path, &bytes).map_err(|source| CdiWriteError::Write { path: path.clone(), source })?;
+    write_atomic(&path, &bytes).map_err(|source| CdiWriteError::Write {
+        path: path.clone(),
+        source,
+    })?;
     Ok(path)
 }
 
@@ -120,7 +125,10 @@ pub struct SpecFile {
 /// files of ours (`.gpu-dra.dev-claim_*.tmp`) are returned separately so they can be
 /// deleted. A missing directory lists as empty.
 pub fn list_specs(cdi_root: &Path) -> Result<(Vec<SpecFile>, Vec<PathBuf>), CdiWriteError> {
-    let list_err = |source| CdiWriteError::List { dir: cdi_root.to_path_buf(), source };
+    let list_err = |source| CdiWriteError::List {
+        dir: cdi_root.to_path_buf(),
+        source,
+    };
     let entries = match fs::read_dir(cdi_root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
@@ -133,7 +141,10 @@ pub fn list_specs(cdi_root: &Path) -> Result<(Vec<SpecFile>, Vec<PathBuf>), CdiW
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if let Some(uid) = claim_uid_of_file_name(name) {
-            specs.push(SpecFile { claim_uid: uid.to_string(), path: entry.path() });
+            specs.push(SpecFile {
+                claim_uid: uid.to_string(),
+                path: entry.path(),
+            });
         } else if name.starts_with(&format!(".{SPEC_FILE_PREFIX}")) && name.ends_with(".tmp") {
             temps.push(entry.path());
         }
@@ -187,11 +198,17 @@ mod tests {
     #[test]
     fn missing_directory_lists_empty_and_write_errors_name_the_path() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert_eq!(list_specs(&dir.path().join("none")).expect("list"), (vec![], vec![]));
+        assert_eq!(
+            list_specs(&dir.path().join("none")).expect("list"),
+            (vec![], vec![])
+        );
         let file = dir.path().join("file");
         fs::write(&file, "x").expect("file");
         let spec = claim_spec("u", &[]);
         let err = write_spec(&file, "u", &spec).expect_err("root is a file");
-        assert!(err.to_string().contains("gpu-dra.dev-claim_u.json"), "{err}");
+        assert!(
+            err.to_string().contains("gpu-dra.dev-claim_u.json"),
+            "{err}"
+        );
     }
 }

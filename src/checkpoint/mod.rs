@@ -11,6 +11,9 @@ pub mod model;
 pub mod store;
 pub mod writer;
 
-pub use model::{CHECKPOINT_FILE_NAME, CHECKPOINT_VERSION, Checkpoint, ClaimEntry, ClaimState, PreparedDeviceRecord};
+pub use model::{
+    CHECKPOINT_FILE_NAME, CHECKPOINT_VERSION, Checkpoint, ClaimEntry, ClaimState,
+    PreparedDeviceRecord,
+};
 pub use store::{CheckpointError, CheckpointStore, DEFAULT_BOOT_ID_PATH, LoadOutcome, Loaded};
 pub use writer::CheckpointWriter;

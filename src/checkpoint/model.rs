@@ -42,7 +42,11 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// An empty checkpoint for the current boot.
     pub fn new(boot_id: impl Into<String>) -> Self {
-        Self { version: CHECKPOINT_VERSION, boot_id: boot_id.into(), claims: BTreeMap::new() }
+        Self {
+            version: CHECKPOINT_VERSION,
+            boot_id: boot_id.into(),
+            claims: BTreeMap::new(),
+        }
     }
 }
 
@@ -121,11 +125,16 @@ pub fn encode(checkpoint: &Checkpoint) -> Result<Vec<u8>, serde_json::Error> {
 /// Parses checkpoint bytes; the error is a human-readable reason the file cannot be used
 /// (not JSON, unknown version, checksum mismatch, bad field).
 pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
-    let mut value: Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    let mut value: Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
     let version = value.get("version").and_then(Value::as_u64);
     match version {
         Some(v) if v == u64::from(CHECKPOINT_VERSION) => {}
-        Some(v) => return Err(format!("unknown version {v}; this plugin reads version {CHECKPOINT_VERSION}")),
+        Some(v) => {
+            return Err(format!(
+                "unknown version {v}; this plugin reads version {CHECKPOINT_VERSION}"
+            ));
+        }
         None => return Err("no numeric \"version\" field".to_string()),
     }
     if let Some(obj) = value.as_object_mut()
@@ -135,10 +144,13 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
         let claims = serde_json::to_vec(&claims).map_err(|e| e.to_string())?;
         let actual = checksum(&claims);
         if stored.as_str() != Some(actual.as_str()) {
-            return Err(format!("checksum mismatch: stored {stored}, content has {actual}"));
+            return Err(format!(
+                "checksum mismatch: stored {stored}, content has {actual}"
+            ));
         }
     }
-    serde_path_to_error::deserialize(value).map_err(|e| format!("invalid field {}: {}", e.path(), e.inner()))
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| format!("invalid field {}: {}", e.path(), e.inner()))
 }
 
 #[cfg(test)]
@@ -190,12 +202,29 @@ mod tests {
     fn rejects_tampering_versions_and_garbage() {
         let text = String::from_utf8(encode(&sample()).expect("encode")).expect("utf8");
         let edited = text.replace("shared-gpu", "other");
-        assert!(decode(edited.as_bytes()).expect_err("edited").starts_with("checksum mismatch"));
+        assert!(
+            decode(edited.as_bytes())
+                .expect_err("edited")
+                .starts_with("checksum mismatch")
+        );
         let v2 = text.replace("\"version\": 1", "\"version\": 2");
-        assert_eq!(decode(v2.as_bytes()), Err("unknown version 2; this plugin reads version 1".into()));
-        assert!(decode(b"{\"bootId\": \"x\"}").expect_err("no version").contains("version"));
-        assert!(decode(b"{\"version\": 1, \"boot").expect_err("truncated").starts_with("not valid JSON"));
-        let bad_state = serde_json::to_string(&sample()).expect("json").replace("PrepareCompleted", "Done");
+        assert_eq!(
+            decode(v2.as_bytes()),
+            Err("unknown version 2; this plugin reads version 1".into())
+        );
+        assert!(
+            decode(b"{\"bootId\": \"x\"}")
+                .expect_err("no version")
+                .contains("version")
+        );
+        assert!(
+            decode(b"{\"version\": 1, \"boot")
+                .expect_err("truncated")
+                .starts_with("not valid JSON")
+        );
+        let bad_state = serde_json::to_string(&sample())
+            .expect("json")
+            .replace("PrepareCompleted", "Done");
         let err = decode(bad_state.as_bytes()).expect_err("bad state");
         assert!(err.contains("claims.uid-1.state"), "{err}");
     }

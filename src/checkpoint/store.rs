@@ -125,7 +125,10 @@ impl CheckpointStore {
     /// A store for `<plugin_dir>/checkpoint.json`, comparing against the boot id read
     /// from `boot_id_path` (normally [`DEFAULT_BOOT_ID_PATH`]).
     pub fn new(plugin_dir: &Path, boot_id_path: &Path) -> Self {
-        Self { path: plugin_dir.join(CHECKPOINT_FILE_NAME), boot_id_path: boot_id_path.to_path_buf() }
+        Self {
+            path: plugin_dir.join(CHECKPOINT_FILE_NAME),
+            boot_id_path: boot_id_path.to_path_buf(),
+        }
     }
 
     /// The checkpoint file path.
@@ -137,7 +140,10 @@ impl CheckpointStore {
     pub fn current_boot_id(&self) -> Result<String, CheckpointError> {
         fs::read_to_string(&self.boot_id_path)
             .map(|s| s.trim().to_string())
-            .map_err(|e| CheckpointError::BootId { path: self.boot_id_path.clone(), source: Arc::new(e) })
+            .map_err(|e| CheckpointError::BootId {
+                path: self.boot_id_path.clone(),
+                source: Arc::new(e),
+            })
     }
 
     /// Loads the checkpoint: missing -> empty ([`LoadOutcome::Fresh`]); unusable -> moved
@@ -148,30 +154,51 @@ impl CheckpointStore {
         let bytes = match fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok(Loaded { checkpoint: Checkpoint::new(boot_id), outcome: LoadOutcome::Fresh });
+                return Ok(Loaded {
+                    checkpoint: Checkpoint::new(boot_id),
+                    outcome: LoadOutcome::Fresh,
+                });
             }
-            Err(e) => return Err(CheckpointError::Read { path: self.path.clone(), source: Arc::new(e) }),
+            Err(e) => {
+                return Err(CheckpointError::Read {
+                    path: self.path.clone(),
+                    source: Arc::new(e),
+                });
+            }
         };
         match decode(&bytes) {
             Err(reason) => {
                 let path = self.quarantine()?;
-                Ok(Loaded { checkpoint: Checkpoint::new(boot_id), outcome: LoadOutcome::Quarantined { path, reason } })
+                Ok(Loaded {
+                    checkpoint: Checkpoint::new(boot_id),
+                    outcome: LoadOutcome::Quarantined { path, reason },
+                })
             }
             Ok(cp) if cp.boot_id != boot_id => Ok(Loaded {
                 checkpoint: Checkpoint::new(boot_id),
-                outcome: LoadOutcome::PreviousBoot { previous_boot_id: cp.boot_id, stale_claims: cp.claims },
+                outcome: LoadOutcome::PreviousBoot {
+                    previous_boot_id: cp.boot_id,
+                    stale_claims: cp.claims,
+                },
             }),
-            Ok(cp) => Ok(Loaded { checkpoint: cp, outcome: LoadOutcome::Loaded }),
+            Ok(cp) => Ok(Loaded {
+                checkpoint: cp,
+                outcome: LoadOutcome::Loaded,
+            }),
         }
     }
 
     /// Writes `checkpoint` atomically (temp file, fsync, rename, directory fsync),
     /// creating the plugin dir when missing.
     pub fn save(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
-        let bytes = encode(checkpoint)
-            .map_err(|e| CheckpointError::Encode { path: self.path.clone(), source: Arc::new(e) })?;
-        write_atomic(&self.path, &bytes)
-            .map_err(|e| CheckpointError::Write { path: self.path.clone(), source: Arc::new(e) })
+        let bytes = encode(checkpoint).map_err(|e| CheckpointError::Encode {
+            path: self.path.clone(),
+            source: Arc::new(e),
+        })?;
+        write_atomic(&self.path, &bytes).map_err(|e| CheckpointError::Write {
+            path: self.path.clone(),
+            source: Arc::new(e),
+        })
     }
 
     /// Renames the checkpoint to `checkpoint.json.corrupt-<UTC time>` (with `.N` added if
@@ -185,7 +212,11 @@ impl CheckpointStore {
             to = PathBuf::from(format!("{base}.{n}"));
             n += 1;
         }
-        let err = |to: &PathBuf, e| CheckpointError::Quarantine { path: self.path.clone(), to: to.clone(), source: Arc::new(e) };
+        let err = |to: &PathBuf, e| CheckpointError::Quarantine {
+            path: self.path.clone(),
+            to: to.clone(),
+            source: Arc::new(e),
+        };
         fs::rename(&self.path, &to).map_err(|e| err(&to, e))?;
         if let Some(dir) = self.path.parent() {
             sync_dir(dir).map_err(|e| err(&to, e))?;
@@ -196,7 +227,10 @@ impl CheckpointStore {
 
 /// `YYYYMMDDTHHMMSSZ` for `t` (UTC), for quarantine file names.
 fn utc_stamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (proleptic Gregorian, era-based arithmetic).
     let z = days as i64 + 719_468;
@@ -208,7 +242,12 @@ fn utc_stamp(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -268,8 +307,17 @@ mod tests {
         cp.claims.insert("u".into(), entry());
         f.store.save(&cp).expect("save");
         let again = f.store.load().expect("load");
-        assert_eq!(again, Loaded { checkpoint: cp, outcome: LoadOutcome::Loaded });
-        assert_eq!(files(f.store.path().parent().expect("dir")), ["checkpoint.json"]);
+        assert_eq!(
+            again,
+            Loaded {
+                checkpoint: cp,
+                outcome: LoadOutcome::Loaded
+            }
+        );
+        assert_eq!(
+            files(f.store.path().parent().expect("dir")),
+            ["checkpoint.json"]
+        );
     }
 
     #[test]
@@ -283,9 +331,19 @@ mod tests {
             panic!("expected quarantine, got {:?}", loaded.outcome);
         };
         assert!(reason.starts_with("not valid JSON"), "{reason}");
-        assert_eq!(fs::read(path).expect("moved"), b"{\"version\": 1, \"claims\": {");
-        let name = path.file_name().expect("name").to_string_lossy().into_owned();
-        assert!(name.starts_with("checkpoint.json.corrupt-") && name.ends_with('Z'), "{name}");
+        assert_eq!(
+            fs::read(path).expect("moved"),
+            b"{\"version\": 1, \"claims\": {"
+        );
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name.starts_with("checkpoint.json.corrupt-") && name.ends_with('Z'),
+            "{name}"
+        );
         assert_eq!(loaded.checkpoint, Checkpoint::new("boot-a"));
         // Running on: the fresh checkpoint saves and loads.
         let mut cp = loaded.checkpoint;
@@ -295,7 +353,8 @@ mod tests {
         // A second corrupt file in the same second gets its own name.
         fs::write(f.store.path(), b"garbage").expect("corrupt");
         fs::write(f.store.path(), b"garbage").expect("corrupt");
-        let LoadOutcome::Quarantined { path: second, .. } = f.store.load().expect("load").outcome else {
+        let LoadOutcome::Quarantined { path: second, .. } = f.store.load().expect("load").outcome
+        else {
             panic!("expected quarantine");
         };
         assert_ne!(&second, path);
@@ -306,7 +365,11 @@ mod tests {
     fn unknown_version_is_quarantined() {
         let f = fixture("boot-a");
         fs::create_dir_all(f.store.path().parent().expect("dir")).expect("dir");
-        fs::write(f.store.path(), br#"{"version": 7, "bootId": "boot-a", "claims": {}}"#).expect("write");
+        fs::write(
+            f.store.path(),
+            br#"{"version": 7, "bootId": "boot-a", "claims": {}}"#,
+        )
+        .expect("write");
         let loaded = f.store.load().expect("load");
         match loaded.outcome {
             LoadOutcome::Quarantined { reason, .. } => {
@@ -328,7 +391,10 @@ mod tests {
         assert_eq!(loaded.checkpoint, Checkpoint::new("boot-b"));
         assert_eq!(
             loaded.outcome,
-            LoadOutcome::PreviousBoot { previous_boot_id: "boot-a".into(), stale_claims: cp.claims }
+            LoadOutcome::PreviousBoot {
+                previous_boot_id: "boot-a".into(),
+                stale_claims: cp.claims
+            }
         );
     }
 
@@ -336,19 +402,31 @@ mod tests {
     fn io_errors_are_errors_not_quarantine() {
         let f = fixture("boot-a");
         let missing_boot = CheckpointStore::new(f.dir.path(), &f.dir.path().join("nope"));
-        assert!(matches!(missing_boot.load(), Err(CheckpointError::BootId { .. })));
+        assert!(matches!(
+            missing_boot.load(),
+            Err(CheckpointError::BootId { .. })
+        ));
         // The checkpoint path is a directory: reading fails, nothing is moved.
         fs::create_dir_all(f.store.path()).expect("dir in the way");
         assert!(matches!(f.store.load(), Err(CheckpointError::Read { .. })));
         assert!(f.store.path().is_dir());
-        let err = f.store.save(&Checkpoint::new("boot-a")).expect_err("cannot replace a dir");
+        let err = f
+            .store
+            .save(&Checkpoint::new("boot-a"))
+            .expect_err("cannot replace a dir");
         assert!(err.to_string().contains("checkpoint.json"), "{err}");
     }
 
     #[test]
     fn utc_stamps() {
         assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000Z");
-        assert_eq!(utc_stamp(UNIX_EPOCH + Duration::from_secs(1_795_000_000)), "20261118T110640Z");
-        assert_eq!(utc_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400)), "20000229T000000Z");
+        assert_eq!(
+            utc_stamp(UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
+            "20261118T110640Z"
+        );
+        assert_eq!(
+            utc_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "20000229T000000Z"
+        );
     }
 }

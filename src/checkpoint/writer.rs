@@ -18,7 +18,8 @@ use super::model::Checkpoint;
 use super::store::{CheckpointError, CheckpointStore};
 
 /// Runs a caller's mutation and returns the function that delivers its outcome.
-type Job = Box<dyn FnOnce(&mut Checkpoint) -> Box<dyn FnOnce(Result<(), CheckpointError>) + Send> + Send>;
+type Job =
+    Box<dyn FnOnce(&mut Checkpoint) -> Box<dyn FnOnce(Result<(), CheckpointError>) + Send> + Send>;
 
 /// Handle to the checkpoint writer task; cheap to clone. The task stops when every handle
 /// is dropped.
@@ -37,7 +38,14 @@ impl CheckpointWriter {
         let (snap_tx, snapshot) = watch::channel(Arc::new(initial));
         let writes = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(run(store, rx, snap_tx, Arc::clone(&writes)));
-        (Self { jobs, snapshot, writes }, task)
+        (
+            Self {
+                jobs,
+                snapshot,
+                writes,
+            },
+            task,
+        )
     }
 
     /// Applies `mutate` and returns once the result is on disk, with `mutate`'s return
@@ -58,7 +66,9 @@ impl CheckpointWriter {
                 let _ = tx.send(written.map(|()| value));
             })
         });
-        self.jobs.send(job).map_err(|_| CheckpointError::WriterStopped)?;
+        self.jobs
+            .send(job)
+            .map_err(|_| CheckpointError::WriterStopped)?;
         rx.await.map_err(|_| CheckpointError::WriterStopped)?
     }
 
@@ -93,19 +103,21 @@ async fn run(
         let mut next = Checkpoint::clone(&current);
         let acks: Vec<_> = group.into_iter().map(|job| job(&mut next)).collect();
         let result = if next == *current {
-            Ok(()) // nothing changed (e.g. idempotent repeats): no need to pay a write
+            Ok(()) // nothing changed (e.g. a read-only check): no need to pay a write
         } else {
-            let store = store.clone();
-            let next = next.clone();
-            tokio::task::spawn_blocking(move || store.save(&next))
+            let next = Arc::new(next);
+            let (store, to_save) = (store.clone(), Arc::clone(&next));
+            // A panic in save is a bug; callers learn the write did not happen.
+            let saved = tokio::task::spawn_blocking(move || store.save(&to_save))
                 .await
-                .unwrap_or_else(|_| Err(CheckpointError::WriterStopped))
+                .unwrap_or(Err(CheckpointError::WriterStopped));
+            if saved.is_ok() {
+                writes.fetch_add(1, Ordering::Relaxed);
+                current = next;
+                snapshot.send_replace(Arc::clone(&current));
+            }
+            saved
         };
-        if result.is_ok() && next != *current {
-            writes.fetch_add(1, Ordering::Relaxed);
-            current = Arc::new(next);
-            snapshot.send_replace(Arc::clone(&current));
-        }
         for ack in acks {
             ack(result.clone());
         }
@@ -144,19 +156,28 @@ mod tests {
             let writer = writer.clone();
             async move {
                 writer
-                    .update(move |cp| cp.claims.insert(format!("uid-{i:02}"), entry(&format!("c{i}"))).is_none())
+                    .update(move |cp| {
+                        cp.claims
+                            .insert(format!("uid-{i:02}"), entry(&format!("c{i}")))
+                            .is_none()
+                    })
                     .await
             }
         });
         let results = futures::future::join_all(updates).await;
         assert!(results.iter().all(|r| matches!(r, Ok(true))), "{results:?}");
-        assert!(writer.writes() < N as u64, "{} writes for {N} updates", writer.writes());
+        assert!(
+            writer.writes() < N as u64,
+            "{} writes for {N} updates",
+            writer.writes()
+        );
         assert!(writer.writes() >= 1);
         assert_eq!(writer.snapshot().claims.len(), N);
         let on_disk = store.load().expect("load").checkpoint;
         assert_eq!(on_disk, *writer.snapshot());
         drop(writer);
-        task.await.expect("writer task ends when handles are dropped");
+        task.await
+            .expect("writer task ends when handles are dropped");
     }
 
     #[tokio::test]
@@ -164,7 +185,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (writer, _task) = CheckpointWriter::spawn(store(&dir), Checkpoint::new("boot-a"));
         let mut rx = writer.subscribe();
-        writer.update(|cp| cp.claims.insert("u".into(), entry("c"))).await.expect("write");
+        writer
+            .update(|cp| cp.claims.insert("u".into(), entry("c")))
+            .await
+            .expect("write");
         assert_eq!(writer.writes(), 1);
         assert!(rx.has_changed().expect("open"));
         assert_eq!(rx.borrow_and_update().claims.len(), 1);
@@ -179,7 +203,10 @@ mod tests {
         assert_eq!(state, ClaimState::PrepareCompleted);
         assert_eq!(writer.writes(), 2);
         // A read-only check costs no write.
-        let held = writer.update(|cp| cp.claims.contains_key("u")).await.expect("no-op");
+        let held = writer
+            .update(|cp| cp.claims.contains_key("u"))
+            .await
+            .expect("no-op");
         assert!(held);
         assert_eq!(writer.writes(), 2);
     }
@@ -191,7 +218,10 @@ mod tests {
         // A directory where the file should be makes the rename fail.
         fs::create_dir_all(store.path()).expect("dir in the way");
         let (writer, _task) = CheckpointWriter::spawn(store, Checkpoint::new("boot-a"));
-        let err = writer.update(|cp| cp.claims.insert("u".into(), entry("c"))).await.expect_err("fails");
+        let err = writer
+            .update(|cp| cp.claims.insert("u".into(), entry("c")))
+            .await
+            .expect_err("fails");
         assert!(matches!(err, CheckpointError::Write { .. }), "{err:?}");
         assert!(writer.snapshot().claims.is_empty());
         assert_eq!(writer.writes(), 0);

@@ -199,7 +199,9 @@ impl Sharing {
         let wire = match self {
             Sharing::TimeSlicing { interval } => SharingWire {
                 strategy: StrategyWire::TimeSlicing,
-                time_slicing_config: Some(TimeSlicingConfigWire { interval: Some(*interval) }),
+                time_slicing_config: Some(TimeSlicingConfigWire {
+                    interval: Some(*interval),
+                }),
                 mps_config: None,
             },
             Sharing::Mps(mps) => SharingWire {
@@ -231,7 +233,9 @@ impl Sharing {
 }
 
 /// The compute-policy time slice, as `nvidia-smi compute-policy --set-timeslice` takes it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub enum TimeSliceInterval {
     /// Driver default (0).
     #[default]

@@ -15,10 +15,14 @@ pub enum QuantityError {
     #[error("empty quantity")]
     Empty,
     /// The numeric part is malformed (no digits, two decimal points, stray characters).
-    #[error("{0:?} is not a number followed by an optional suffix (Ki, Mi, Gi, Ti, Pi, Ei, k, M, G, T, P, E, m, or an exponent like e9)")]
+    #[error(
+        "{0:?} is not a number followed by an optional suffix (Ki, Mi, Gi, Ti, Pi, Ei, k, M, G, T, P, E, m, or an exponent like e9)"
+    )]
     Malformed(String),
     /// The suffix is not one Kubernetes knows.
-    #[error("unknown suffix {suffix:?} in {input:?}; allowed: Ki, Mi, Gi, Ti, Pi, Ei, n, u, m, k, M, G, T, P, E, or an exponent like e9")]
+    #[error(
+        "unknown suffix {suffix:?} in {input:?}; allowed: Ki, Mi, Gi, Ti, Pi, Ei, n, u, m, k, M, G, T, P, E, or an exponent like e9"
+    )]
     UnknownSuffix {
         /// The whole input.
         input: String,
@@ -140,14 +144,29 @@ mod tests {
     fn rejects_malformed() {
         assert_eq!(parse_quantity(""), Err(QuantityError::Empty));
         assert_eq!(parse_quantity("-"), Err(QuantityError::Empty));
-        assert!(matches!(parse_quantity("Gi"), Err(QuantityError::Malformed(_))));
-        assert!(matches!(parse_quantity("1.2.3"), Err(QuantityError::Malformed(_))));
+        assert!(matches!(
+            parse_quantity("Gi"),
+            Err(QuantityError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_quantity("1.2.3"),
+            Err(QuantityError::Malformed(_))
+        ));
         assert!(matches!(
             parse_quantity("1GB"),
             Err(QuantityError::UnknownSuffix { suffix, .. }) if suffix == "GB"
         ));
-        assert!(matches!(parse_quantity("1e"), Err(QuantityError::UnknownSuffix { .. })));
-        assert!(matches!(parse_quantity("1ex"), Err(QuantityError::Malformed(_))));
-        assert!(matches!(parse_quantity("100Ei"), Err(QuantityError::TooLarge(_))));
+        assert!(matches!(
+            parse_quantity("1e"),
+            Err(QuantityError::UnknownSuffix { .. })
+        ));
+        assert!(matches!(
+            parse_quantity("1ex"),
+            Err(QuantityError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_quantity("100Ei"),
+            Err(QuantityError::TooLarge(_))
+        ));
     }
 }

@@ -79,7 +79,13 @@ impl fmt::Display for EntryError {
             Some(ConfigSource::FromClaim) => "claim config",
             None => "config",
         };
-        write!(f, "{origin} #{} ({}): {}", self.index, self.source, join_errors(&self.errors))
+        write!(
+            f,
+            "{origin} #{} ({}): {}",
+            self.index,
+            self.source,
+            join_errors(&self.errors)
+        )
     }
 }
 
@@ -131,11 +137,18 @@ pub fn resolve(
         let Some(spec) = specificity(requests, request) else {
             continue;
         };
-        let entry_error = |errors| EntryError { index, source: entry.source.clone(), errors };
+        let entry_error = |errors| EntryError {
+            index,
+            source: entry.source.clone(),
+            errors,
+        };
         let Some(source) = ConfigSource::parse(&entry.source) else {
             errors.push(entry_error(vec![FieldError {
                 path: "source".into(),
-                message: format!("unsupported value {:?}; allowed: FromClass, FromClaim", entry.source),
+                message: format!(
+                    "unsupported value {:?}; allowed: FromClass, FromClaim",
+                    entry.source
+                ),
             }]));
             continue;
         };
@@ -143,13 +156,24 @@ pub fn resolve(
             Ok(config) => {
                 let key = (source, spec, index);
                 if best.as_ref().is_none_or(|(k, _)| key > *k) {
-                    best = Some((key, ResolvedConfig { config, index, source }));
+                    best = Some((
+                        key,
+                        ResolvedConfig {
+                            config,
+                            index,
+                            source,
+                        },
+                    ));
                 }
             }
             Err(field_errors) => errors.push(entry_error(field_errors)),
         }
     }
-    if errors.is_empty() { Ok(best.map(|(_, r)| r)) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(best.map(|(_, r)| r))
+    } else {
+        Err(errors)
+    }
 }
 
 #[cfg(test)]
@@ -162,10 +186,16 @@ mod tests {
 
     const DRIVER: &str = "gpu.gpu-dra.dev";
 
-    fn entry(source: &str, requests: &[&str], driver: &str, interval: &str) -> DeviceAllocationConfiguration {
+    fn entry(
+        source: &str,
+        requests: &[&str],
+        driver: &str,
+        interval: &str,
+    ) -> DeviceAllocationConfiguration {
         DeviceAllocationConfiguration {
             source: source.into(),
-            requests: (!requests.is_empty()).then(|| requests.iter().map(|s| s.to_string()).collect()),
+            requests: (!requests.is_empty())
+                .then(|| requests.iter().map(|s| s.to_string()).collect()),
             opaque: Some(OpaqueDeviceConfiguration {
                 driver: driver.into(),
                 parameters: RawExtension(json!({
@@ -184,8 +214,13 @@ mod tests {
         }
     }
 
-    fn winner(configs: &[DeviceAllocationConfiguration], request: &str) -> (usize, TimeSliceInterval) {
-        let r = resolve(configs, DRIVER, request).expect("valid").expect("some config");
+    fn winner(
+        configs: &[DeviceAllocationConfiguration],
+        request: &str,
+    ) -> (usize, TimeSliceInterval) {
+        let r = resolve(configs, DRIVER, request)
+            .expect("valid")
+            .expect("some config");
         (r.index, interval_of(&r))
     }
 
@@ -195,7 +230,11 @@ mod tests {
         let configs = [
             entry("FromClaim", &[], "gpu.nvidia.com", "Long"),
             entry("FromClaim", &["other"], DRIVER, "Long"),
-            DeviceAllocationConfiguration { source: "FromClaim".into(), requests: None, opaque: None },
+            DeviceAllocationConfiguration {
+                source: "FromClaim".into(),
+                requests: None,
+                opaque: None,
+            },
         ];
         assert_eq!(resolve(&configs, DRIVER, "gpu"), Ok(None));
     }
@@ -208,7 +247,9 @@ mod tests {
             entry("FromClaim", &[], DRIVER, "Medium"),
         ];
         assert_eq!(winner(&configs, "gpu"), (2, TimeSliceInterval::Medium));
-        let r = resolve(&configs[..2], DRIVER, "gpu").expect("valid").expect("some");
+        let r = resolve(&configs[..2], DRIVER, "gpu")
+            .expect("valid")
+            .expect("some");
         assert_eq!((r.index, r.source), (0, ConfigSource::FromClaim));
     }
 
@@ -221,7 +262,10 @@ mod tests {
         assert_eq!(winner(&configs, "a"), (0, TimeSliceInterval::Long));
         assert_eq!(winner(&configs, "b"), (1, TimeSliceInterval::Short));
         // A claim's general config still beats a class's request-specific one.
-        let configs = [entry("FromClass", &["a"], DRIVER, "Long"), entry("FromClaim", &[], DRIVER, "Short")];
+        let configs = [
+            entry("FromClass", &["a"], DRIVER, "Long"),
+            entry("FromClaim", &[], DRIVER, "Short"),
+        ];
         assert_eq!(winner(&configs, "a"), (1, TimeSliceInterval::Short));
     }
 
@@ -253,6 +297,10 @@ mod tests {
         bad.source = "FromSomewhere".into();
         let errs = resolve(&[bad], DRIVER, "gpu").expect_err("unknown source");
         assert_eq!(errs[0].errors[0].path, "source");
-        assert!(errs[0].errors[0].message.contains("allowed: FromClass, FromClaim"));
+        assert!(
+            errs[0].errors[0]
+                .message
+                .contains("allowed: FromClass, FromClaim")
+        );
     }
 }

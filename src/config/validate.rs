@@ -35,8 +35,12 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { path: path.into(), message: message.into() }
+    /// A field error at `path` (dotted, relative to the parameters) with `message`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -50,9 +54,15 @@ impl fmt::Display for FieldError {
     }
 }
 
+impl std::error::Error for FieldError {}
+
 /// Joins field errors into one line (`a: x; b: y`) for claim errors and admission replies.
 pub fn join_errors(errors: &[FieldError]) -> String {
-    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The facts of an allocated device that config validity depends on.
@@ -75,14 +85,20 @@ pub struct DeviceFacts<'a> {
 /// decode error stops at the first one (the rest of the object cannot be trusted).
 pub fn validate_opaque(params: &Value) -> Result<Config, Vec<FieldError>> {
     let Some(obj) = params.as_object() else {
-        return Err(vec![FieldError::new("", "parameters must be a JSON object")]);
+        return Err(vec![FieldError::new(
+            "",
+            "parameters must be a JSON object",
+        )]);
     };
     let mut errors = Vec::new();
     let api_version = match obj.get("apiVersion") {
         Some(Value::String(s)) => ApiVersion::parse(s).or_else(|| {
             errors.push(FieldError::new(
                 "apiVersion",
-                format!("unsupported value {s:?}; allowed: {}", allowed_api_versions()),
+                format!(
+                    "unsupported value {s:?}; allowed: {}",
+                    allowed_api_versions()
+                ),
             ));
             None
         }),
@@ -112,7 +128,10 @@ pub fn validate_opaque(params: &Value) -> Result<Config, Vec<FieldError>> {
             None
         }
         None => {
-            errors.push(FieldError::new("kind", format!("required; allowed: {}", allowed_kinds())));
+            errors.push(FieldError::new(
+                "kind",
+                format!("required; allowed: {}", allowed_kinds()),
+            ));
             None
         }
     };
@@ -146,14 +165,21 @@ pub fn validate_opaque(params: &Value) -> Result<Config, Vec<FieldError>> {
             Config::Mig(MigDeviceConfig { sharing })
         }
     };
-    if errors.is_empty() { Ok(config) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Decodes a `sharing` object as written by [`Sharing::to_wire_json`] (e.g. read back from
 /// a checkpoint), with the same rules as a `GpuConfig` (`MigDeviceConfig` when `kind` says).
 pub fn sharing_from_wire_json(value: &Value, kind: Kind) -> Result<Sharing, Vec<FieldError>> {
     let mut params = serde_json::Map::new();
-    params.insert("apiVersion".into(), ApiVersion::GpuDraV1Alpha1.as_str().into());
+    params.insert(
+        "apiVersion".into(),
+        ApiVersion::GpuDraV1Alpha1.as_str().into(),
+    );
     params.insert("kind".into(), kind.as_str().into());
     params.insert("sharing".into(), value.clone());
     let config = validate_opaque(&Value::Object(params))?;
@@ -166,7 +192,10 @@ pub fn sharing_from_wire_json(value: &Value, kind: Kind) -> Result<Sharing, Vec<
 /// Checks a valid config against the device it is applied to: config kind vs device type,
 /// strategies the device type cannot take, memory limits larger than the device's memory.
 /// Paths are relative to the config's `parameters` as in [`validate_opaque`].
-pub fn validate_for_device(config: &Config, device: &DeviceFacts<'_>) -> Result<(), Vec<FieldError>> {
+pub fn validate_for_device(
+    config: &Config,
+    device: &DeviceFacts<'_>,
+) -> Result<(), Vec<FieldError>> {
     let mut errors = Vec::new();
     match (config, device.is_mig) {
         (Config::Gpu(_), true) => errors.push(FieldError::new(
@@ -184,7 +213,10 @@ pub fn validate_for_device(config: &Config, device: &DeviceFacts<'_>) -> Result<
     {
         errors.push(FieldError::new(
             "sharing.strategy",
-            format!("{} acts on a whole GPU and is not supported on a MIG device; allowed: MPS", s.strategy_name()),
+            format!(
+                "{} acts on a whole GPU and is not supported on a MIG device; allowed: MPS",
+                s.strategy_name()
+            ),
         ));
     }
     if let Some(Sharing::Mps(mps)) = config.sharing() {
@@ -200,18 +232,27 @@ pub fn validate_for_device(config: &Config, device: &DeviceFacts<'_>) -> Result<
         if let Some(bytes) = mps.default_pinned_device_memory_limit
             && bytes > device.memory_bytes
         {
-            errors.push(limit_err(format!("{MPS_PATH}.defaultPinnedDeviceMemoryLimit"), bytes));
+            errors.push(limit_err(
+                format!("{MPS_PATH}.defaultPinnedDeviceMemoryLimit"),
+                bytes,
+            ));
         }
         let index = device.index_in_claim.map(|i| i.to_string());
         for (key, &bytes) in &mps.default_per_device_pinned_memory_limit {
-            let names_device =
-                Some(key.as_str()) == device.uuid || Some(key) == index.as_ref();
+            let names_device = Some(key.as_str()) == device.uuid || Some(key) == index.as_ref();
             if names_device && bytes > device.memory_bytes {
-                errors.push(limit_err(format!("{MPS_PATH}.defaultPerDevicePinnedMemoryLimit.{key}"), bytes));
+                errors.push(limit_err(
+                    format!("{MPS_PATH}.defaultPerDevicePinnedMemoryLimit.{key}"),
+                    bytes,
+                ));
             }
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 const MPS_PATH: &str = "sharing.mpsConfig";
@@ -236,7 +277,11 @@ fn decode_strict<T: DeserializeOwned>(body: &Value) -> Result<T, FieldError> {
 /// parent's path, so the field name is appended.
 fn describe_serde_error(parent: &str, message: &str) -> FieldError {
     let join = |child: &str| {
-        if parent.is_empty() { child.to_string() } else { format!("{parent}.{child}") }
+        if parent.is_empty() {
+            child.to_string()
+        } else {
+            format!("{parent}.{child}")
+        }
     };
     let message = message.split(" at line ").next().unwrap_or(message);
     if let Some(rest) = message.strip_prefix("unknown field `")
@@ -248,7 +293,11 @@ fn describe_serde_error(parent: &str, message: &str) -> FieldError {
             .trim_start_matches("expected ")
             .replace('`', "")
             .replace(" or ", ", ");
-        let allowed = if allowed == "there are no fields" { "none".to_string() } else { allowed };
+        let allowed = if allowed == "there are no fields" {
+            "none".to_string()
+        } else {
+            allowed
+        };
         // serde_path_to_error already records the unknown key as the last path segment.
         let path = if parent == field || parent.ends_with(&format!(".{field}")) {
             parent.to_string()
@@ -271,7 +320,10 @@ fn describe_serde_error(parent: &str, message: &str) -> FieldError {
             .trim_start_matches("expected ")
             .replace('`', "")
             .replace(" or ", ", ");
-        return FieldError::new(parent, format!("unsupported value {value:?}; allowed: {allowed}"));
+        return FieldError::new(
+            parent,
+            format!("unsupported value {value:?}; allowed: {allowed}"),
+        );
     }
     FieldError::new(parent, message)
 }
@@ -301,7 +353,9 @@ impl Ctx {
                     ApiVersion::GpuDraV1Alpha1,
                     self.api_version
                 ),
-                _ => format!("{name} acts on a whole GPU and is not supported in a MigDeviceConfig"),
+                _ => {
+                    format!("{name} acts on a whole GPU and is not supported in a MigDeviceConfig")
+                }
             };
             let allowed_names: Vec<_> = allowed.iter().map(|s| strategy_name(*s)).collect();
             errors.push(FieldError::new(
@@ -326,7 +380,9 @@ impl Ctx {
                 interval: time_slicing.and_then(|t| t.interval).unwrap_or_default(),
             },
             StrategyWire::Exclusive => Sharing::Exclusive,
-            StrategyWire::Mps => Sharing::Mps(mps.map(|m| mps_config(m, errors)).unwrap_or_default()),
+            StrategyWire::Mps => {
+                Sharing::Mps(mps.map(|m| mps_config(m, errors)).unwrap_or_default())
+            }
         };
         (errors.len() == before).then_some(sharing)
     }
@@ -335,7 +391,11 @@ impl Ctx {
         match (self.kind, self.api_version.allows_exclusive()) {
             (Kind::MigDeviceConfig, _) => vec![StrategyWire::Mps],
             (Kind::GpuConfig, true) => {
-                vec![StrategyWire::TimeSlicing, StrategyWire::Mps, StrategyWire::Exclusive]
+                vec![
+                    StrategyWire::TimeSlicing,
+                    StrategyWire::Mps,
+                    StrategyWire::Exclusive,
+                ]
             }
             (Kind::GpuConfig, false) => vec![StrategyWire::TimeSlicing, StrategyWire::Mps],
         }
@@ -364,7 +424,13 @@ fn mps_config(wire: &MpsConfigWire, errors: &mut Vec<FieldError>) -> MpsConfig {
     let default_pinned_device_memory_limit = wire
         .default_pinned_device_memory_limit
         .as_ref()
-        .and_then(|q| positive_bytes(q, format!("{MPS_PATH}.defaultPinnedDeviceMemoryLimit"), errors));
+        .and_then(|q| {
+            positive_bytes(
+                q,
+                format!("{MPS_PATH}.defaultPinnedDeviceMemoryLimit"),
+                errors,
+            )
+        });
     let mut per_device = BTreeMap::new();
     for (key, q) in &wire.default_per_device_pinned_memory_limit {
         let path = format!("{MPS_PATH}.defaultPerDevicePinnedMemoryLimit.{key}");
@@ -392,7 +458,10 @@ fn positive_bytes(q: &QuantityWire, path: String, errors: &mut Vec<FieldError>) 
         Ok(_) => {
             errors.push(FieldError::new(
                 path,
-                format!("{:?} is not positive; allowed: a quantity greater than 0 such as 8Gi", q.0),
+                format!(
+                    "{:?} is not positive; allowed: a quantity greater than 0 such as 8Gi",
+                    q.0
+                ),
             ));
             None
         }
@@ -435,20 +504,32 @@ mod tests {
         assert_eq!(
             c,
             Config::Gpu(GpuConfig {
-                sharing: Some(Sharing::TimeSlicing { interval: TimeSliceInterval::Long })
+                sharing: Some(Sharing::TimeSlicing {
+                    interval: TimeSliceInterval::Long
+                })
             })
         );
-        let c = validate_opaque(&nvidia("GpuConfig", json!({"strategy": "TimeSlicing"}))).expect("valid");
-        assert_eq!(c.sharing(), Some(&Sharing::TimeSlicing { interval: TimeSliceInterval::Default }));
+        let c = validate_opaque(&nvidia("GpuConfig", json!({"strategy": "TimeSlicing"})))
+            .expect("valid");
+        assert_eq!(
+            c.sharing(),
+            Some(&Sharing::TimeSlicing {
+                interval: TimeSliceInterval::Default
+            })
+        );
     }
 
     #[test]
     fn no_sharing_means_no_policy() {
-        let c = validate_opaque(&json!({"apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig"}))
-            .expect("valid");
+        let c = validate_opaque(
+            &json!({"apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig"}),
+        )
+        .expect("valid");
         assert_eq!(c, Config::Gpu(GpuConfig { sharing: None }));
-        let c = validate_opaque(&json!({"apiVersion": "resource.nvidia.com/v1beta1", "kind": "MigDeviceConfig"}))
-            .expect("valid");
+        let c = validate_opaque(
+            &json!({"apiVersion": "resource.nvidia.com/v1beta1", "kind": "MigDeviceConfig"}),
+        )
+        .expect("valid");
         assert_eq!(c, Config::Mig(MigDeviceConfig { sharing: None }));
     }
 
@@ -473,13 +554,15 @@ mod tests {
             .into(),
         };
         assert_eq!(c.sharing(), Some(&Sharing::Mps(expected)));
-        let mig = validate_opaque(&ours("MigDeviceConfig", json!({"strategy": "MPS"}))).expect("valid");
+        let mig =
+            validate_opaque(&ours("MigDeviceConfig", json!({"strategy": "MPS"}))).expect("valid");
         assert_eq!(mig.sharing(), Some(&Sharing::Mps(MpsConfig::default())));
     }
 
     #[test]
     fn exclusive_only_in_our_api_version() {
-        let c = validate_opaque(&ours("GpuConfig", json!({"strategy": "Exclusive"}))).expect("valid");
+        let c =
+            validate_opaque(&ours("GpuConfig", json!({"strategy": "Exclusive"}))).expect("valid");
         assert_eq!(c.sharing(), Some(&Sharing::Exclusive));
         let e = one_error(nvidia("GpuConfig", json!({"strategy": "Exclusive"})));
         assert_eq!(e.path, "sharing.strategy");
@@ -492,44 +575,70 @@ mod tests {
             "GpuConfig",
             json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"intervall": "Long"}}),
         ));
-        assert_eq!(e.to_string(), "sharing.timeSlicingConfig.intervall: unknown field, expected one of interval");
-        let e = one_error(json!({"apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig", "sharin": {}}));
+        assert_eq!(
+            e.to_string(),
+            "sharing.timeSlicingConfig.intervall: unknown field, expected one of interval"
+        );
+        let e = one_error(
+            json!({"apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig", "sharin": {}}),
+        );
         assert_eq!(e.path, "sharin");
         assert_eq!(e.message, "unknown field, expected one of sharing");
-        let e = one_error(ours("GpuConfig", json!({"strategy": "MPS", "mpsConfig": {"threads": 1}})));
+        let e = one_error(ours(
+            "GpuConfig",
+            json!({"strategy": "MPS", "mpsConfig": {"threads": 1}}),
+        ));
         assert_eq!(e.path, "sharing.mpsConfig.threads");
         assert!(e.message.contains("defaultActiveThreadPercentage, defaultPinnedDeviceMemoryLimit, defaultPerDevicePinnedMemoryLimit"), "{e}");
     }
 
     #[test]
     fn time_slicing_config_is_unknown_in_mig_device_config() {
-        let e = one_error(ours("MigDeviceConfig", json!({"strategy": "MPS", "timeSlicingConfig": {}})));
+        let e = one_error(ours(
+            "MigDeviceConfig",
+            json!({"strategy": "MPS", "timeSlicingConfig": {}}),
+        ));
         assert_eq!(e.path, "sharing.timeSlicingConfig");
-        assert_eq!(e.message, "unknown field, expected one of strategy, mpsConfig");
+        assert_eq!(
+            e.message,
+            "unknown field, expected one of strategy, mpsConfig"
+        );
     }
 
     #[test]
     fn bad_enum_values_name_allowed_values() {
         let e = one_error(ours("GpuConfig", json!({"strategy": "Timeslice"})));
         assert_eq!(e.path, "sharing.strategy");
-        assert_eq!(e.message, "unsupported value \"Timeslice\"; allowed: TimeSlicing, MPS, Exclusive");
+        assert_eq!(
+            e.message,
+            "unsupported value \"Timeslice\"; allowed: TimeSlicing, MPS, Exclusive"
+        );
         let e = one_error(ours(
             "GpuConfig",
             json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "VeryLong"}}),
         ));
         assert_eq!(e.path, "sharing.timeSlicingConfig.interval");
-        assert_eq!(e.message, "unsupported value \"VeryLong\"; allowed: Default, Short, Medium, Long");
+        assert_eq!(
+            e.message,
+            "unsupported value \"VeryLong\"; allowed: Default, Short, Medium, Long"
+        );
     }
 
     #[test]
     fn missing_strategy_is_reported() {
-        let e = one_error(ours("GpuConfig", json!({"timeSlicingConfig": {"interval": "Long"}})));
+        let e = one_error(ours(
+            "GpuConfig",
+            json!({"timeSlicingConfig": {"interval": "Long"}}),
+        ));
         assert_eq!(e.to_string(), "sharing.strategy: required field is missing");
     }
 
     #[test]
     fn wrong_types_are_reported_with_path() {
-        let e = one_error(ours("GpuConfig", json!({"strategy": "MPS", "mpsConfig": {"defaultActiveThreadPercentage": "50"}})));
+        let e = one_error(ours(
+            "GpuConfig",
+            json!({"strategy": "MPS", "mpsConfig": {"defaultActiveThreadPercentage": "50"}}),
+        ));
         assert_eq!(e.path, "sharing.mpsConfig.defaultActiveThreadPercentage");
         assert!(e.message.contains("invalid type"), "{e}");
         let e = one_error(json!("GpuConfig"));
@@ -538,8 +647,9 @@ mod tests {
 
     #[test]
     fn api_version_and_kind_name_allowed_values() {
-        let errs = validate_opaque(&json!({"apiVersion": "gpu.nvidia.com/v1", "kind": "GPUConfig"}))
-            .expect_err("rejected");
+        let errs =
+            validate_opaque(&json!({"apiVersion": "gpu.nvidia.com/v1", "kind": "GPUConfig"}))
+                .expect_err("rejected");
         assert_eq!(
             errs,
             vec![
@@ -547,13 +657,23 @@ mod tests {
                     "apiVersion",
                     "unsupported value \"gpu.nvidia.com/v1\"; allowed: gpu.gpu-dra.dev/v1alpha1, resource.nvidia.com/v1beta1"
                 ),
-                FieldError::new("kind", "unsupported value \"GPUConfig\"; allowed: GpuConfig, MigDeviceConfig"),
+                FieldError::new(
+                    "kind",
+                    "unsupported value \"GPUConfig\"; allowed: GpuConfig, MigDeviceConfig"
+                ),
             ]
         );
         let errs = validate_opaque(&json!({})).expect_err("rejected");
         assert_eq!(errs.len(), 2);
-        assert!(errs[0].message.starts_with("required; allowed: gpu.gpu-dra.dev/v1alpha1"));
-        assert_eq!(errs[1].message, "required; allowed: GpuConfig, MigDeviceConfig");
+        assert!(
+            errs[0]
+                .message
+                .starts_with("required; allowed: gpu.gpu-dra.dev/v1alpha1")
+        );
+        assert_eq!(
+            errs[1].message,
+            "required; allowed: GpuConfig, MigDeviceConfig"
+        );
         let e = one_error(json!({"apiVersion": 1, "kind": "GpuConfig"}));
         assert_eq!(e.to_string(), "apiVersion: must be a string");
     }
@@ -566,7 +686,10 @@ mod tests {
                 json!({"strategy": "MPS", "mpsConfig": {"defaultActiveThreadPercentage": bad}}),
             ));
             assert_eq!(e.path, "sharing.mpsConfig.defaultActiveThreadPercentage");
-            assert_eq!(e.message, format!("{bad} is out of range; allowed: 0..=100"));
+            assert_eq!(
+                e.message,
+                format!("{bad} is out of range; allowed: 0..=100")
+            );
         }
         for good in [0, 100] {
             validate_opaque(&ours(
@@ -589,7 +712,10 @@ mod tests {
             "GpuConfig",
             json!({"strategy": "MPS", "mpsConfig": {"defaultPerDevicePinnedMemoryLimit": {"GPU-1": "-4Gi"}}}),
         ));
-        assert_eq!(e.path, "sharing.mpsConfig.defaultPerDevicePinnedMemoryLimit.GPU-1");
+        assert_eq!(
+            e.path,
+            "sharing.mpsConfig.defaultPerDevicePinnedMemoryLimit.GPU-1"
+        );
         let e = one_error(ours(
             "GpuConfig",
             json!({"strategy": "MPS", "mpsConfig": {"defaultPinnedDeviceMemoryLimit": "8GB"}}),
@@ -633,13 +759,19 @@ mod tests {
             "GpuConfig",
             json!({"strategy": "TimeSlicing", "mpsConfig": {"defaultActiveThreadPercentage": 10}}),
         ));
-        assert_eq!(e.to_string(), "sharing.mpsConfig: only allowed with strategy MPS (strategy is TimeSlicing)");
+        assert_eq!(
+            e.to_string(),
+            "sharing.mpsConfig: only allowed with strategy MPS (strategy is TimeSlicing)"
+        );
         let e = one_error(ours(
             "GpuConfig",
             json!({"strategy": "MPS", "timeSlicingConfig": {"interval": "Long"}}),
         ));
         assert_eq!(e.path, "sharing.timeSlicingConfig");
-        let e = one_error(ours("GpuConfig", json!({"strategy": "Exclusive", "timeSlicingConfig": {}})));
+        let e = one_error(ours(
+            "GpuConfig",
+            json!({"strategy": "Exclusive", "timeSlicingConfig": {}}),
+        ));
         assert_eq!(e.path, "sharing.timeSlicingConfig");
     }
 
@@ -648,24 +780,43 @@ mod tests {
         for strategy in ["TimeSlicing", "Exclusive"] {
             let e = one_error(ours("MigDeviceConfig", json!({"strategy": strategy})));
             assert_eq!(e.path, "sharing.strategy");
-            assert!(e.message.contains("not supported in a MigDeviceConfig; allowed: MPS"), "{e}");
+            assert!(
+                e.message
+                    .contains("not supported in a MigDeviceConfig; allowed: MPS"),
+                "{e}"
+            );
         }
-        let e = one_error(nvidia("MigDeviceConfig", json!({"strategy": "TimeSlicing"})));
+        let e = one_error(nvidia(
+            "MigDeviceConfig",
+            json!({"strategy": "TimeSlicing"}),
+        ));
         assert!(e.message.ends_with("allowed: MPS"), "{e}");
     }
 
     fn gpu_facts(memory_bytes: u64) -> DeviceFacts<'static> {
-        DeviceFacts { is_mig: false, memory_bytes, uuid: Some("GPU-aaa"), index_in_claim: Some(0) }
+        DeviceFacts {
+            is_mig: false,
+            memory_bytes,
+            uuid: Some("GPU-aaa"),
+            index_in_claim: Some(0),
+        }
     }
 
     #[test]
     fn wrong_device_type_is_rejected() {
         let gpu = Config::Gpu(GpuConfig::default());
         let mig = Config::Mig(MigDeviceConfig::default());
-        let mig_facts = DeviceFacts { is_mig: true, ..gpu_facts(10 * GIB) };
+        let mig_facts = DeviceFacts {
+            is_mig: true,
+            ..gpu_facts(10 * GIB)
+        };
         let errs = validate_for_device(&gpu, &mig_facts).expect_err("rejected");
         assert_eq!(errs[0].path, "kind");
-        assert!(errs[0].message.contains("allowed kind for it: MigDeviceConfig"));
+        assert!(
+            errs[0]
+                .message
+                .contains("allowed kind for it: MigDeviceConfig")
+        );
         let errs = validate_for_device(&mig, &gpu_facts(10 * GIB)).expect_err("rejected");
         assert!(errs[0].message.contains("allowed kind for it: GpuConfig"));
         validate_for_device(&gpu, &gpu_facts(GIB)).expect("matching type");
@@ -676,10 +827,18 @@ mod tests {
     fn time_slicing_on_a_mig_device_is_rejected() {
         // Constructed directly: validate_opaque never produces it, prepare must still refuse.
         let c = Config::Mig(MigDeviceConfig {
-            sharing: Some(Sharing::TimeSlicing { interval: TimeSliceInterval::Long }),
+            sharing: Some(Sharing::TimeSlicing {
+                interval: TimeSliceInterval::Long,
+            }),
         });
-        let errs = validate_for_device(&c, &DeviceFacts { is_mig: true, ..gpu_facts(GIB) })
-            .expect_err("rejected");
+        let errs = validate_for_device(
+            &c,
+            &DeviceFacts {
+                is_mig: true,
+                ..gpu_facts(GIB)
+            },
+        )
+        .expect_err("rejected");
         assert_eq!(errs[0].path, "sharing.strategy");
         assert!(errs[0].message.ends_with("allowed: MPS"));
     }
@@ -704,7 +863,10 @@ mod tests {
                 "sharing.mpsConfig.defaultPerDevicePinnedMemoryLimit.GPU-aaa",
             ]
         );
-        assert!(errs[0].message.contains(&format!("exceeds the device's memory of {} bytes", 40 * GIB)));
+        assert!(errs[0].message.contains(&format!(
+            "exceeds the device's memory of {} bytes",
+            40 * GIB
+        )));
         validate_for_device(&c, &gpu_facts(100 * GIB)).expect("fits");
     }
 
@@ -730,9 +892,17 @@ mod tests {
                 "defaultPerDevicePinnedMemoryLimit": {"GPU-x": "2147483648"}
             }})
         );
-        assert_eq!(sharing_from_wire_json(&sharing.to_wire_json(), Kind::GpuConfig).as_ref(), Ok(sharing));
-        let ts = Sharing::TimeSlicing { interval: TimeSliceInterval::Medium };
-        assert_eq!(sharing_from_wire_json(&ts.to_wire_json(), Kind::GpuConfig), Ok(ts));
+        assert_eq!(
+            sharing_from_wire_json(&sharing.to_wire_json(), Kind::GpuConfig).as_ref(),
+            Ok(sharing)
+        );
+        let ts = Sharing::TimeSlicing {
+            interval: TimeSliceInterval::Medium,
+        };
+        assert_eq!(
+            sharing_from_wire_json(&ts.to_wire_json(), Kind::GpuConfig),
+            Ok(ts)
+        );
         assert_eq!(
             sharing_from_wire_json(&Sharing::Exclusive.to_wire_json(), Kind::GpuConfig),
             Ok(Sharing::Exclusive)
@@ -748,6 +918,9 @@ mod tests {
             TimeSliceInterval::Long,
         ];
         assert_eq!(all.map(TimeSliceInterval::as_index), [0, 1, 2, 3]);
-        assert_eq!(all.map(TimeSliceInterval::as_str), ["Default", "Short", "Medium", "Long"]);
+        assert_eq!(
+            all.map(TimeSliceInterval::as_str),
+            ["Default", "Short", "Medium", "Long"]
+        );
     }
 }
