@@ -4,6 +4,9 @@
 //! and prepares ResourceClaims (compute policy + CDI spec) when the kubelet asks.
 //! See `README.md` for the architecture picture; each module's docs say what it owns.
 
+pub mod cdi;
+pub mod checkpoint;
+pub mod config;
 pub mod devnodes;
 pub mod prepare;
 pub mod sharing;
