@@ -16,6 +16,8 @@
 #![allow(unsafe_code)]
 #![allow(non_snake_case)]
 
+#[cfg(test)]
+mod tests;
 mod unsupported;
 
 use std::collections::BTreeMap;
@@ -181,13 +183,19 @@ fn struct_version<T>(v: u32) -> u32 {
 // Library lifetime and system queries.
 
 fn init() -> nvmlReturn_t {
+    init_with(Machine::from_env)
+}
+
+/// Initialise with the machine `load` returns (the environment in production, explicit
+/// paths in this module's tests); reference counted like the real library.
+fn init_with(load: impl FnOnce() -> Result<Machine, crate::machine::MachineError>) -> nvmlReturn_t {
     guard(|| {
         let mut g = ctx();
         if let Some(c) = g.as_mut() {
             c.refcount += 1;
             return Ok(());
         }
-        let machine = Machine::from_env().map_err(|e| {
+        let machine = load().map_err(|e| {
             eprintln!("fake-nvml: nvmlInit: {e}");
             engine::DRIVER_NOT_LOADED
         })?;
@@ -206,25 +214,25 @@ fn init() -> nvmlReturn_t {
 
 /// `nvmlInit_v2`: load the topology named by `FAKE_NVML_TOPOLOGY` (reference counted).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlInit_v2() -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlInit_v2() -> nvmlReturn_t {
     init()
 }
 
 /// `nvmlInit` (v1 alias).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlInit() -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlInit() -> nvmlReturn_t {
     init()
 }
 
 /// `nvmlInitWithFlags`: flags are accepted and ignored.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> nvmlReturn_t {
     init()
 }
 
 /// `nvmlShutdown`: drop one init reference.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlShutdown() -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlShutdown() -> nvmlReturn_t {
     guard(|| {
         let mut g = ctx();
         let c = g.as_mut().ok_or(engine::UNINITIALIZED)?;
@@ -238,13 +246,13 @@ pub extern "C" fn nvmlShutdown() -> nvmlReturn_t {
 
 /// `nvmlErrorString`: static text for a return code (works without init).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlErrorString(result: nvmlReturn_t) -> *const c_char {
+pub unsafe extern "C" fn nvmlErrorString(result: nvmlReturn_t) -> *const c_char {
     engine::error_string(result).as_ptr()
 }
 
 /// `nvmlSystemGetDriverVersion`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> nvmlReturn_t {
     guard(|| {
         let v = run("nvmlSystemGetDriverVersion", None, |e| Ok(e.topo.driver_version.clone()))?;
         write_str(version, length, &v)
@@ -253,7 +261,7 @@ pub extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uin
 
 /// `nvmlSystemGetNVMLVersion`: `12.<driver version>`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlSystemGetNVMLVersion(version: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlSystemGetNVMLVersion(version: *mut c_char, length: c_uint) -> nvmlReturn_t {
     guard(|| {
         let v = run("nvmlSystemGetNVMLVersion", None, |e| {
             Ok(format!("{}.{}", e.topo.cuda_driver_version / 1000, e.topo.driver_version))
@@ -272,13 +280,13 @@ fn cuda_version(function: &str, v: *mut c_int) -> nvmlReturn_t {
 
 /// `nvmlSystemGetCudaDriverVersion`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion(v: *mut c_int) -> nvmlReturn_t {
     cuda_version("nvmlSystemGetCudaDriverVersion", v)
 }
 
 /// `nvmlSystemGetCudaDriverVersion_v2`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlSystemGetCudaDriverVersion_v2(v: *mut c_int) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion_v2(v: *mut c_int) -> nvmlReturn_t {
     cuda_version("nvmlSystemGetCudaDriverVersion_v2", v)
 }
 
@@ -295,13 +303,13 @@ fn count(function: &str, c: *mut c_uint) -> nvmlReturn_t {
 
 /// `nvmlDeviceGetCount_v2`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetCount_v2(c: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetCount_v2(c: *mut c_uint) -> nvmlReturn_t {
     count("nvmlDeviceGetCount_v2", c)
 }
 
 /// `nvmlDeviceGetCount` (v1).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetCount(c: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetCount(c: *mut c_uint) -> nvmlReturn_t {
     count("nvmlDeviceGetCount", c)
 }
 
@@ -316,19 +324,19 @@ fn by_index(function: &str, index: c_uint, device: *mut nvmlDevice_t) -> nvmlRet
 
 /// `nvmlDeviceGetHandleByIndex_v2`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut nvmlDevice_t) -> nvmlReturn_t {
     by_index("nvmlDeviceGetHandleByIndex_v2", index, device)
 }
 
 /// `nvmlDeviceGetHandleByIndex` (v1).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut nvmlDevice_t) -> nvmlReturn_t {
     by_index("nvmlDeviceGetHandleByIndex", index, device)
 }
 
 /// `nvmlDeviceGetHandleByUUID`: GPU UUIDs give full handles, MIG UUIDs MIG handles.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: *mut nvmlDevice_t) -> nvmlReturn_t {
     guard(|| {
         let want = c_str(uuid)?.to_string();
         let o = out(device)?;
@@ -369,13 +377,13 @@ fn by_bus_id(function: &str, bus: *const c_char, device: *mut nvmlDevice_t) -> n
 
 /// `nvmlDeviceGetHandleByPciBusId_v2` (`DDDDDDDD:BB:DD.F` or `DDDD:BB:DD.F`).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetHandleByPciBusId_v2(bus: *const c_char, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId_v2(bus: *const c_char, device: *mut nvmlDevice_t) -> nvmlReturn_t {
     by_bus_id("nvmlDeviceGetHandleByPciBusId_v2", bus, device)
 }
 
 /// `nvmlDeviceGetHandleByPciBusId` (v1).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetHandleByPciBusId(bus: *const c_char, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId(bus: *const c_char, device: *mut nvmlDevice_t) -> nvmlReturn_t {
     by_bus_id("nvmlDeviceGetHandleByPciBusId", bus, device)
 }
 
@@ -384,7 +392,7 @@ pub extern "C" fn nvmlDeviceGetHandleByPciBusId(bus: *const c_char, device: *mut
 
 /// `nvmlDeviceGetName`: product name, or `<product> MIG <profile>` for MIG handles.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetName(device: nvmlDevice_t, name: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetName(device: nvmlDevice_t, name: *mut c_char, length: c_uint) -> nvmlReturn_t {
     guard(|| {
         let d = dev(device)?;
         let n = run("nvmlDeviceGetName", Some(d.gpu()), |e| match d {
@@ -397,7 +405,7 @@ pub extern "C" fn nvmlDeviceGetName(device: nvmlDevice_t, name: *mut c_char, len
 
 /// `nvmlDeviceGetUUID`: `GPU-...` or `MIG-...`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetUUID(device: nvmlDevice_t, uuid: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetUUID(device: nvmlDevice_t, uuid: *mut c_char, length: c_uint) -> nvmlReturn_t {
     guard(|| {
         let d = dev(device)?;
         let u = run("nvmlDeviceGetUUID", Some(d.gpu()), |e| match d {
@@ -427,19 +435,19 @@ fn device_u32(
 
 /// `nvmlDeviceGetBrand`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetBrand(device: nvmlDevice_t, brand: *mut nvmlBrandType_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetBrand(device: nvmlDevice_t, brand: *mut nvmlBrandType_t) -> nvmlReturn_t {
     device_u32("nvmlDeviceGetBrand", device, brand, |e, d| Ok(e.spec(d.gpu())?.model.brand))
 }
 
 /// `nvmlDeviceGetIndex` (MIG handles answer their parent's index).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetIndex(device: nvmlDevice_t, index: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetIndex(device: nvmlDevice_t, index: *mut c_uint) -> nvmlReturn_t {
     device_u32("nvmlDeviceGetIndex", device, index, |_, d| Ok(d.gpu()))
 }
 
 /// `nvmlDeviceGetMinorNumber` (full GPUs only).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetMinorNumber(device: nvmlDevice_t, minor: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMinorNumber(device: nvmlDevice_t, minor: *mut c_uint) -> nvmlReturn_t {
     device_u32("nvmlDeviceGetMinorNumber", device, minor, |e, d| match d {
         Dev::Full(g) => Ok(e.spec(g)?.minor),
         Dev::Mig(..) => Err(engine::NOT_SUPPORTED),
@@ -448,7 +456,7 @@ pub extern "C" fn nvmlDeviceGetMinorNumber(device: nvmlDevice_t, minor: *mut c_u
 
 /// `nvmlDeviceGetArchitecture`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetArchitecture(device: nvmlDevice_t, arch: *mut nvmlDeviceArchitecture_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetArchitecture(device: nvmlDevice_t, arch: *mut nvmlDeviceArchitecture_t) -> nvmlReturn_t {
     device_u32("nvmlDeviceGetArchitecture", device, arch, |e, d| {
         Ok(e.spec(d.gpu())?.model.architecture)
     })
@@ -456,7 +464,7 @@ pub extern "C" fn nvmlDeviceGetArchitecture(device: nvmlDevice_t, arch: *mut nvm
 
 /// `nvmlDeviceGetCudaComputeCapability`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetCudaComputeCapability(
+pub unsafe extern "C" fn nvmlDeviceGetCudaComputeCapability(
     device: nvmlDevice_t,
     major: *mut c_int,
     minor: *mut c_int,
@@ -476,7 +484,7 @@ pub extern "C" fn nvmlDeviceGetCudaComputeCapability(
 
 /// `nvmlDeviceGetPciInfo_v3` (MIG handles answer their parent's).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetPciInfo_v3(device: nvmlDevice_t, pci: *mut nvmlPciInfo_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(device: nvmlDevice_t, pci: *mut nvmlPciInfo_t) -> nvmlReturn_t {
     guard(|| {
         let d = dev(device)?;
         let o = out(pci)?;
@@ -508,7 +516,7 @@ fn memory_of(e: &Engine<'_>, d: Dev) -> Result<u64, Code> {
 
 /// `nvmlDeviceGetMemoryInfo` (v1): total, all free.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetMemoryInfo(device: nvmlDevice_t, memory: *mut nvmlMemory_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: nvmlDevice_t, memory: *mut nvmlMemory_t) -> nvmlReturn_t {
     guard(|| {
         let d = dev(device)?;
         let o = out(memory)?;
@@ -521,7 +529,7 @@ pub extern "C" fn nvmlDeviceGetMemoryInfo(device: nvmlDevice_t, memory: *mut nvm
 /// `nvmlDeviceGetMemoryInfo_v2`: requires `version == nvmlMemory_v2`
 /// (`sizeof | 2 << 24`), else `ARGUMENT_VERSION_MISMATCH`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: nvmlDevice_t, memory: *mut nvmlMemory_v2_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: nvmlDevice_t, memory: *mut nvmlMemory_v2_t) -> nvmlReturn_t {
     guard(|| {
         let d = dev(device)?;
         let o = out(memory)?;
@@ -542,7 +550,7 @@ pub extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: nvmlDevice_t, memory: *mut 
 
 /// `nvmlDeviceGetComputeMode` (MIG handles answer their parent's).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetComputeMode(device: nvmlDevice_t, mode: *mut nvmlComputeMode_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetComputeMode(device: nvmlDevice_t, mode: *mut nvmlComputeMode_t) -> nvmlReturn_t {
     device_u32("nvmlDeviceGetComputeMode", device, mode, |e, d| {
         Ok(e.gpu(d.gpu())?.compute_mode.nvml())
     })
@@ -550,7 +558,7 @@ pub extern "C" fn nvmlDeviceGetComputeMode(device: nvmlDevice_t, mode: *mut nvml
 
 /// `nvmlDeviceSetComputeMode`: 0 DEFAULT, 2 PROHIBITED, 3 EXCLUSIVE_PROCESS.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceSetComputeMode(device: nvmlDevice_t, mode: nvmlComputeMode_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceSetComputeMode(device: nvmlDevice_t, mode: nvmlComputeMode_t) -> nvmlReturn_t {
     guard(|| {
         let g = full(device)?;
         run("nvmlDeviceSetComputeMode", Some(g), |e| e.set_compute_mode(g, mode))
@@ -559,7 +567,7 @@ pub extern "C" fn nvmlDeviceSetComputeMode(device: nvmlDevice_t, mode: nvmlCompu
 
 /// `nvmlDeviceGetMigMode`: current and pending.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetMigMode(device: nvmlDevice_t, current: *mut c_uint, pending: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(device: nvmlDevice_t, current: *mut c_uint, pending: *mut c_uint) -> nvmlReturn_t {
     guard(|| {
         let g = full(device)?;
         let (c, p) = (out(current)?, out(pending)?);
@@ -578,7 +586,7 @@ pub extern "C" fn nvmlDeviceGetMigMode(device: nvmlDevice_t, current: *mut c_uin
 
 /// `nvmlDeviceSetMigMode`: applies at once; activation status `SUCCESS`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceSetMigMode(device: nvmlDevice_t, mode: c_uint, status: *mut nvmlReturn_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceSetMigMode(device: nvmlDevice_t, mode: c_uint, status: *mut nvmlReturn_t) -> nvmlReturn_t {
     guard(|| {
         let g = full(device)?;
         let s = out(status)?;
@@ -601,7 +609,7 @@ fn gi_profile(
 
 /// `nvmlDeviceGetGpuInstanceProfileInfo`: by NVML profile index (`NVML_GPU_INSTANCE_PROFILE_*`).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetGpuInstanceProfileInfo(
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceProfileInfo(
     device: nvmlDevice_t,
     profile: c_uint,
     info: *mut nvmlGpuInstanceProfileInfo_t,
@@ -629,7 +637,7 @@ pub extern "C" fn nvmlDeviceGetGpuInstanceProfileInfo(
 /// `nvmlDeviceGetGpuInstanceProfileInfoV`: `info->version` must be
 /// `nvmlGpuInstanceProfileInfo_v2` or `_v3`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetGpuInstanceProfileInfoV(
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceProfileInfoV(
     device: nvmlDevice_t,
     profile: c_uint,
     info: *mut nvmlGpuInstanceProfileInfo_v2_t,
@@ -710,7 +718,7 @@ fn write_list<T: Copy>(arr: *mut T, count: *mut c_uint, items: &[T]) -> Result<(
 /// memory slices). nvml-wrapper 0.13's `possible_placements()` does not return these, so
 /// callers use this symbol directly.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetGpuInstancePossiblePlacements_v2(
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstancePossiblePlacements_v2(
     device: nvmlDevice_t,
     profile_id: c_uint,
     placements: *mut nvmlGpuInstancePlacement_t,
@@ -731,7 +739,7 @@ pub extern "C" fn nvmlDeviceGetGpuInstancePossiblePlacements_v2(
 
 /// `nvmlDeviceGetGpuInstanceRemainingCapacity`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetGpuInstanceRemainingCapacity(
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceRemainingCapacity(
     device: nvmlDevice_t,
     profile_id: c_uint,
     count: *mut c_uint,
@@ -770,7 +778,7 @@ fn create_gi(
 
 /// `nvmlDeviceCreateGpuInstance`: lowest free documented placement.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceCreateGpuInstance(
+pub unsafe extern "C" fn nvmlDeviceCreateGpuInstance(
     device: nvmlDevice_t,
     profile_id: c_uint,
     gpu_instance: *mut nvmlGpuInstance_t,
@@ -780,7 +788,7 @@ pub extern "C" fn nvmlDeviceCreateGpuInstance(
 
 /// `nvmlDeviceCreateGpuInstanceWithPlacement`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceCreateGpuInstanceWithPlacement(
+pub unsafe extern "C" fn nvmlDeviceCreateGpuInstanceWithPlacement(
     device: nvmlDevice_t,
     profile_id: c_uint,
     placement: *const nvmlGpuInstancePlacement_t,
@@ -795,7 +803,7 @@ pub extern "C" fn nvmlDeviceCreateGpuInstanceWithPlacement(
 
 /// `nvmlGpuInstanceDestroy`: `IN_USE` while compute instances exist.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlGpuInstanceDestroy(gpu_instance: nvmlGpuInstance_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlGpuInstanceDestroy(gpu_instance: nvmlGpuInstance_t) -> nvmlReturn_t {
     guard(|| {
         let (g, gi) = gi_handle(gpu_instance)?;
         run("nvmlGpuInstanceDestroy", Some(g), |e| e.destroy_gpu_instance(g, gi))
@@ -804,7 +812,7 @@ pub extern "C" fn nvmlGpuInstanceDestroy(gpu_instance: nvmlGpuInstance_t) -> nvm
 
 /// `nvmlDeviceGetGpuInstances`: instances of one profile (array sized by its instance count).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetGpuInstances(
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstances(
     device: nvmlDevice_t,
     profile_id: c_uint,
     gpu_instances: *mut nvmlGpuInstance_t,
@@ -821,7 +829,7 @@ pub extern "C" fn nvmlDeviceGetGpuInstances(
 
 /// `nvmlDeviceGetGpuInstanceById`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetGpuInstanceById(
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceById(
     device: nvmlDevice_t,
     id: c_uint,
     gpu_instance: *mut nvmlGpuInstance_t,
@@ -837,7 +845,7 @@ pub extern "C" fn nvmlDeviceGetGpuInstanceById(
 
 /// `nvmlGpuInstanceGetInfo`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlGpuInstanceGetInfo(gpu_instance: nvmlGpuInstance_t, info: *mut nvmlGpuInstanceInfo_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlGpuInstanceGetInfo(gpu_instance: nvmlGpuInstance_t, info: *mut nvmlGpuInstanceInfo_t) -> nvmlReturn_t {
     guard(|| {
         let (g, gi) = gi_handle(gpu_instance)?;
         let o = out(info)?;
@@ -880,7 +888,7 @@ fn ci_profile(
 
 /// `nvmlGpuInstanceGetComputeInstanceProfileInfo` (engine profile must be SHARED).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlGpuInstanceGetComputeInstanceProfileInfo(
+pub unsafe extern "C" fn nvmlGpuInstanceGetComputeInstanceProfileInfo(
     gpu_instance: nvmlGpuInstance_t,
     profile: c_uint,
     eng_profile: c_uint,
@@ -906,7 +914,7 @@ pub extern "C" fn nvmlGpuInstanceGetComputeInstanceProfileInfo(
 
 /// `nvmlGpuInstanceGetComputeInstanceProfileInfoV` (`_v2` or `_v3` by `info->version`).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlGpuInstanceGetComputeInstanceProfileInfoV(
+pub unsafe extern "C" fn nvmlGpuInstanceGetComputeInstanceProfileInfoV(
     gpu_instance: nvmlGpuInstance_t,
     profile: c_uint,
     eng_profile: c_uint,
@@ -941,7 +949,7 @@ pub extern "C" fn nvmlGpuInstanceGetComputeInstanceProfileInfoV(
 
 /// `nvmlGpuInstanceGetComputeInstanceRemainingCapacity`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlGpuInstanceGetComputeInstanceRemainingCapacity(
+pub unsafe extern "C" fn nvmlGpuInstanceGetComputeInstanceRemainingCapacity(
     gpu_instance: nvmlGpuInstance_t,
     profile_id: c_uint,
     count: *mut c_uint,
@@ -958,7 +966,7 @@ pub extern "C" fn nvmlGpuInstanceGetComputeInstanceRemainingCapacity(
 
 /// `nvmlGpuInstanceGetComputeInstancePossiblePlacements` (compute slices).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlGpuInstanceGetComputeInstancePossiblePlacements(
+pub unsafe extern "C" fn nvmlGpuInstanceGetComputeInstancePossiblePlacements(
     gpu_instance: nvmlGpuInstance_t,
     profile_id: c_uint,
     placements: *mut nvmlComputeInstancePlacement_t,
@@ -1001,7 +1009,7 @@ fn create_ci(
 
 /// `nvmlGpuInstanceCreateComputeInstance`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlGpuInstanceCreateComputeInstance(
+pub unsafe extern "C" fn nvmlGpuInstanceCreateComputeInstance(
     gpu_instance: nvmlGpuInstance_t,
     profile_id: c_uint,
     compute_instance: *mut nvmlComputeInstance_t,
@@ -1011,7 +1019,7 @@ pub extern "C" fn nvmlGpuInstanceCreateComputeInstance(
 
 /// `nvmlGpuInstanceCreateComputeInstanceWithPlacement`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlGpuInstanceCreateComputeInstanceWithPlacement(
+pub unsafe extern "C" fn nvmlGpuInstanceCreateComputeInstanceWithPlacement(
     gpu_instance: nvmlGpuInstance_t,
     profile_id: c_uint,
     placement: *const nvmlComputeInstancePlacement_t,
@@ -1032,7 +1040,7 @@ pub extern "C" fn nvmlGpuInstanceCreateComputeInstanceWithPlacement(
 
 /// `nvmlComputeInstanceDestroy`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlComputeInstanceDestroy(compute_instance: nvmlComputeInstance_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlComputeInstanceDestroy(compute_instance: nvmlComputeInstance_t) -> nvmlReturn_t {
     guard(|| {
         let (g, gi, ci) = ci_handle(compute_instance)?;
         run("nvmlComputeInstanceDestroy", Some(g), |e| e.destroy_compute_instance(g, gi, ci))
@@ -1041,7 +1049,7 @@ pub extern "C" fn nvmlComputeInstanceDestroy(compute_instance: nvmlComputeInstan
 
 /// `nvmlGpuInstanceGetComputeInstances`: instances of one CI profile.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlGpuInstanceGetComputeInstances(
+pub unsafe extern "C" fn nvmlGpuInstanceGetComputeInstances(
     gpu_instance: nvmlGpuInstance_t,
     profile_id: c_uint,
     compute_instances: *mut nvmlComputeInstance_t,
@@ -1068,7 +1076,7 @@ pub extern "C" fn nvmlGpuInstanceGetComputeInstances(
 
 /// `nvmlGpuInstanceGetComputeInstanceById`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlGpuInstanceGetComputeInstanceById(
+pub unsafe extern "C" fn nvmlGpuInstanceGetComputeInstanceById(
     gpu_instance: nvmlGpuInstance_t,
     id: c_uint,
     compute_instance: *mut nvmlComputeInstance_t,
@@ -1086,7 +1094,7 @@ pub extern "C" fn nvmlGpuInstanceGetComputeInstanceById(
 
 /// `nvmlComputeInstanceGetInfo_v2`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlComputeInstanceGetInfo_v2(
+pub unsafe extern "C" fn nvmlComputeInstanceGetInfo_v2(
     compute_instance: nvmlComputeInstance_t,
     info: *mut nvmlComputeInstanceInfo_t,
 ) -> nvmlReturn_t {
@@ -1115,7 +1123,7 @@ pub extern "C" fn nvmlComputeInstanceGetInfo_v2(
 
 /// `nvmlDeviceIsMigDeviceHandle`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceIsMigDeviceHandle(device: nvmlDevice_t, is_mig: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(device: nvmlDevice_t, is_mig: *mut c_uint) -> nvmlReturn_t {
     device_u32("nvmlDeviceIsMigDeviceHandle", device, is_mig, |_, d| {
         Ok(u32::from(matches!(d, Dev::Mig(..))))
     })
@@ -1123,7 +1131,7 @@ pub extern "C" fn nvmlDeviceIsMigDeviceHandle(device: nvmlDevice_t, is_mig: *mut
 
 /// `nvmlDeviceGetGpuInstanceId` (MIG handles only).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetGpuInstanceId(device: nvmlDevice_t, id: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(device: nvmlDevice_t, id: *mut c_uint) -> nvmlReturn_t {
     device_u32("nvmlDeviceGetGpuInstanceId", device, id, |_, d| match d {
         Dev::Mig(_, gi, _) => Ok(gi),
         Dev::Full(_) => Err(engine::NOT_SUPPORTED),
@@ -1132,7 +1140,7 @@ pub extern "C" fn nvmlDeviceGetGpuInstanceId(device: nvmlDevice_t, id: *mut c_ui
 
 /// `nvmlDeviceGetComputeInstanceId` (MIG handles only).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetComputeInstanceId(device: nvmlDevice_t, id: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetComputeInstanceId(device: nvmlDevice_t, id: *mut c_uint) -> nvmlReturn_t {
     device_u32("nvmlDeviceGetComputeInstanceId", device, id, |_, d| match d {
         Dev::Mig(_, _, ci) => Ok(ci),
         Dev::Full(_) => Err(engine::NOT_SUPPORTED),
@@ -1141,7 +1149,7 @@ pub extern "C" fn nvmlDeviceGetComputeInstanceId(device: nvmlDevice_t, id: *mut 
 
 /// `nvmlDeviceGetMaxMigDeviceCount`: 7 on MIG-capable GPUs.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetMaxMigDeviceCount(device: nvmlDevice_t, count: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(device: nvmlDevice_t, count: *mut c_uint) -> nvmlReturn_t {
     device_u32("nvmlDeviceGetMaxMigDeviceCount", device, count, |e, d| match d {
         Dev::Full(g) if e.spec(g)?.model.mig_capable() => Ok(7),
         _ => Err(engine::NOT_SUPPORTED),
@@ -1150,7 +1158,7 @@ pub extern "C" fn nvmlDeviceGetMaxMigDeviceCount(device: nvmlDevice_t, count: *m
 
 /// `nvmlDeviceGetMigDeviceHandleByIndex`: MIG devices ordered by (GI id, CI id).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
     device: nvmlDevice_t,
     index: c_uint,
     mig: *mut nvmlDevice_t,
@@ -1174,7 +1182,7 @@ pub extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
 
 /// `nvmlDeviceGetDeviceHandleFromMigDeviceHandle`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
     mig: nvmlDevice_t,
     device: *mut nvmlDevice_t,
 ) -> nvmlReturn_t {
@@ -1195,7 +1203,7 @@ pub extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
 
 /// `nvmlDeviceGetSupportedEventTypes`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceGetSupportedEventTypes(device: nvmlDevice_t, types: *mut c_ulonglong) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(device: nvmlDevice_t, types: *mut c_ulonglong) -> nvmlReturn_t {
     guard(|| {
         let g = full(device)?;
         let o = out(types)?;
@@ -1209,7 +1217,7 @@ pub extern "C" fn nvmlDeviceGetSupportedEventTypes(device: nvmlDevice_t, types: 
 
 /// `nvmlEventSetCreate`: only XIDs injected after creation are delivered.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlEventSetCreate(set: *mut nvmlEventSet_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlEventSetCreate(set: *mut nvmlEventSet_t) -> nvmlReturn_t {
     guard(|| {
         let o = out(set)?;
         let cursor = run("nvmlEventSetCreate", None, |e| {
@@ -1234,7 +1242,7 @@ fn set_id(set: nvmlEventSet_t) -> Result<u32, Code> {
 
 /// `nvmlDeviceRegisterEvents`: types must be a subset of the supported ones.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlDeviceRegisterEvents(device: nvmlDevice_t, types: c_ulonglong, set: nvmlEventSet_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceRegisterEvents(device: nvmlDevice_t, types: c_ulonglong, set: nvmlEventSet_t) -> nvmlReturn_t {
     guard(|| {
         let g = full(device)?;
         let id = set_id(set)?;
@@ -1292,19 +1300,19 @@ fn wait(function: &str, set: nvmlEventSet_t, data: *mut nvmlEventData_t, timeout
 
 /// `nvmlEventSetWait_v2`: next XID on a registered GPU, or `TIMEOUT`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlEventSetWait_v2(set: nvmlEventSet_t, data: *mut nvmlEventData_t, timeout_ms: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlEventSetWait_v2(set: nvmlEventSet_t, data: *mut nvmlEventData_t, timeout_ms: c_uint) -> nvmlReturn_t {
     wait("nvmlEventSetWait_v2", set, data, timeout_ms)
 }
 
 /// `nvmlEventSetWait` (v1).
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlEventSetWait(set: nvmlEventSet_t, data: *mut nvmlEventData_t, timeout_ms: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlEventSetWait(set: nvmlEventSet_t, data: *mut nvmlEventData_t, timeout_ms: c_uint) -> nvmlReturn_t {
     wait("nvmlEventSetWait", set, data, timeout_ms)
 }
 
 /// `nvmlEventSetFree`.
 #[unsafe(no_mangle)]
-pub extern "C" fn nvmlEventSetFree(set: nvmlEventSet_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlEventSetFree(set: nvmlEventSet_t) -> nvmlReturn_t {
     guard(|| {
         let id = set_id(set)?;
         let mut g = ctx();
