@@ -37,6 +37,25 @@ pub enum ControlError {
     Store(#[from] StoreError),
 }
 
+/// File name of the fake library Cargo builds (`cdylib` of this crate).
+pub const CDYLIB_NAME: &str = "libnvidia_ml.so";
+
+/// Find the fake library for the running test: the newest `libnvidia_ml.so` in the
+/// directory of the current executable (`target/<profile>/deps/`, where Cargo builds it
+/// whenever a crate depending on `fake-nvml` is tested) or its parent (`target/<profile>/`,
+/// where `cargo build` copies it). `None` if neither exists.
+pub fn find_cdylib() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(CDYLIB_NAME))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+}
+
 /// The default state file of topology file `topology` (`<topology>.state.json`).
 pub fn state_path(topology: &Path) -> PathBuf {
     crate::topology::default_state_path(topology)

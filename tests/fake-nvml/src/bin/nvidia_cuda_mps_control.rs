@@ -78,7 +78,9 @@ fn start_background(store: &nvidia_ml::store::StateStore, env: &MpsEnv) -> i32 {
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if mps::is_running(store, &env.pipe_dir, pid) {
+        if mps::is_running(store, &env.pipe_dir, pid)
+            && std::path::Path::new(&env.pipe_dir).join("control").exists()
+        {
             return 0;
         }
         std::thread::sleep(Duration::from_millis(10));
