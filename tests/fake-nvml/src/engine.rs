@@ -14,7 +14,9 @@
 //! - Destroying a GPU instance that still has compute instances is `IN_USE`; disabling MIG
 //!   while GPU instances exist is `IN_USE`.
 //! - GPU instance ids are the smallest free id from 1, compute instance ids from 0.
-//! - MIG mode changes apply at once (current = pending), as on an idle GPU.
+//! - MIG mode changes apply at once (current = pending), as on an idle GPU; with
+//!   `migModeRequiresReset` in the topology they stay pending (activation status
+//!   `RESET_REQUIRED`) until [`Engine::reset_gpu`] (`nvidia-smi -r`).
 
 use std::collections::BTreeMap;
 
@@ -46,6 +48,8 @@ pub const INSUFFICIENT_SIZE: Code = sys::nvmlReturn_enum_NVML_ERROR_INSUFFICIENT
 pub const DRIVER_NOT_LOADED: Code = sys::nvmlReturn_enum_NVML_ERROR_DRIVER_NOT_LOADED;
 /// `NVML_ERROR_TIMEOUT`.
 pub const TIMEOUT: Code = sys::nvmlReturn_enum_NVML_ERROR_TIMEOUT;
+/// `NVML_ERROR_RESET_REQUIRED`.
+pub const RESET_REQUIRED: Code = sys::nvmlReturn_enum_NVML_ERROR_RESET_REQUIRED;
 /// `NVML_ERROR_IN_USE`.
 pub const IN_USE: Code = sys::nvmlReturn_enum_NVML_ERROR_IN_USE;
 /// `NVML_ERROR_INSUFFICIENT_RESOURCES`.
@@ -223,11 +227,14 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Set MIG mode (0/1); returns the activation status (always `SUCCESS`).
+    /// Set MIG mode (0/1); returns the activation status (`SUCCESS`, or `RESET_REQUIRED`
+    /// when the topology says the change waits for a GPU reset).
     pub fn set_mig_mode(&mut self, gpu: u32, mode: u32) -> Result<Code, Code> {
-        if !self.spec(gpu)?.model.mig_capable() {
+        let spec = self.spec(gpu)?;
+        if !spec.model.mig_capable() {
             return Err(NOT_SUPPORTED);
         }
+        let needs_reset = spec.mig_mode_requires_reset;
         let enable = match mode {
             sys::NVML_DEVICE_MIG_DISABLE => false,
             sys::NVML_DEVICE_MIG_ENABLE => true,
@@ -238,8 +245,21 @@ impl Engine<'_> {
             return Err(IN_USE);
         }
         g.mig_pending = enable;
+        if needs_reset && g.mig_current != enable {
+            return Ok(RESET_REQUIRED);
+        }
         g.mig_current = enable;
         Ok(SUCCESS)
+    }
+
+    /// Reset the GPU: pending MIG mode becomes current; `IN_USE` while GPU instances exist.
+    pub fn reset_gpu(&mut self, gpu: u32) -> Result<(), Code> {
+        let g = self.gpu_mut(gpu)?;
+        if !g.gpu_instances.is_empty() {
+            return Err(IN_USE);
+        }
+        g.mig_current = g.mig_pending;
+        Ok(())
     }
 
     fn mig_profile(&self, gpu: u32, profile_id: u32) -> Result<&'static GiProfile, Code> {
@@ -632,6 +652,17 @@ mod tests {
             assert_eq!(e.create_gpu_instance(1, 19, None), Err(NOT_SUPPORTED));
             assert_eq!(e.set_mig_mode(1, 1), Ok(SUCCESS));
             assert_eq!(e.create_gpu_instance(1, 19, None), Ok(1));
+        });
+        let t = Topology::parse("gpus: [{model: H200, migModeRequiresReset: true}]", Path::new("t")).unwrap();
+        let mut s = initial_state(&t).unwrap();
+        with(&t, &mut s, |e| {
+            assert_eq!(e.set_mig_mode(0, 1), Ok(RESET_REQUIRED));
+            let g = e.gpu(0).unwrap();
+            assert_eq!((g.mig_current, g.mig_pending), (false, true));
+            assert_eq!(e.create_gpu_instance(0, 0, None), Err(NOT_SUPPORTED));
+            e.reset_gpu(0).unwrap();
+            assert_eq!(e.create_gpu_instance(0, 0, None), Ok(1));
+            assert_eq!(e.reset_gpu(0), Err(IN_USE));
         });
         let t = Topology::parse("gpus: [{model: L40S}]", Path::new("t")).unwrap();
         let mut s = initial_state(&t).unwrap();

@@ -115,17 +115,18 @@ fn take_value(args: &[String], i: &mut usize, io: &mut Io<'_>) -> Result<String,
     args.get(*i).cloned().ok_or_else(|| io.fail(2, HINT))
 }
 
-fn apply(machine: &Machine, f: impl FnOnce(&mut Engine<'_>) -> Result<(), Code>) -> Result<(), Code> {
+fn apply<R>(machine: &Machine, f: impl FnOnce(&mut Engine<'_>) -> Result<R, Code>) -> Result<R, Code> {
     machine.with(f).unwrap_or(Err(engine::UNKNOWN))
 }
 
 fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
-    let (mut list, mut query, mut id, mut mode, mut mig_mode) = (false, false, None, None, None);
+    let (mut list, mut query, mut reset, mut id, mut mode, mut mig_mode) = (false, false, false, None, None, None);
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
             "-L" | "--list-gpus" => list = true,
             "-q" | "--query" => query = true,
+            "-r" | "--gpu-reset" => reset = true,
             "-i" | "--id" => match take_value(args, &mut i, io) {
                 Ok(v) => id = Some(v),
                 Err(c) => return c,
@@ -167,6 +168,20 @@ fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
         let _ = writeln!(io.out, "All done.");
         return 0;
     }
+    if reset {
+        if id.is_none() {
+            return io.fail(2, "GPU reset requires -i");
+        }
+        for g in &gpus {
+            let bus = &machine.topo.gpus[*g as usize].pci_bus_id;
+            if let Err(c) = apply(machine, |e| e.reset_gpu(*g)) {
+                return io.fail(exit_code(c), &format!("Unable to reset GPU {bus}: {}", err_text(c)));
+            }
+            let _ = writeln!(io.out, "GPU {bus} was successfully reset.");
+        }
+        let _ = writeln!(io.out, "All done.");
+        return 0;
+    }
     if let Some(m) = mig_mode {
         let value = match m.as_str() {
             "0" | "DISABLED" => 0,
@@ -177,12 +192,19 @@ fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
             let bus = &machine.topo.gpus[*g as usize].pci_bus_id;
             let r = apply(machine, |e| {
                 e.fault("nvmlDeviceSetMigMode", Some(*g))?;
-                e.set_mig_mode(*g, value).map(|_| ())
+                e.set_mig_mode(*g, value)
             });
-            if let Err(c) = r {
-                return io.fail(exit_code(c), &format!("Unable to {} MIG Mode for GPU {bus}: {}", if value == 1 { "enable" } else { "disable" }, err_text(c)));
+            let word = if value == 1 { "enable" } else { "disable" };
+            match r {
+                Err(c) => {
+                    return io.fail(exit_code(c), &format!("Unable to {word} MIG Mode for GPU {bus}: {}", err_text(c)));
+                }
+                Ok(engine::SUCCESS) => {}
+                Ok(status) => {
+                    let _ = writeln!(io.out, "Warning: MIG mode is in pending {word} state for GPU {bus}:{}", err_text(status));
+                }
             }
-            let _ = writeln!(io.out, "{} MIG Mode for GPU {bus}", if value == 1 { "Enabled" } else { "Disabled" });
+            let _ = writeln!(io.out, "{}d MIG Mode for GPU {bus}", if value == 1 { "Enable" } else { "Disable" });
         }
         let _ = writeln!(io.out, "All done.");
         return 0;

@@ -88,6 +88,7 @@ struct GpuEntry {
     minor: Option<u32>,
     pci_bus_id: Option<String>,
     mig_mode: Option<bool>,
+    mig_mode_requires_reset: Option<bool>,
     compute_mode: Option<ComputeMode>,
     #[serde(default)]
     gpu_instances: Vec<StaticGpuInstance>,
@@ -119,6 +120,9 @@ pub struct GpuSpec {
     pub pci_bus_id: String,
     /// MIG mode at power-on.
     pub mig_mode: bool,
+    /// MIG mode changes stay pending until a GPU reset (`nvidia-smi -r`), as on a GPU the
+    /// driver cannot reset on its own; by default they apply at once.
+    pub mig_mode_requires_reset: bool,
     /// Compute mode at power-on.
     pub compute_mode: ComputeMode,
     /// Instances that exist at power-on (static MIG).
@@ -240,6 +244,7 @@ impl Topology {
                 minor: entry.minor.unwrap_or(index),
                 pci_bus_id,
                 mig_mode,
+                mig_mode_requires_reset: entry.mig_mode_requires_reset.unwrap_or(false),
                 compute_mode: entry.compute_mode.unwrap_or_default(),
                 gpu_instances: entry.gpu_instances.clone(),
             });

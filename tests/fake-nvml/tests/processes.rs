@@ -88,6 +88,8 @@ fn nvml_wrapper_reads_back_every_model_preset() {
             let names: Vec<&str> = devs.iter().map(|d| d["name"].as_str().unwrap()).collect();
             assert!(names.contains(&format!("{} MIG {}", model.name, three_g.name).as_str()), "{names:?}");
             assert!(devs.iter().all(|d| d["parentUuid"] == g["uuid"] && d["isMig"] == true));
+            // nvml-wrapper 0.13 drops what the placements symbol returns (README).
+            assert_eq!(g["wrapperPossiblePlacements3g"], 0, "{}", model.key);
         } else {
             assert_eq!(g["migCurrent"], Value::Null, "{}", model.key);
         }
@@ -142,6 +144,8 @@ fn nvidia_smi_and_the_library_agree_on_state() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = m.smi(&["-i", "2", "-mig", "1"]);
     assert!(stdout(&o).contains("Enabled MIG Mode for GPU 00000000:3A:00.0"), "{}", stdout(&o));
+    let o = m.smi(&["-i", "2", "-r"]);
+    assert!(stdout(&o).contains("GPU 00000000:3A:00.0 was successfully reset."), "{}", stdout(&o));
     let after = m.probe();
     assert_eq!(after["gpus"][1]["computeMode"], "ExclusiveProcess");
     assert_eq!(after["gpus"][2]["migCurrent"], 1);

@@ -47,7 +47,7 @@ fn probe(lib: &OsStr) -> Result<Value, nvml_wrapper::error::NvmlError> {
         let cc = d.cuda_compute_capability()?;
         let mem = d.memory_info()?;
         let pci = d.pci_info()?;
-        let (mig_current, mig_pending, mig_devices) = match d.mig_mode() {
+        let (mig_current, mig_pending, mig_devices, wrapper_placements) = match d.mig_mode() {
             Ok(m) => {
                 let mut devs = Vec::new();
                 for n in 0..d.mig_device_count()? {
@@ -60,9 +60,11 @@ fn probe(lib: &OsStr) -> Result<Value, nvml_wrapper::error::NvmlError> {
                         "parentUuid": m.mig_parent_device()?.uuid()?,
                     }));
                 }
-                (Some(m.current), Some(m.pending), devs)
+                // Kept to show nvml-wrapper 0.13's empty result (see README).
+                let wrapper_placements = d.possible_placements(9).map(|p| p.len()).ok();
+                (Some(m.current), Some(m.pending), devs, wrapper_placements)
             }
-            Err(_) => (None, None, Vec::new()),
+            Err(_) => (None, None, Vec::new(), None),
         };
         gpus.push(json!({
             "index": d.index()?,
@@ -80,6 +82,7 @@ fn probe(lib: &OsStr) -> Result<Value, nvml_wrapper::error::NvmlError> {
             "migCurrent": mig_current,
             "migPending": mig_pending,
             "migDevices": mig_devices,
+            "wrapperPossiblePlacements3g": wrapper_placements,
         }));
     }
     Ok(json!({
