@@ -8,8 +8,10 @@
 //! `/var/log/nvidia-mps`); without options it is a client reading commands from stdin:
 //! `set_default_active_thread_percentage P` (echoes `P` as `%.1f`),
 //! `get_default_active_thread_percentage`, `set_default_device_pinned_mem_limit DEV LIMIT`
-//! (`LIMIT` like `2G`, `512M`), `get_default_device_pinned_mem_limit DEV`,
-//! `get_server_list` and `quit`.
+//! (`DEV` an index or a GPU-/MIG- UUID, `LIMIT` like `2G`, `8192M`),
+//! `get_default_device_pinned_mem_limit DEV`, `quit`; server-level commands (`ps`,
+//! `get_server_list`, `set_active_thread_percentage PID P`, ...) are recorded only.
+//! Each accepted command is also logged as `Cmd:<line>` in `<log dir>/control.log`.
 //!
 //! The daemon process writes `<pipe dir>/control` (a plain-file stand-in for the real
 //! named pipe), `<pipe dir>/nvidia-cuda-mps-control.pid` and `<log dir>/control.log`, and
@@ -118,6 +120,18 @@ pub fn daemon_loop(store: &StateStore, env: &MpsEnv, pid: u32, max_life: Duratio
     }
 }
 
+/// Append `Cmd:<line>` to `<log dir>/control.log`, as the real daemon logs client commands
+/// (best effort: the state file is the record tests assert on).
+fn log_command(log_dir: &Path, line: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_dir.join("control.log"))
+    {
+        let _ = writeln!(f, "[fake Control] Cmd:{line}");
+    }
+}
+
 fn valid_limit(v: &str) -> bool {
     let digits = v.strip_suffix(['K', 'M', 'G', 'k', 'm', 'g']).unwrap_or(v);
     !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
@@ -148,7 +162,8 @@ pub fn apply_command(d: &mut MpsDaemon, line: &str) -> (Option<String>, Option<S
             None,
         ),
         ["set_default_device_pinned_mem_limit", dev, limit] => {
-            if !dev.chars().all(|c| c.is_ascii_digit()) || !valid_limit(limit) {
+            // `dev` is a CUDA device index or a GPU-/MIG- UUID, as the real tool accepts.
+            if !valid_limit(limit) {
                 return (None, Some(format!("Invalid device pinned memory limit {dev} {limit}")));
             }
             d.default_device_pinned_mem_limits
@@ -164,6 +179,14 @@ pub fn apply_command(d: &mut MpsDaemon, line: &str) -> (Option<String>, Option<S
             ),
             None,
         ),
+        // Server-level and monitoring commands: recorded only (the fake runs no servers).
+        [
+            "ps" | "get_server_status" | "start_server" | "shutdown_server" | "terminate_client"
+            | "set_active_thread_percentage" | "get_active_thread_percentage"
+            | "set_device_pinned_mem_limit" | "get_device_pinned_mem_limit" | "lock_server"
+            | "unlock_server",
+            ..,
+        ] => (None, None),
         _ => (None, Some(format!("Unrecognized command: {line}"))),
     }
 }
@@ -184,8 +207,14 @@ pub fn client(store: &StateStore, env: &MpsEnv, input: &mut dyn BufRead, out: &m
             }
         }
         let r = store.update(|s| match s.mps_daemons.get_mut(&env.pipe_dir) {
-            Some(d) if d.running => Some(apply_command(d, &line)),
+            Some(d) if d.running => Some((apply_command(d, &line), d.log_dir.clone())),
             _ => None,
+        });
+        let r = r.map(|found| {
+            found.map(|(result, log_dir)| {
+                log_command(Path::new(&log_dir), line.trim());
+                result
+            })
         });
         match r {
             Ok(Some((o, e))) => {
@@ -236,13 +265,17 @@ mod tests {
         assert!(Path::new(&e.pipe_dir).join("control").exists());
         assert!(record_start(&store, &e, 1).is_err());
         let mut out = Vec::new();
-        let mut input: &[u8] = b"set_default_active_thread_percentage 40\nset_default_device_pinned_mem_limit 0 18G\nget_default_active_thread_percentage\n";
+        let mut input: &[u8] = b"set_default_active_thread_percentage 40\nset_default_device_pinned_mem_limit 0 18G\nset_default_device_pinned_mem_limit MIG-abc 8192M\nget_default_active_thread_percentage\nget_server_list\n";
         assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 0);
         assert_eq!(String::from_utf8(out).unwrap(), "40.0\n40.0\n");
         let d = store.read().unwrap().mps_daemons[&e.pipe_dir].clone();
         assert_eq!(d.default_active_thread_percentage, Some(40.0));
         assert_eq!(d.default_device_pinned_mem_limits["0"], "18G");
+        assert_eq!(d.default_device_pinned_mem_limits["MIG-abc"], "8192M");
         assert_eq!(d.visible_devices.as_deref(), Some("GPU-x"));
+        assert_eq!(d.commands.len(), 5);
+        let log = std::fs::read_to_string(Path::new(&e.log_dir).join("control.log")).unwrap();
+        assert!(log.contains("Cmd:set_default_device_pinned_mem_limit 0 18G"), "{log}");
 
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut input: &[u8] = b"set_default_active_thread_percentage 140\nquit\n";
