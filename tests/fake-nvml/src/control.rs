@@ -21,11 +21,11 @@
 
 use std::path::{Path, PathBuf};
 
-pub use crate::state::{
-    ComputeInstanceState, ComputeMode, Fault, GpuInstanceState, GpuState, MpsDaemon, State,
-    Times, XidEvent,
-};
 use crate::engine::Engine;
+pub use crate::state::{
+    ComputeInstanceState, ComputeMode, Fault, GpuInstanceState, GpuState, MpsDaemon, State, Times,
+    XidEvent,
+};
 use crate::store::{StateStore, StoreError};
 pub use crate::topology::{Topology, TopologyError};
 

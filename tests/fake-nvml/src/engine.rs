@@ -158,7 +158,12 @@ pub fn reconcile(topo: &Topology, state: &mut State) -> Result<(), String> {
                 let slices: u32 = ci
                     .strip_suffix('c')
                     .and_then(|n| n.parse().ok())
-                    .ok_or_else(|| ctx(&format!("compute instance {ci:?} is not <N>c"), INVALID_ARGUMENT))?;
+                    .ok_or_else(|| {
+                        ctx(
+                            &format!("compute instance {ci:?} is not <N>c"),
+                            INVALID_ARGUMENT,
+                        )
+                    })?;
                 let id = presets::ci_profile_id_for_slices(slices)
                     .ok_or_else(|| ctx(&format!("compute instance {ci}"), INVALID_ARGUMENT))?;
                 engine
@@ -267,7 +272,9 @@ impl Engine<'_> {
         if !spec.model.mig_capable() {
             return Err(NOT_SUPPORTED);
         }
-        spec.model.gi_profile_by_id(profile_id).ok_or(INVALID_ARGUMENT)
+        spec.model
+            .gi_profile_by_id(profile_id)
+            .ok_or(INVALID_ARGUMENT)
     }
 
     fn require_mig(&self, gpu: u32) -> Result<(), Code> {
@@ -292,7 +299,10 @@ impl Engine<'_> {
     /// Documented placements of `profile_id` as (start, size), in memory slices.
     pub fn possible_placements(&self, gpu: u32, profile_id: u32) -> Result<Vec<(u32, u32)>, Code> {
         let p = self.mig_profile(gpu, profile_id)?;
-        Ok(p.placement_starts.iter().map(|s| (*s, p.placement_size)).collect())
+        Ok(p.placement_starts
+            .iter()
+            .map(|s| (*s, p.placement_size))
+            .collect())
     }
 
     fn free_starts(&self, gpu: u32, p: &GiProfile) -> Result<Vec<u32>, Code> {
@@ -301,9 +311,9 @@ impl Engine<'_> {
             .iter()
             .copied()
             .filter(|s| {
-                g.gpu_instances
-                    .values()
-                    .all(|gi| !overlaps(*s, p.placement_size, gi.placement_start, gi.placement_size))
+                g.gpu_instances.values().all(|gi| {
+                    !overlaps(*s, p.placement_size, gi.placement_start, gi.placement_size)
+                })
             })
             .collect())
     }
@@ -313,7 +323,11 @@ impl Engine<'_> {
         let p = self.mig_profile(gpu, profile_id)?;
         self.require_mig(gpu)?;
         let g = self.gpu(gpu)?;
-        let existing = g.gpu_instances.values().filter(|gi| gi.profile_id == p.id).count() as u32;
+        let existing = g
+            .gpu_instances
+            .values()
+            .filter(|gi| gi.profile_id == p.id)
+            .count() as u32;
         let mut taken: Vec<(u32, u32)> = g
             .gpu_instances
             .values()
@@ -321,7 +335,10 @@ impl Engine<'_> {
             .collect();
         let mut fit = 0;
         for s in p.placement_starts {
-            if taken.iter().all(|(ts, tz)| !overlaps(*s, p.placement_size, *ts, *tz)) {
+            if taken
+                .iter()
+                .all(|(ts, tz)| !overlaps(*s, p.placement_size, *ts, *tz))
+            {
                 taken.push((*s, p.placement_size));
                 fit += 1;
             }
@@ -359,7 +376,9 @@ impl Engine<'_> {
             None => *free.first().ok_or(INSUFFICIENT_RESOURCES)?,
         };
         let g = self.gpu_mut(gpu)?;
-        let id = (1..).find(|i| !g.gpu_instances.contains_key(i)).unwrap_or(u32::MAX);
+        let id = (1..)
+            .find(|i| !g.gpu_instances.contains_key(i))
+            .unwrap_or(u32::MAX);
         g.gpu_instances.insert(
             id,
             GpuInstanceState {
@@ -407,12 +426,20 @@ impl Engine<'_> {
     pub fn compute_instance_profiles(&self, gpu: u32, gi: u32) -> Result<Vec<CiProfile>, Code> {
         let spec = self.spec(gpu)?;
         let inst = self.gpu_instance(gpu, gi).map_err(|_| INVALID_ARGUMENT)?;
-        let p = spec.model.gi_profile_by_id(inst.profile_id).ok_or(UNKNOWN)?;
+        let p = spec
+            .model
+            .gi_profile_by_id(inst.profile_id)
+            .ok_or(UNKNOWN)?;
         Ok(presets::ci_profiles(spec.model, p))
     }
 
     /// Compute instance profile `ci_profile` of GI `gi`.
-    pub fn compute_instance_profile(&self, gpu: u32, gi: u32, ci_profile: u32) -> Result<CiProfile, Code> {
+    pub fn compute_instance_profile(
+        &self,
+        gpu: u32,
+        gi: u32,
+        ci_profile: u32,
+    ) -> Result<CiProfile, Code> {
         if ci_profile >= sys::NVML_COMPUTE_INSTANCE_PROFILE_COUNT {
             return Err(INVALID_ARGUMENT);
         }
@@ -436,7 +463,12 @@ impl Engine<'_> {
     }
 
     /// How many more compute instances of `ci_profile` fit in GI `gi`.
-    pub fn compute_instance_remaining_capacity(&self, gpu: u32, gi: u32, ci_profile: u32) -> Result<u32, Code> {
+    pub fn compute_instance_remaining_capacity(
+        &self,
+        gpu: u32,
+        gi: u32,
+        ci_profile: u32,
+    ) -> Result<u32, Code> {
         let c = self.compute_instance_profile(gpu, gi, ci_profile)?;
         let inst = self.gpu_instance(gpu, gi)?;
         let mut taken: Vec<(u32, u32)> = inst
@@ -446,7 +478,10 @@ impl Engine<'_> {
             .collect();
         let mut fit = 0;
         for s in &c.placement_starts {
-            if taken.iter().all(|(ts, tz)| !overlaps(*s, c.slices, *ts, *tz)) {
+            if taken
+                .iter()
+                .all(|(ts, tz)| !overlaps(*s, c.slices, *ts, *tz))
+            {
                 taken.push((*s, c.slices));
                 fit += 1;
             }
@@ -482,7 +517,9 @@ impl Engine<'_> {
             .gpu_instances
             .get_mut(&gi)
             .ok_or(INVALID_ARGUMENT)?;
-        let id = (0..).find(|i| !inst.compute_instances.contains_key(i)).unwrap_or(u32::MAX);
+        let id = (0..)
+            .find(|i| !inst.compute_instances.contains_key(i))
+            .unwrap_or(u32::MAX);
         inst.compute_instances.insert(
             id,
             ComputeInstanceState {
@@ -503,11 +540,19 @@ impl Engine<'_> {
             .gpu_instances
             .get_mut(&gi)
             .ok_or(INVALID_ARGUMENT)?;
-        inst.compute_instances.remove(&ci).map(|_| ()).ok_or(INVALID_ARGUMENT)
+        inst.compute_instances
+            .remove(&ci)
+            .map(|_| ())
+            .ok_or(INVALID_ARGUMENT)
     }
 
     /// Compute instance `ci` of GI `gi`.
-    pub fn compute_instance(&self, gpu: u32, gi: u32, ci: u32) -> Result<&ComputeInstanceState, Code> {
+    pub fn compute_instance(
+        &self,
+        gpu: u32,
+        gi: u32,
+        ci: u32,
+    ) -> Result<&ComputeInstanceState, Code> {
         self.gpu_instance(gpu, gi)?
             .compute_instances
             .get(&ci)
@@ -527,11 +572,19 @@ impl Engine<'_> {
     }
 
     /// The GI profile and CI state behind a MIG device handle; `INVALID_ARGUMENT` if stale.
-    pub fn mig_device(&self, gpu: u32, gi: u32, ci: u32) -> Result<(&'static GiProfile, &ComputeInstanceState), Code> {
+    pub fn mig_device(
+        &self,
+        gpu: u32,
+        gi: u32,
+        ci: u32,
+    ) -> Result<(&'static GiProfile, &ComputeInstanceState), Code> {
         let spec = self.spec(gpu)?;
         let inst = self.gpu_instance(gpu, gi).map_err(|_| INVALID_ARGUMENT)?;
         let c = inst.compute_instances.get(&ci).ok_or(INVALID_ARGUMENT)?;
-        let p = spec.model.gi_profile_by_id(inst.profile_id).ok_or(UNKNOWN)?;
+        let p = spec
+            .model
+            .gi_profile_by_id(inst.profile_id)
+            .ok_or(UNKNOWN)?;
         Ok((p, c))
     }
 
@@ -559,11 +612,16 @@ impl Engine<'_> {
 
     /// The first XID event after `after` on a GPU registered (by index) for XID events.
     pub fn next_xid(&self, after: u64, registered: &BTreeMap<u32, u64>) -> Option<(u32, XidEvent)> {
-        self.state.xid_events.iter().filter(|e| e.seq > after).find_map(|e| {
-            let spec = self.topo.gpu_by_uuid(&e.gpu_uuid)?;
-            let mask = registered.get(&spec.index)?;
-            (mask & u64::from(sys::nvmlEventTypeXidCriticalError) != 0).then(|| (spec.index, e.clone()))
-        })
+        self.state
+            .xid_events
+            .iter()
+            .filter(|e| e.seq > after)
+            .find_map(|e| {
+                let spec = self.topo.gpu_by_uuid(&e.gpu_uuid)?;
+                let mask = registered.get(&spec.index)?;
+                (mask & u64::from(sys::nvmlEventTypeXidCriticalError) != 0)
+                    .then(|| (spec.index, e.clone()))
+            })
     }
 }
 
@@ -586,7 +644,14 @@ mod tests {
         let t = topo("H100-SXM5-80GB");
         // 7 x 1g.10gb; 3 x 2g.20gb + 1 x 1g.10gb; 4g.40gb + 3g.40gb; 2 x 3g.40gb; 7g.80gb;
         // 4 x 1g.20gb.
-        let layouts: [&[u32]; 6] = [&[19; 7], &[14, 14, 14, 19], &[5, 9], &[9, 9], &[0], &[15; 4]];
+        let layouts: [&[u32]; 6] = [
+            &[19; 7],
+            &[14, 14, 14, 19],
+            &[5, 9],
+            &[9, 9],
+            &[0],
+            &[15; 4],
+        ];
         for layout in layouts {
             let mut s = initial_state(&t).unwrap();
             with(&t, &mut s, |e| {
@@ -594,8 +659,15 @@ mod tests {
                     e.create_gpu_instance(0, *p, None).unwrap();
                 }
                 for p in [19, 20, 15, 14, 9, 5, 0] {
-                    assert_eq!(e.gpu_instance_remaining_capacity(0, p), Ok(0), "{layout:?} {p}");
-                    assert_eq!(e.create_gpu_instance(0, p, None), Err(INSUFFICIENT_RESOURCES));
+                    assert_eq!(
+                        e.gpu_instance_remaining_capacity(0, p),
+                        Ok(0),
+                        "{layout:?} {p}"
+                    );
+                    assert_eq!(
+                        e.create_gpu_instance(0, p, None),
+                        Err(INSUFFICIENT_RESOURCES)
+                    );
                 }
             });
         }
@@ -608,7 +680,10 @@ mod tests {
         with(&t, &mut s, |e| {
             assert_eq!(e.possible_placements(0, 9).unwrap(), vec![(0, 4), (4, 4)]);
             assert_eq!(e.possible_placements(0, 0).unwrap(), vec![(0, 8)]);
-            assert_eq!(e.possible_placements(0, 15).unwrap(), vec![(0, 2), (2, 2), (4, 2), (6, 2)]);
+            assert_eq!(
+                e.possible_placements(0, 15).unwrap(),
+                vec![(0, 2), (2, 2), (4, 2), (6, 2)]
+            );
             assert_eq!(e.gpu_instance_remaining_capacity(0, 19), Ok(7));
             assert_eq!(e.gpu_instance_remaining_capacity(0, 20), Ok(1));
             // Unknown profile, undocumented placement, overlap.
@@ -616,7 +691,10 @@ mod tests {
             assert_eq!(e.create_gpu_instance(0, 9, Some(2)), Err(INVALID_ARGUMENT));
             let gi = e.create_gpu_instance(0, 9, Some(4)).unwrap();
             assert_eq!(gi, 1);
-            assert_eq!(e.create_gpu_instance(0, 14, Some(4)), Err(INSUFFICIENT_RESOURCES));
+            assert_eq!(
+                e.create_gpu_instance(0, 14, Some(4)),
+                Err(INSUFFICIENT_RESOURCES)
+            );
             // 3g at 4 leaves room for one 3g/4g at 0, or 1g at 0..3.
             assert_eq!(e.gpu_instance_remaining_capacity(0, 9), Ok(1));
             assert_eq!(e.gpu_instance_remaining_capacity(0, 5), Ok(1));
@@ -624,18 +702,33 @@ mod tests {
             assert_eq!(e.gpu_instance_remaining_capacity(0, 0), Ok(0));
             // +me: only one at a time.
             e.create_gpu_instance(0, 20, None).unwrap();
-            assert_eq!(e.create_gpu_instance(0, 20, None), Err(INSUFFICIENT_RESOURCES));
+            assert_eq!(
+                e.create_gpu_instance(0, 20, None),
+                Err(INSUFFICIENT_RESOURCES)
+            );
             // CIs inside the 3g: a 2c at 0 leaves room for one 1c, at 2.
             let c0 = e.create_compute_instance(0, gi, 1, None).unwrap();
-            assert_eq!(e.create_compute_instance(0, gi, 1, None), Err(INSUFFICIENT_RESOURCES));
-            assert_eq!(e.create_compute_instance(0, gi, 4, None), Err(NOT_SUPPORTED));
-            assert_eq!(e.create_compute_instance(0, gi, 99, None), Err(INVALID_ARGUMENT));
+            assert_eq!(
+                e.create_compute_instance(0, gi, 1, None),
+                Err(INSUFFICIENT_RESOURCES)
+            );
+            assert_eq!(
+                e.create_compute_instance(0, gi, 4, None),
+                Err(NOT_SUPPORTED)
+            );
+            assert_eq!(
+                e.create_compute_instance(0, gi, 99, None),
+                Err(INVALID_ARGUMENT)
+            );
             let c1 = e.create_compute_instance(0, gi, 0, None).unwrap();
             assert_eq!(e.compute_instance_remaining_capacity(0, gi, 0), Ok(0));
             assert_eq!((c0, c1), (0, 1));
             assert_eq!(e.compute_instance(0, gi, 1).unwrap().placement_start, 2);
             assert_eq!(e.mig_devices(0).unwrap(), vec![(1, 0), (1, 1)]);
-            assert_eq!(e.mig_device_name(0, 1, 0).unwrap(), "NVIDIA A100-SXM4-40GB MIG 2c.3g.20gb");
+            assert_eq!(
+                e.mig_device_name(0, 1, 0).unwrap(),
+                "NVIDIA A100-SXM4-40GB MIG 2c.3g.20gb"
+            );
             assert_eq!(e.destroy_gpu_instance(0, gi), Err(IN_USE));
             assert_eq!(e.set_mig_mode(0, 0), Err(IN_USE));
             e.destroy_compute_instance(0, gi, 0).unwrap();
@@ -653,7 +746,11 @@ mod tests {
             assert_eq!(e.set_mig_mode(1, 1), Ok(SUCCESS));
             assert_eq!(e.create_gpu_instance(1, 19, None), Ok(1));
         });
-        let t = Topology::parse("gpus: [{model: H200, migModeRequiresReset: true}]", Path::new("t")).unwrap();
+        let t = Topology::parse(
+            "gpus: [{model: H200, migModeRequiresReset: true}]",
+            Path::new("t"),
+        )
+        .unwrap();
         let mut s = initial_state(&t).unwrap();
         with(&t, &mut s, |e| {
             assert_eq!(e.set_mig_mode(0, 1), Ok(RESET_REQUIRED));
@@ -674,10 +771,15 @@ mod tests {
             assert_eq!(e.set_compute_mode(0, 3), Ok(()));
             assert_eq!(e.set_compute_mode(0, 1), Err(INVALID_ARGUMENT));
         });
-        assert_eq!(s.gpus.values().next().unwrap().compute_mode, ComputeMode::ExclusiveProcess);
+        assert_eq!(
+            s.gpus.values().next().unwrap().compute_mode,
+            ComputeMode::ExclusiveProcess
+        );
         let t = Topology::parse("gpus: [{model: T4}]", Path::new("t")).unwrap();
         let mut s = initial_state(&t).unwrap();
-        with(&t, &mut s, |e| assert_eq!(e.set_timeslice(0, 1), Err(NOT_SUPPORTED)));
+        with(&t, &mut s, |e| {
+            assert_eq!(e.set_timeslice(0, 1), Err(NOT_SUPPORTED))
+        });
     }
 
     #[test]
@@ -697,7 +799,10 @@ mod tests {
         Engine::push_xid(&mut s, &t.gpus[0].uuid, 13);
         Engine::push_xid(&mut s, &uuid1, 79);
         let regs = BTreeMap::from([(1u32, SUPPORTED_EVENTS)]);
-        let e = Engine { topo: &t, state: &mut s };
+        let e = Engine {
+            topo: &t,
+            state: &mut s,
+        };
         let (gpu, ev) = e.next_xid(0, &regs).unwrap();
         assert_eq!((gpu, ev.xid, ev.seq), (1, 79, 2));
         assert!(e.next_xid(2, &regs).is_none());

@@ -51,7 +51,12 @@ pub fn gpu_uuid(seed: &str, index: u32) -> String {
 pub fn mig_uuid(gpu_uuid: &str, gi: u32, ci: u32, generation: u64) -> String {
     derived_uuid(
         "MIG",
-        &[gpu_uuid, &gi.to_string(), &ci.to_string(), &generation.to_string()],
+        &[
+            gpu_uuid,
+            &gi.to_string(),
+            &ci.to_string(),
+            &generation.to_string(),
+        ],
     )
 }
 
@@ -123,9 +128,17 @@ impl Handle {
         }
         Some(match v >> 52 {
             1 if b == 0 && c == 0 => Handle::Device { gpu: a },
-            2 => Handle::MigDevice { gpu: a, gi: b, ci: c },
+            2 => Handle::MigDevice {
+                gpu: a,
+                gi: b,
+                ci: c,
+            },
             3 if c == 0 => Handle::GpuInstance { gpu: a, gi: b },
-            4 => Handle::ComputeInstance { gpu: a, gi: b, ci: c },
+            4 => Handle::ComputeInstance {
+                gpu: a,
+                gi: b,
+                ci: c,
+            },
             5 if b == 0 && c == 0 => Handle::EventSet { id: a },
             _ => return None,
         })
@@ -153,9 +166,17 @@ mod tests {
     fn handles_round_trip_and_reject_garbage() {
         for h in [
             Handle::Device { gpu: 7 },
-            Handle::MigDevice { gpu: 1, gi: 13, ci: 2 },
+            Handle::MigDevice {
+                gpu: 1,
+                gi: 13,
+                ci: 2,
+            },
             Handle::GpuInstance { gpu: 0, gi: 0 },
-            Handle::ComputeInstance { gpu: 3, gi: 2, ci: 0 },
+            Handle::ComputeInstance {
+                gpu: 3,
+                gi: 2,
+                ci: 0,
+            },
             Handle::EventSet { id: 9 },
         ] {
             assert_ne!(h.encode(), 0);

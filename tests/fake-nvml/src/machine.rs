@@ -85,10 +85,12 @@ impl Machine {
         f: impl FnOnce(&mut Engine<'_>) -> Result<R, Code>,
     ) -> Result<Result<R, Code>, MachineError> {
         let topo = &self.topo;
-        let out = self.store.update(|state| -> Result<Result<R, Code>, String> {
-            engine::reconcile(topo, state)?;
-            Ok(f(&mut Engine { topo, state }))
-        })?;
+        let out = self
+            .store
+            .update(|state| -> Result<Result<R, Code>, String> {
+                engine::reconcile(topo, state)?;
+                Ok(f(&mut Engine { topo, state }))
+            })?;
         out.map_err(|reason| MachineError::Mismatch {
             path: self.store.path().to_path_buf(),
             reason,
@@ -110,5 +112,8 @@ pub fn store_from_env() -> Result<StateStore, MachineError> {
         return Ok(StateStore::new(PathBuf::from(s), proc_root));
     }
     let topo = std::env::var_os(TOPOLOGY_ENV).ok_or(MachineError::NoTopology)?;
-    Ok(StateStore::new(topology::default_state_path(Path::new(&topo)), proc_root))
+    Ok(StateStore::new(
+        topology::default_state_path(Path::new(&topo)),
+        proc_root,
+    ))
 }

@@ -99,7 +99,11 @@ pub fn is_running(store: &StateStore, pipe_dir: &str, pid: u32) -> bool {
     store
         .read()
         .ok()
-        .and_then(|s| s.mps_daemons.get(pipe_dir).map(|d| d.running && d.pid == pid))
+        .and_then(|s| {
+            s.mps_daemons
+                .get(pipe_dir)
+                .map(|d| d.running && d.pid == pid)
+        })
         .unwrap_or(false)
 }
 
@@ -107,11 +111,18 @@ pub fn is_running(store: &StateStore, pipe_dir: &str, pid: u32) -> bool {
 /// `max_life` passes), then remove the pipe-directory files.
 pub fn daemon_loop(store: &StateStore, env: &MpsEnv, pid: u32, max_life: Duration) {
     let deadline = Instant::now() + max_life;
-    while Instant::now() < deadline && store.path().exists() && is_running(store, &env.pipe_dir, pid) {
+    while Instant::now() < deadline
+        && store.path().exists()
+        && is_running(store, &env.pipe_dir, pid)
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = store.update(|s| {
-        if let Some(d) = s.mps_daemons.get_mut(&env.pipe_dir).filter(|d| d.pid == pid) {
+        if let Some(d) = s
+            .mps_daemons
+            .get_mut(&env.pipe_dir)
+            .filter(|d| d.pid == pid)
+        {
             d.running = false;
         }
     });
@@ -158,13 +169,19 @@ pub fn apply_command(d: &mut MpsDaemon, line: &str) -> (Option<String>, Option<S
             _ => (None, Some(format!("Invalid active thread percentage {p}"))),
         },
         ["get_default_active_thread_percentage"] => (
-            Some(format!("{:.1}", d.default_active_thread_percentage.unwrap_or(100.0))),
+            Some(format!(
+                "{:.1}",
+                d.default_active_thread_percentage.unwrap_or(100.0)
+            )),
             None,
         ),
         ["set_default_device_pinned_mem_limit", dev, limit] => {
             // `dev` is a CUDA device index or a GPU-/MIG- UUID, as the real tool accepts.
             if !valid_limit(limit) {
-                return (None, Some(format!("Invalid device pinned memory limit {dev} {limit}")));
+                return (
+                    None,
+                    Some(format!("Invalid device pinned memory limit {dev} {limit}")),
+                );
             }
             d.default_device_pinned_mem_limits
                 .insert((*dev).to_string(), (*limit).to_string());
@@ -181,9 +198,16 @@ pub fn apply_command(d: &mut MpsDaemon, line: &str) -> (Option<String>, Option<S
         ),
         // Server-level and monitoring commands: recorded only (the fake runs no servers).
         [
-            "ps" | "get_server_status" | "start_server" | "shutdown_server" | "terminate_client"
-            | "set_active_thread_percentage" | "get_active_thread_percentage"
-            | "set_device_pinned_mem_limit" | "get_device_pinned_mem_limit" | "lock_server"
+            "ps"
+            | "get_server_status"
+            | "start_server"
+            | "shutdown_server"
+            | "terminate_client"
+            | "set_active_thread_percentage"
+            | "get_active_thread_percentage"
+            | "set_device_pinned_mem_limit"
+            | "get_device_pinned_mem_limit"
+            | "lock_server"
             | "unlock_server",
             ..,
         ] => (None, None),
@@ -193,7 +217,13 @@ pub fn apply_command(d: &mut MpsDaemon, line: &str) -> (Option<String>, Option<S
 
 /// The client: read commands from `input` and apply them to the daemon of `env.pipe_dir`.
 /// Returns the exit code (1 if no daemon runs there or a command was rejected).
-pub fn client(store: &StateStore, env: &MpsEnv, input: &mut dyn BufRead, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+pub fn client(
+    store: &StateStore,
+    env: &MpsEnv,
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
     let mut code = 0;
     let mut line = String::new();
     loop {
@@ -275,7 +305,10 @@ mod tests {
         assert_eq!(d.visible_devices.as_deref(), Some("GPU-x"));
         assert_eq!(d.commands.len(), 5);
         let log = std::fs::read_to_string(Path::new(&e.log_dir).join("control.log")).unwrap();
-        assert!(log.contains("Cmd:set_default_device_pinned_mem_limit 0 18G"), "{log}");
+        assert!(
+            log.contains("Cmd:set_default_device_pinned_mem_limit 0 18G"),
+            "{log}"
+        );
 
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut input: &[u8] = b"set_default_active_thread_percentage 140\nquit\n";

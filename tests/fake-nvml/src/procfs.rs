@@ -88,13 +88,19 @@ pub fn sync(root: &Path, state: &State) -> std::io::Result<()> {
     if let Ok(entries) = fs::read_dir(&caps) {
         for gpu_dir in entries.flatten() {
             let mig = gpu_dir.path().join("mig");
-            let Ok(gis) = fs::read_dir(&mig) else { continue };
+            let Ok(gis) = fs::read_dir(&mig) else {
+                continue;
+            };
             for gi in gis.flatten() {
                 let name = gi.file_name().to_string_lossy().to_string();
                 if !name.starts_with("gi") {
                     continue;
                 }
-                let rel = gi.path().strip_prefix(root).map(Path::to_path_buf).unwrap_or_default();
+                let rel = gi
+                    .path()
+                    .strip_prefix(root)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
                 if files.keys().any(|k| k.starts_with(&rel)) {
                     // Remove stale CI dirs inside a surviving GI.
                     for ci in fs::read_dir(gi.path())?.flatten() {
@@ -126,7 +132,7 @@ pub fn sync(root: &Path, state: &State) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{initial_state, Engine};
+    use crate::engine::{Engine, initial_state};
     use crate::topology::Topology;
 
     #[test]
@@ -146,15 +152,27 @@ mod tests {
         let mut s = initial_state(&t).unwrap();
         let root = tempfile::tempdir().unwrap();
         sync(root.path(), &s).unwrap();
-        let access = root.path().join("driver/nvidia/capabilities/gpu2/mig/gi1/access");
+        let access = root
+            .path()
+            .join("driver/nvidia/capabilities/gpu2/mig/gi1/access");
         assert_eq!(
             fs::read_to_string(&access).unwrap(),
-            format!("DeviceFileMinor: {}\nDeviceFileMode: 292\nDeviceFileModify: 1\n", 3 + 270 + 9)
+            format!(
+                "DeviceFileMinor: {}\nDeviceFileMode: 292\nDeviceFileModify: 1\n",
+                3 + 270 + 9
+            )
         );
-        assert!(root.path().join("driver/nvidia/capabilities/gpu2/mig/gi1/ci0/access").exists());
+        assert!(
+            root.path()
+                .join("driver/nvidia/capabilities/gpu2/mig/gi1/ci0/access")
+                .exists()
+        );
         let devices = fs::read_to_string(root.path().join("devices")).unwrap();
         assert!(devices.contains("195 nvidia-frontend\n") && devices.contains(" nvidia-caps\n"));
-        let mut e = Engine { topo: &t, state: &mut s };
+        let mut e = Engine {
+            topo: &t,
+            state: &mut s,
+        };
         e.destroy_compute_instance(0, 1, 0).unwrap();
         e.destroy_gpu_instance(0, 1).unwrap();
         sync(root.path(), &s).unwrap();

@@ -115,12 +115,16 @@ fn take_value(args: &[String], i: &mut usize, io: &mut Io<'_>) -> Result<String,
     args.get(*i).cloned().ok_or_else(|| io.fail(2, HINT))
 }
 
-fn apply<R>(machine: &Machine, f: impl FnOnce(&mut Engine<'_>) -> Result<R, Code>) -> Result<R, Code> {
+fn apply<R>(
+    machine: &Machine,
+    f: impl FnOnce(&mut Engine<'_>) -> Result<R, Code>,
+) -> Result<R, Code> {
     machine.with(f).unwrap_or(Err(engine::UNKNOWN))
 }
 
 fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
-    let (mut list, mut query, mut reset, mut id, mut mode, mut mig_mode) = (false, false, false, None, None, None);
+    let (mut list, mut query, mut reset, mut id, mut mode, mut mig_mode) =
+        (false, false, false, None, None, None);
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -161,7 +165,13 @@ fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
                 e.set_compute_mode(*g, value.nvml())
             });
             if let Err(c) = r {
-                return io.fail(exit_code(c), &format!("Unable to set the compute mode for GPU {bus}: {}", err_text(c)));
+                return io.fail(
+                    exit_code(c),
+                    &format!(
+                        "Unable to set the compute mode for GPU {bus}: {}",
+                        err_text(c)
+                    ),
+                );
             }
             let _ = writeln!(io.out, "Set compute mode to {name} for GPU {bus}.");
         }
@@ -175,7 +185,10 @@ fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
         for g in &gpus {
             let bus = &machine.topo.gpus[*g as usize].pci_bus_id;
             if let Err(c) = apply(machine, |e| e.reset_gpu(*g)) {
-                return io.fail(exit_code(c), &format!("Unable to reset GPU {bus}: {}", err_text(c)));
+                return io.fail(
+                    exit_code(c),
+                    &format!("Unable to reset GPU {bus}: {}", err_text(c)),
+                );
             }
             let _ = writeln!(io.out, "GPU {bus} was successfully reset.");
         }
@@ -197,14 +210,25 @@ fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
             let word = if value == 1 { "enable" } else { "disable" };
             match r {
                 Err(c) => {
-                    return io.fail(exit_code(c), &format!("Unable to {word} MIG Mode for GPU {bus}: {}", err_text(c)));
+                    return io.fail(
+                        exit_code(c),
+                        &format!("Unable to {word} MIG Mode for GPU {bus}: {}", err_text(c)),
+                    );
                 }
                 Ok(engine::SUCCESS) => {}
                 Ok(status) => {
-                    let _ = writeln!(io.out, "Warning: MIG mode is in pending {word} state for GPU {bus}:{}", err_text(status));
+                    let _ = writeln!(
+                        io.out,
+                        "Warning: MIG mode is in pending {word} state for GPU {bus}:{}",
+                        err_text(status)
+                    );
                 }
             }
-            let _ = writeln!(io.out, "{}d MIG Mode for GPU {bus}", if value == 1 { "Enable" } else { "Disable" });
+            let _ = writeln!(
+                io.out,
+                "{}d MIG Mode for GPU {bus}",
+                if value == 1 { "Enable" } else { "Disable" }
+            );
         }
         let _ = writeln!(io.out, "All done.");
         return 0;
@@ -216,18 +240,33 @@ fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
     if list || !query {
         for g in &gpus {
             let spec = &machine.topo.gpus[*g as usize];
-            let _ = writeln!(io.out, "GPU {}: {} (UUID: {})", spec.index, spec.model.name, spec.uuid);
-            let Some(gs) = state.gpus.get(&spec.uuid) else { continue };
+            let _ = writeln!(
+                io.out,
+                "GPU {}: {} (UUID: {})",
+                spec.index, spec.model.name, spec.uuid
+            );
+            let Some(gs) = state.gpus.get(&spec.uuid) else {
+                continue;
+            };
             if !gs.mig_current {
                 continue;
             }
             let mut n = 0;
             for gi in gs.gpu_instances.values() {
-                let Some(p) = spec.model.gi_profile_by_id(gi.profile_id) else { continue };
+                let Some(p) = spec.model.gi_profile_by_id(gi.profile_id) else {
+                    continue;
+                };
                 let cps = presets::ci_profiles(spec.model, p);
                 for ci in gi.compute_instances.values() {
-                    let name = cps.iter().find(|c| c.id == ci.profile_id).map_or_else(|| p.name.to_string(), |c| c.name(p));
-                    let _ = writeln!(io.out, "  MIG {name:<14} Device {n:>2}: (UUID: {})", ci.uuid);
+                    let name = cps
+                        .iter()
+                        .find(|c| c.id == ci.profile_id)
+                        .map_or_else(|| p.name.to_string(), |c| c.name(p));
+                    let _ = writeln!(
+                        io.out,
+                        "  MIG {name:<14} Device {n:>2}: (UUID: {})",
+                        ci.uuid
+                    );
                     n += 1;
                 }
             }
@@ -235,16 +274,35 @@ fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
         return 0;
     }
     let _ = writeln!(io.out, "\n==============NVSMI LOG==============\n");
-    let _ = writeln!(io.out, "Driver Version                            : {}", machine.topo.driver_version);
+    let _ = writeln!(
+        io.out,
+        "Driver Version                            : {}",
+        machine.topo.driver_version
+    );
     let cuda = machine.topo.cuda_driver_version;
-    let _ = writeln!(io.out, "CUDA Version                              : {}.{}\n", cuda / 1000, cuda % 1000 / 10);
-    let _ = writeln!(io.out, "Attached GPUs                             : {}", machine.topo.gpus.len());
+    let _ = writeln!(
+        io.out,
+        "CUDA Version                              : {}.{}\n",
+        cuda / 1000,
+        cuda % 1000 / 10
+    );
+    let _ = writeln!(
+        io.out,
+        "Attached GPUs                             : {}",
+        machine.topo.gpus.len()
+    );
     for g in &gpus {
         let spec = &machine.topo.gpus[*g as usize];
-        let Some(gs) = state.gpus.get(&spec.uuid) else { continue };
+        let Some(gs) = state.gpus.get(&spec.uuid) else {
+            continue;
+        };
         let en = |b: bool| if b { "Enabled" } else { "Disabled" };
         let mig = if spec.model.mig_capable() {
-            format!("        Current                           : {}\n        Pending                           : {}", en(gs.mig_current), en(gs.mig_pending))
+            format!(
+                "        Current                           : {}\n        Pending                           : {}",
+                en(gs.mig_current),
+                en(gs.mig_pending)
+            )
         } else {
             "        Current                           : N/A\n        Pending                           : N/A".to_string()
         };
@@ -256,14 +314,19 @@ fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
             spec.uuid,
             spec.minor,
             gs.compute_mode.smi_name(),
-            TIMESLICE_NAMES.get(gs.timeslice as usize).unwrap_or(&"Unknown"),
+            TIMESLICE_NAMES
+                .get(gs.timeslice as usize)
+                .unwrap_or(&"Unknown"),
             spec.model.memory_mib,
         );
         if gs.mig_current {
             let _ = writeln!(io.out, "    MIG Devices");
             for gi in gs.gpu_instances.values() {
                 for ci in gi.compute_instances.values() {
-                    let profile = spec.model.gi_profile_by_id(gi.profile_id).map_or("?", |p| p.name);
+                    let profile = spec
+                        .model
+                        .gi_profile_by_id(gi.profile_id)
+                        .map_or("?", |p| p.name);
                     let _ = writeln!(
                         io.out,
                         "        MIG Device\n            GPU Instance ID               : {}\n            Compute Instance ID           : {}\n            GPU Instance Profile          : {profile}\n            UUID                          : {}",
@@ -310,9 +373,16 @@ fn compute_policy(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
                 e.set_timeslice(*g, value)
             });
             if let Err(c) = r {
-                return io.fail(exit_code(c), &format!("Failed to set timeslice for GPU {bus}: {}", err_text(c)));
+                return io.fail(
+                    exit_code(c),
+                    &format!("Failed to set timeslice for GPU {bus}: {}", err_text(c)),
+                );
             }
-            let _ = writeln!(io.out, "Set timeslice to {value} ({}) for GPU {bus}.", TIMESLICE_NAMES[value as usize]);
+            let _ = writeln!(
+                io.out,
+                "Set timeslice to {value} ({}) for GPU {bus}.",
+                TIMESLICE_NAMES[value as usize]
+            );
         }
         return 0;
     }
@@ -323,12 +393,19 @@ fn compute_policy(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
         Ok(s) => s,
         Err(e) => return io.fail(255, &e.to_string()),
     };
-    let _ = writeln!(io.out, "+-----------------------------------------------+\n| GPU compute policies:                         |\n| GPU     Policy              Value             |\n|===============================================|");
+    let _ = writeln!(
+        io.out,
+        "+-----------------------------------------------+\n| GPU compute policies:                         |\n| GPU     Policy              Value             |\n|===============================================|"
+    );
     for g in &gpus {
         let spec = &machine.topo.gpus[*g as usize];
         let value = state.gpus.get(&spec.uuid).map_or(0, |s| s.timeslice);
         let name = TIMESLICE_NAMES.get(value as usize).unwrap_or(&"Unknown");
-        let _ = writeln!(io.out, "| {:<7} {:<19} {:<17} |", spec.index, "Timeslice", name);
+        let _ = writeln!(
+            io.out,
+            "| {:<7} {:<19} {:<17} |",
+            spec.index, "Timeslice", name
+        );
     }
     let _ = writeln!(io.out, "+-----------------------------------------------+");
     0
@@ -351,7 +428,9 @@ fn mig(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
         }
         i += 1;
     }
-    let Some(what) = what else { return io.fail(2, HINT) };
+    let Some(what) = what else {
+        return io.fail(2, HINT);
+    };
     let gpus = match select(machine, id.as_deref()) {
         Ok(g) => g,
         Err(m) => return io.fail(6, &m),
@@ -363,10 +442,18 @@ fn mig(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
     let mut lines = Vec::new();
     for g in &gpus {
         let spec = &machine.topo.gpus[*g as usize];
-        let Some(gs) = state.gpus.get(&spec.uuid) else { continue };
+        let Some(gs) = state.gpus.get(&spec.uuid) else {
+            continue;
+        };
         if !spec.model.mig_capable() || !gs.mig_current {
             if gpus.len() == 1 {
-                return io.fail(3, &format!("Unable to list MIG information for GPU {}: Not Supported", spec.index));
+                return io.fail(
+                    3,
+                    &format!(
+                        "Unable to list MIG information for GPU {}: Not Supported",
+                        spec.index
+                    ),
+                );
             }
             continue;
         }
@@ -374,36 +461,66 @@ fn mig(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
             "lgip" | "lgipp" => {
                 for p in spec.model.mig_profiles {
                     if what == "lgip" {
-                        let used = gs.gpu_instances.values().filter(|x| x.profile_id == p.id).count() as u32;
+                        let used = gs
+                            .gpu_instances
+                            .values()
+                            .filter(|x| x.profile_id == p.id)
+                            .count() as u32;
                         lines.push(format!(
                             "| {:>3}  MIG {:<14} {:>3}   {}/{}   {:>8.2}   No   {:>3}  {:>3}  {:>3}  | CE {} JPEG {} OFA {}",
                             spec.index, p.name, p.id, p.instance_count.saturating_sub(used), p.instance_count,
                             p.memory_mib as f64 / 1024.0, p.sm, p.dec, p.enc, p.ce, p.jpeg, p.ofa
                         ));
                     } else {
-                        let starts: Vec<String> = p.placement_starts.iter().map(u32::to_string).collect();
-                        lines.push(format!("GPU {:>2} Profile ID {:>2} Placements: {{{}}}:{}", spec.index, p.id, starts.join(","), p.placement_size));
+                        let starts: Vec<String> =
+                            p.placement_starts.iter().map(u32::to_string).collect();
+                        lines.push(format!(
+                            "GPU {:>2} Profile ID {:>2} Placements: {{{}}}:{}",
+                            spec.index,
+                            p.id,
+                            starts.join(","),
+                            p.placement_size
+                        ));
                     }
                 }
             }
             "lgi" => {
                 for gi in gs.gpu_instances.values() {
-                    let name = spec.model.gi_profile_by_id(gi.profile_id).map_or("?", |p| p.name);
+                    let name = spec
+                        .model
+                        .gi_profile_by_id(gi.profile_id)
+                        .map_or("?", |p| p.name);
                     lines.push(format!(
                         "| {:>3}  MIG {:<14} {:>5} {:>9} {:>9}:{:<3}|",
-                        spec.index, name, gi.profile_id, gi.id, gi.placement_start, gi.placement_size
+                        spec.index,
+                        name,
+                        gi.profile_id,
+                        gi.id,
+                        gi.placement_start,
+                        gi.placement_size
                     ));
                 }
             }
             _ => {
                 for gi in gs.gpu_instances.values() {
-                    let Some(p) = spec.model.gi_profile_by_id(gi.profile_id) else { continue };
+                    let Some(p) = spec.model.gi_profile_by_id(gi.profile_id) else {
+                        continue;
+                    };
                     let cps = presets::ci_profiles(spec.model, p);
                     for ci in gi.compute_instances.values() {
-                        let name = cps.iter().find(|c| c.id == ci.profile_id).map_or_else(|| p.name.to_string(), |c| c.name(p));
+                        let name = cps
+                            .iter()
+                            .find(|c| c.id == ci.profile_id)
+                            .map_or_else(|| p.name.to_string(), |c| c.name(p));
                         lines.push(format!(
                             "| {:>3} {:>6}   MIG {:<16} {:>5} {:>9} {:>9}:{:<3}|",
-                            spec.index, gi.id, name, ci.profile_id, ci.id, ci.placement_start, ci.placement_size
+                            spec.index,
+                            gi.id,
+                            name,
+                            ci.profile_id,
+                            ci.id,
+                            ci.placement_start,
+                            ci.placement_size
                         ));
                     }
                 }
@@ -411,9 +528,18 @@ fn mig(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
         }
     }
     let (title, header) = match what {
-        "lgi" => ("GPU instances:", "| GPU   Name               Profile  Instance   Placement  |\n|                              ID       ID     Start:Size |"),
-        "lci" => ("Compute instances:", "| GPU  GPU      Name                 Profile  Instance   Placement  |\n|      Instance                         ID       ID     Start:Size |"),
-        "lgip" => ("GPU instance profiles:", "| GPU   Name               ID  Free/Total  Memory GiB  P2P  SM  DEC  ENC  |"),
+        "lgi" => (
+            "GPU instances:",
+            "| GPU   Name               Profile  Instance   Placement  |\n|                              ID       ID     Start:Size |",
+        ),
+        "lci" => (
+            "Compute instances:",
+            "| GPU  GPU      Name                 Profile  Instance   Placement  |\n|      Instance                         ID       ID     Start:Size |",
+        ),
+        "lgip" => (
+            "GPU instance profiles:",
+            "| GPU   Name               ID  Free/Total  Memory GiB  P2P  SM  DEC  ENC  |",
+        ),
         _ => ("", ""),
     };
     if lines.is_empty() && (what == "lgi" || what == "lci") {
@@ -421,7 +547,13 @@ fn mig(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
         return io.fail(6, &format!("No {noun} instances found: Not Found"));
     }
     if !title.is_empty() {
-        let _ = writeln!(io.out, "+{}+\n| {title:<width$}|\n{header}\n|{}|", "-".repeat(60), "=".repeat(60), width = 59);
+        let _ = writeln!(
+            io.out,
+            "+{}+\n| {title:<width$}|\n{header}\n|{}|",
+            "-".repeat(60),
+            "=".repeat(60),
+            width = 59
+        );
     }
     for l in lines {
         let _ = writeln!(io.out, "{l}");
@@ -446,7 +578,11 @@ mod tests {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let code = run(&args, Ok(m.clone()), &mut out, &mut err);
-        (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
+        (
+            code,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
     }
 
     #[test]
@@ -456,12 +592,21 @@ mod tests {
         let uuid = m.topo.gpus[0].uuid.clone();
         let (code, out, _) = smi(&m, &["-i", &uuid, "-c", "EXCLUSIVE_PROCESS"]);
         assert_eq!(code, 0);
-        assert!(out.contains("Set compute mode to EXCLUSIVE_PROCESS for GPU 00000000:30:00.0."), "{out}");
+        assert!(
+            out.contains("Set compute mode to EXCLUSIVE_PROCESS for GPU 00000000:30:00.0."),
+            "{out}"
+        );
         let (code, _, _) = smi(&m, &["compute-policy", "-i", &uuid, "--set-timeslice=2"]);
         assert_eq!(code, 0);
         let (_, out, _) = smi(&m, &["-q"]);
-        assert!(out.contains("Compute Mode                          : Exclusive_Process"), "{out}");
-        assert!(out.contains("Timeslice                         : Medium"), "{out}");
+        assert!(
+            out.contains("Compute Mode                          : Exclusive_Process"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Timeslice                         : Medium"),
+            "{out}"
+        );
         let (_, out, _) = smi(&m, &["compute-policy", "--list"]);
         assert!(out.contains("Timeslice") && out.contains("Medium"), "{out}");
         let (code, _, err) = smi(&m, &["compute-policy", "--set-timeslice", "7"]);
@@ -497,7 +642,10 @@ mod tests {
         let (_, out, _) = smi(&m, &["mig", "-lci", "-i", "0"]);
         assert_eq!(out.matches("MIG ").count(), 2, "{out}");
         let (_, out, _) = smi(&m, &["-L"]);
-        assert!(out.contains("  MIG 3g.20gb") && out.contains("(UUID: MIG-"), "{out}");
+        assert!(
+            out.contains("  MIG 3g.20gb") && out.contains("(UUID: MIG-"),
+            "{out}"
+        );
         let (_, out, _) = smi(&m, &["mig", "-lgipp"]);
         assert!(out.contains("Profile ID  9 Placements: {0,4}:4"), "{out}");
     }

@@ -226,24 +226,46 @@ mod tests {
     fn faults_fire_the_requested_number_of_times() {
         let mut s = State::default();
         s.faults.push(fault(Some("GPU-a"), Times::N(2)));
-        assert_eq!(s.take_fault("nvmlDeviceSetComputeMode", Some("GPU-b")), None);
-        assert_eq!(s.take_fault("nvmlDeviceGetComputeMode", Some("GPU-a")), None);
-        assert_eq!(s.take_fault("nvmlDeviceSetComputeMode", Some("GPU-a")), Some(999));
-        assert_eq!(s.take_fault("nvmlDeviceSetComputeMode", Some("GPU-a")), Some(999));
-        assert_eq!(s.take_fault("nvmlDeviceSetComputeMode", Some("GPU-a")), None);
+        assert_eq!(
+            s.take_fault("nvmlDeviceSetComputeMode", Some("GPU-b")),
+            None
+        );
+        assert_eq!(
+            s.take_fault("nvmlDeviceGetComputeMode", Some("GPU-a")),
+            None
+        );
+        assert_eq!(
+            s.take_fault("nvmlDeviceSetComputeMode", Some("GPU-a")),
+            Some(999)
+        );
+        assert_eq!(
+            s.take_fault("nvmlDeviceSetComputeMode", Some("GPU-a")),
+            Some(999)
+        );
+        assert_eq!(
+            s.take_fault("nvmlDeviceSetComputeMode", Some("GPU-a")),
+            None
+        );
         s.faults.push(fault(None, Times::Always));
         for _ in 0..3 {
             assert_eq!(s.take_fault("nvmlDeviceSetComputeMode", None), Some(999));
         }
         s.faults.clear();
         s.faults.push(fault(None, Times::Once));
-        assert_eq!(s.take_fault("nvmlDeviceSetComputeMode", Some("GPU-x")), Some(999));
+        assert_eq!(
+            s.take_fault("nvmlDeviceSetComputeMode", Some("GPU-x")),
+            Some(999)
+        );
         assert!(s.faults.is_empty());
     }
 
     #[test]
     fn compute_mode_values_match_nvml() {
-        for m in [ComputeMode::Default, ComputeMode::Prohibited, ComputeMode::ExclusiveProcess] {
+        for m in [
+            ComputeMode::Default,
+            ComputeMode::Prohibited,
+            ComputeMode::ExclusiveProcess,
+        ] {
             assert_eq!(ComputeMode::from_nvml(m.nvml()), Some(m));
         }
         assert_eq!(ComputeMode::from_nvml(1), None);

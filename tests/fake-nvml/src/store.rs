@@ -125,8 +125,11 @@ impl StateStore {
         let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io(&dir))?;
         tmp.write_all(&bytes).map_err(io(tmp.path()))?;
         tmp.as_file().sync_all().map_err(io(&self.path))?;
-        tmp.persist(&self.path).map_err(|e| io(&self.path)(e.error))?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+        tmp.persist(&self.path)
+            .map_err(|e| io(&self.path)(e.error))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))?;
         Ok(())
     }
 }
@@ -174,7 +177,10 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(StateStore::new(&path, None).read().unwrap().mig_generation, 40);
+        assert_eq!(
+            StateStore::new(&path, None).read().unwrap().mig_generation,
+            40
+        );
     }
 
     #[test]

@@ -193,7 +193,11 @@ impl Topology {
                 .ok_or_else(|| {
                     invalid(format!(
                         "unknown node preset {key:?} (known: {})",
-                        presets::NODES.iter().map(|n| n.key).collect::<Vec<_>>().join(", ")
+                        presets::NODES
+                            .iter()
+                            .map(|n| n.key)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ))
                 })?
                 .gpus
@@ -220,7 +224,11 @@ impl Topology {
             let model = presets::model(model_key).ok_or_else(|| {
                 invalid(format!(
                     "gpus[{i}]: unknown model {model_key:?} (known: {})",
-                    presets::MODELS.iter().map(|m| m.key).collect::<Vec<_>>().join(", ")
+                    presets::MODELS
+                        .iter()
+                        .map(|m| m.key)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })?;
             let bus = match (&entry.pci_bus_id, base.get(i)) {
@@ -235,12 +243,17 @@ impl Topology {
                 return Err(invalid(format!("gpus[{i}]: {} has no MIG", model.key)));
             }
             if !entry.gpu_instances.is_empty() && !mig_mode {
-                return Err(invalid(format!("gpus[{i}]: gpuInstances need migMode: true")));
+                return Err(invalid(format!(
+                    "gpus[{i}]: gpuInstances need migMode: true"
+                )));
             }
             gpus.push(GpuSpec {
                 index,
                 model,
-                uuid: entry.uuid.clone().unwrap_or_else(|| ids::gpu_uuid(&seed, index)),
+                uuid: entry
+                    .uuid
+                    .clone()
+                    .unwrap_or_else(|| ids::gpu_uuid(&seed, index)),
                 minor: entry.minor.unwrap_or(index),
                 pci_bus_id,
                 mig_mode,
@@ -264,7 +277,9 @@ impl Topology {
             driver_version: file
                 .driver_version
                 .unwrap_or_else(|| DEFAULT_DRIVER_VERSION.to_string()),
-            cuda_driver_version: file.cuda_driver_version.unwrap_or(DEFAULT_CUDA_DRIVER_VERSION),
+            cuda_driver_version: file
+                .cuda_driver_version
+                .unwrap_or(DEFAULT_CUDA_DRIVER_VERSION),
             gpus,
         };
         // Static instances must obey the same rules as runtime creation.
@@ -328,8 +343,14 @@ mod tests {
 
     #[test]
     fn bus_ids_normalise() {
-        assert_eq!(normalize_bus_id("0000:18:00.0").unwrap(), "00000000:18:00.0");
-        assert_eq!(normalize_bus_id("00000000:ab:00.0").unwrap(), "00000000:AB:00.0");
+        assert_eq!(
+            normalize_bus_id("0000:18:00.0").unwrap(),
+            "00000000:18:00.0"
+        );
+        assert_eq!(
+            normalize_bus_id("00000000:ab:00.0").unwrap(),
+            "00000000:AB:00.0"
+        );
         assert_eq!(normalize_bus_id("18:00.0").unwrap(), "00000000:18:00.0");
         assert!(normalize_bus_id("zz").is_none());
     }

@@ -37,7 +37,10 @@ impl Machine {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("topology.yaml");
         std::fs::write(&path, topology).unwrap();
-        Machine { dir, topology: path }
+        Machine {
+            dir,
+            topology: path,
+        }
     }
 
     fn state(&self) -> PathBuf {
@@ -46,18 +49,30 @@ impl Machine {
 
     fn command(&self, program: &Path) -> Command {
         let mut c = Command::new(program);
-        c.env("FAKE_NVML_TOPOLOGY", &self.topology).env_remove("FAKE_NVML_STATE");
+        c.env("FAKE_NVML_TOPOLOGY", &self.topology)
+            .env_remove("FAKE_NVML_STATE");
         c
     }
 
     fn probe(&self) -> Value {
-        let out = self.command(&bin("fake-nvml-probe")).arg(cdylib()).output().unwrap();
-        assert!(out.status.success(), "probe failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .command(&bin("fake-nvml-probe"))
+            .arg(cdylib())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "probe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     fn smi(&self, args: &[&str]) -> Output {
-        self.command(&bin("nvidia-smi")).args(args).output().unwrap()
+        self.command(&bin("nvidia-smi"))
+            .args(args)
+            .output()
+            .unwrap()
     }
 }
 
@@ -68,12 +83,21 @@ fn stdout(o: &Output) -> String {
 #[test]
 fn nvml_wrapper_reads_back_every_model_preset() {
     for model in presets::MODELS.iter() {
-        let mig = if model.mig_capable() { "    migMode: true\n    gpuInstances: [{profile: 19}, {profile: 9, placement: 4}]\n" } else { "" };
+        let mig = if model.mig_capable() {
+            "    migMode: true\n    gpuInstances: [{profile: 19}, {profile: 9, placement: 4}]\n"
+        } else {
+            ""
+        };
         let m = Machine::new(&format!("gpus:\n  - model: {}\n{mig}", model.key));
         let v = m.probe();
         let g = &v["gpus"][0];
         assert_eq!(g["name"], model.name, "{}", model.key);
-        assert_eq!(g["memoryTotal"], model.memory_mib * 1024 * 1024, "{}", model.key);
+        assert_eq!(
+            g["memoryTotal"],
+            model.memory_mib * 1024 * 1024,
+            "{}",
+            model.key
+        );
         assert_eq!(g["computeCapability"][0], model.compute_capability.0);
         assert_eq!(g["computeCapability"][1], model.compute_capability.1);
         assert_eq!(g["pciDeviceId"], model.pci_device_id);
@@ -86,8 +110,14 @@ fn nvml_wrapper_reads_back_every_model_preset() {
             assert_eq!(devs.len(), 2, "{}", model.key);
             let three_g = model.gi_profile_by_id(9).unwrap();
             let names: Vec<&str> = devs.iter().map(|d| d["name"].as_str().unwrap()).collect();
-            assert!(names.contains(&format!("{} MIG {}", model.name, three_g.name).as_str()), "{names:?}");
-            assert!(devs.iter().all(|d| d["parentUuid"] == g["uuid"] && d["isMig"] == true));
+            assert!(
+                names.contains(&format!("{} MIG {}", model.name, three_g.name).as_str()),
+                "{names:?}"
+            );
+            assert!(
+                devs.iter()
+                    .all(|d| d["parentUuid"] == g["uuid"] && d["isMig"] == true)
+            );
             // nvml-wrapper 0.13 drops what the placements symbol returns (README).
             assert_eq!(g["wrapperPossiblePlacements3g"], 0, "{}", model.key);
         } else {
@@ -102,7 +132,10 @@ fn nvml_wrapper_reads_back_every_model_preset() {
 
 fn v_arch(model: &str) -> String {
     let m = Machine::new(&format!("gpus: [{{model: {model}}}]\n"));
-    m.probe()["gpus"][0]["architecture"].as_str().unwrap().to_string()
+    m.probe()["gpus"][0]["architecture"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
@@ -130,11 +163,17 @@ fn nvidia_smi_and_the_library_agree_on_state() {
     );
     let before = m.probe();
     let gpu1 = before["gpus"][1]["uuid"].as_str().unwrap().to_string();
-    let mig_uuid = before["gpus"][0]["migDevices"][0]["uuid"].as_str().unwrap().to_string();
+    let mig_uuid = before["gpus"][0]["migDevices"][0]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // What nvidia-smi lists is what NVML reports.
     let list = stdout(&m.smi(&["-L"]));
-    assert!(list.contains(&format!("GPU 1: NVIDIA H100 80GB HBM3 (UUID: {gpu1})")), "{list}");
+    assert!(
+        list.contains(&format!("GPU 1: NVIDIA H100 80GB HBM3 (UUID: {gpu1})")),
+        "{list}"
+    );
     assert!(list.contains(&format!("(UUID: {mig_uuid})")), "{list}");
 
     // nvidia-smi changes, a fresh NVML process sees them, and so does the control API.
@@ -143,18 +182,32 @@ fn nvidia_smi_and_the_library_agree_on_state() {
     let o = m.smi(&["compute-policy", "-i", &gpu1, "--set-timeslice", "3"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = m.smi(&["-i", "2", "-mig", "1"]);
-    assert!(stdout(&o).contains("Enabled MIG Mode for GPU 00000000:3A:00.0"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("Enabled MIG Mode for GPU 00000000:3A:00.0"),
+        "{}",
+        stdout(&o)
+    );
     let o = m.smi(&["-i", "2", "-r"]);
-    assert!(stdout(&o).contains("GPU 00000000:3A:00.0 was successfully reset."), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("GPU 00000000:3A:00.0 was successfully reset."),
+        "{}",
+        stdout(&o)
+    );
     let after = m.probe();
     assert_eq!(after["gpus"][1]["computeMode"], "ExclusiveProcess");
     assert_eq!(after["gpus"][2]["migCurrent"], 1);
     assert_eq!(after["gpus"][0]["migDevices"][0]["uuid"], mig_uuid.as_str());
     let state = control::read_state(&m.state()).unwrap();
-    assert_eq!(state.gpus[&gpu1].compute_mode, ComputeMode::ExclusiveProcess);
+    assert_eq!(
+        state.gpus[&gpu1].compute_mode,
+        ComputeMode::ExclusiveProcess
+    );
     assert_eq!(state.gpus[&gpu1].timeslice, 3);
     let q = stdout(&m.smi(&["-q", "-i", "1"]));
-    assert!(q.contains("Exclusive_Process") && q.contains("Timeslice                         : Long"), "{q}");
+    assert!(
+        q.contains("Exclusive_Process") && q.contains("Timeslice                         : Long"),
+        "{q}"
+    );
     let listed = stdout(&m.smi(&["compute-policy", "-l", "-i", &gpu1]));
     assert!(listed.contains("Long"), "{listed}");
 
@@ -166,7 +219,12 @@ fn nvidia_smi_and_the_library_agree_on_state() {
     // Faults injected for an NVML function reach nvidia-smi and NVML users alike.
     control::inject_fault(
         &m.state(),
-        Fault { function: "nvmlDeviceSetComputeMode".into(), gpu_uuid: None, error: 999, times: Times::N(1) },
+        Fault {
+            function: "nvmlDeviceSetComputeMode".into(),
+            gpu_uuid: None,
+            error: 999,
+            times: Times::N(1),
+        },
     )
     .unwrap();
     assert_eq!(m.smi(&["-i", "0", "-c", "0"]).status.code(), Some(255));
@@ -185,12 +243,17 @@ fn xid_injected_from_outside_reaches_an_nvml_event_set() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    let uuid = control::load_topology(&m.topology).unwrap().gpus[0].uuid.clone();
+    let uuid = control::load_topology(&m.topology).unwrap().gpus[0]
+        .uuid
+        .clone();
     control::inject_xid(&m.state(), &uuid, 48).unwrap();
     let rest: String = lines.map(|l| l.unwrap()).collect();
     assert!(child.wait().unwrap().success());
     let v: Value = serde_json::from_str(&rest).unwrap();
-    assert_eq!((v["uuid"].as_str(), v["xid"].as_u64()), (Some(uuid.as_str()), Some(48)));
+    assert_eq!(
+        (v["uuid"].as_str(), v["xid"].as_u64()),
+        (Some(uuid.as_str()), Some(48))
+    );
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -219,7 +282,11 @@ fn mps_control_daemon_records_client_limits() {
     assert!(pipe.join("control").exists());
     assert!(!mps(&["-d"]).output().unwrap().status.success());
 
-    let mut client = mps(&[]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut client = mps(&[])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     client
         .stdin
         .take()
@@ -241,9 +308,13 @@ fn mps_control_daemon_records_client_limits() {
     let mut quit = mps(&[]).stdin(Stdio::piped()).spawn().unwrap();
     quit.stdin.take().unwrap().write_all(b"quit\n").unwrap();
     assert!(quit.wait().unwrap().success());
-    wait_until("the daemon to remove its pipe files", || !pipe.join("control").exists());
+    wait_until("the daemon to remove its pipe files", || {
+        !pipe.join("control").exists()
+    });
     let pid = d.pid;
-    wait_until("the daemon process to exit", || !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid));
+    wait_until("the daemon process to exit", || {
+        !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid)
+    });
     assert!(!control::read_state(&m.state()).unwrap().mps_daemons[&key].running);
 }
 

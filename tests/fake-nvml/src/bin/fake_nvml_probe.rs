@@ -51,7 +51,9 @@ fn probe(lib: &OsStr) -> Result<Value, nvml_wrapper::error::NvmlError> {
             Ok(m) => {
                 let mut devs = Vec::new();
                 for n in 0..d.mig_device_count()? {
-                    let Ok(m) = d.mig_device_by_index(n) else { continue };
+                    let Ok(m) = d.mig_device_by_index(n) else {
+                        continue;
+                    };
                     devs.push(json!({
                         "uuid": m.uuid()?,
                         "name": m.name()?,
@@ -98,7 +100,9 @@ fn wait_xid(lib: &OsStr, timeout_ms: u32) -> Result<Value, nvml_wrapper::error::
     let nvml = Nvml::builder().lib_path(lib).init()?;
     let mut set = nvml.create_event_set()?;
     for i in 0..nvml.device_count()? {
-        set = nvml.device_by_index(i)?.register_events(EventTypes::CRITICAL_XID_ERROR, set)
+        set = nvml
+            .device_by_index(i)?
+            .register_events(EventTypes::CRITICAL_XID_ERROR, set)
             .map_err(|e| e.error)?;
     }
     println!("ready");

@@ -21,7 +21,13 @@ fn main() {
     };
     let env = MpsEnv::from_env();
     let code = match args.first().map(String::as_str) {
-        None => mps::client(&store, &env, &mut std::io::stdin().lock(), &mut std::io::stdout(), &mut std::io::stderr()),
+        None => mps::client(
+            &store,
+            &env,
+            &mut std::io::stdin().lock(),
+            &mut std::io::stdout(),
+            &mut std::io::stderr(),
+        ),
         Some("-f") => {
             let pid = std::process::id();
             match mps::record_start(&store, &env, pid) {

@@ -3,6 +3,11 @@
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let machine = nvidia_ml::machine::Machine::from_env();
-    let code = nvidia_ml::smi::run(&args, machine, &mut std::io::stdout(), &mut std::io::stderr());
+    let code = nvidia_ml::smi::run(
+        &args,
+        machine,
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+    );
     std::process::exit(code);
 }
