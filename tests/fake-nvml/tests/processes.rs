@@ -50,6 +50,7 @@ impl Machine {
     fn command(&self, program: &Path) -> Command {
         let mut c = Command::new(program);
         c.env("FAKE_NVML_TOPOLOGY", &self.topology)
+            .env("FAKE_NVML_PROC_ROOT", self.dir.path().join("proc"))
             .env_remove("FAKE_NVML_STATE");
         c
     }
@@ -167,6 +168,12 @@ fn nvidia_smi_and_the_library_agree_on_state() {
         .as_str()
         .unwrap()
         .to_string();
+    let caps = m
+        .dir
+        .path()
+        .join("proc/driver/nvidia/capabilities/gpu0/mig/gi1");
+    let access = std::fs::read_to_string(caps.join("ci0/access")).unwrap();
+    assert!(access.starts_with("DeviceFileMinor: 13\n"), "{access}");
 
     // What nvidia-smi lists is what NVML reports.
     let list = stdout(&m.smi(&["-L"]));
