@@ -674,6 +674,35 @@ mod tests {
     }
 
     #[test]
+    fn empty_gpu_placements_and_capacities_match_the_mig_user_guide() {
+        // `nvidia-smi mig -lgipp` / `-lgip` on an empty A100 or H100 (same layout).
+        let documented: [(u32, &[u32], u32, u32); 7] = [
+            (19, &[0, 1, 2, 3, 4, 5, 6], 1, 7),
+            (20, &[0, 1, 2, 3, 4, 5, 6], 1, 1),
+            (15, &[0, 2, 4, 6], 2, 4),
+            (14, &[0, 2, 4], 2, 3),
+            (9, &[0, 4], 4, 2),
+            (5, &[0], 4, 1),
+            (0, &[0], 8, 1),
+        ];
+        for model in ["A100-SXM4-40GB", "A100-SXM4-80GB", "H100-SXM5-80GB", "H200"] {
+            let t = topo(model);
+            let mut s = initial_state(&t).unwrap();
+            with(&t, &mut s, |e| {
+                for (id, starts, size, capacity) in documented {
+                    let want: Vec<(u32, u32)> = starts.iter().map(|s| (*s, size)).collect();
+                    assert_eq!(e.possible_placements(0, id).unwrap(), want, "{model} {id}");
+                    assert_eq!(
+                        e.gpu_instance_remaining_capacity(0, id),
+                        Ok(capacity),
+                        "{model} {id}"
+                    );
+                }
+            });
+        }
+    }
+
+    #[test]
     fn a100_placement_and_capacity_rules() {
         let t = topo("A100-SXM4-40GB");
         let mut s = initial_state(&t).unwrap();
