@@ -342,6 +342,19 @@ mod tests {
     }
 
     #[test]
+    fn shipped_sample_topologies_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let t = Topology::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(!t.gpus.is_empty());
+            n += 1;
+        }
+        assert!(n >= 4);
+    }
+
+    #[test]
     fn bus_ids_normalise() {
         assert_eq!(
             normalize_bus_id("0000:18:00.0").unwrap(),
