@@ -20,3 +20,6 @@ pub use registration::{
 };
 pub use server::{PluginServer, PluginServerConfig, SHUTDOWN_GRACE, ServerError};
 pub use socket::{SocketError, UnixSocket};
+
+#[cfg(test)]
+mod tests;
