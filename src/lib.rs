@@ -3,6 +3,10 @@
 //! The node plugin discovers GPUs through NVML, publishes them as ResourceSlices,
 //! and prepares ResourceClaims (compute policy + CDI spec) when the kubelet asks.
 //! See `README.md` for the architecture picture; each module's docs say what it owns.
+
 pub mod claims;
+pub mod cli;
+pub mod logging;
 pub mod plugin;
 pub mod proto;
+pub mod run;
