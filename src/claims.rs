@@ -68,9 +68,9 @@ pub enum ClaimError {
         name: String,
         /// UID the kubelet asked for.
         uid: String,
-        /// Underlying client error.
+        /// Underlying client error (boxed: it is large and rare).
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
 }
 
@@ -174,7 +174,7 @@ impl ClaimSource {
                 namespace: wanted.namespace.clone(),
                 name: wanted.name.clone(),
                 uid: wanted.uid.clone(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -183,10 +183,10 @@ impl ClaimSource {
 impl ClaimLookup for ClaimSource {
     async fn get(&self, claim: &ClaimRef) -> Result<Arc<ResourceClaim>, ClaimError> {
         let key = ObjectRef::new(&claim.name).within(&claim.namespace);
-        if let Some(cached) = self.store.get(&key) {
-            if cache_answers(claim, &cached) {
-                return Ok(cached);
-            }
+        if let Some(cached) = self.store.get(&key)
+            && cache_answers(claim, &cached)
+        {
+            return Ok(cached);
         }
         debug!(claim.uid = %claim.uid, "claim cache miss; asking the API server");
         self.fetch(claim).await
