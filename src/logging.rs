@@ -46,11 +46,13 @@ pub fn filter(filter: &str) -> Result<EnvFilter, LoggingError> {
 
 /// Installs the global subscriber writing `format` lines to stderr at `level`.
 pub fn init(format: LogFormat, level: &str) -> Result<(), LoggingError> {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = filter(level)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.finish().try_init(),
         LogFormat::Json => builder
