@@ -187,3 +187,51 @@ async fn api_failure_keeps_its_source() {
     assert!(std::error::Error::source(&err).is_some());
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn watch_fills_the_cache_from_all_namespaces() {
+    let (client, mut handle) = mock_client();
+    let (source, watch) = ClaimSource::new(client);
+    let watch = tokio::spawn(watch.run());
+
+    let (request, send) = handle.next_request().await.expect("initial list");
+    assert_eq!(request.method(), http::Method::GET);
+    assert_eq!(
+        request.uri().path(),
+        "/apis/resource.k8s.io/v1/resourceclaims"
+    );
+    let mut listed = serde_json::to_value(claim("u1", true)).unwrap();
+    listed["metadata"]["managedFields"] = serde_json::json!([{"manager": "kube-scheduler"}]);
+    send.send_response(json(
+        200,
+        &serde_json::json!({
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaimList",
+            "metadata": {"resourceVersion": "10"},
+            "items": [listed],
+        }),
+    ));
+    tokio::time::timeout(std::time::Duration::from_secs(5), source.ready())
+        .await
+        .expect("cache ready within the deadline")
+        .unwrap();
+    // Served from the cache: the next request the mock sees is the watch, not a GET.
+    let found = source.get(&claim_ref("u1")).await.unwrap();
+    assert!(
+        found
+            .metadata
+            .managed_fields
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty()
+    );
+    let (request, _send) = handle.next_request().await.expect("watch request");
+    assert!(
+        request
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .contains("watch=true")
+    );
+    watch.abort();
+}
