@@ -6,7 +6,13 @@
 
 pub mod cdi;
 pub mod checkpoint;
+pub mod claims;
+pub mod cli;
 pub mod config;
 pub mod devnodes;
+pub mod logging;
+pub mod plugin;
 pub mod prepare;
+pub mod proto;
+pub mod run;
 pub mod sharing;

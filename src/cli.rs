@@ -1,0 +1,262 @@
+//! Command line of the `gpu-dra` binary (clap derive).
+//!
+//! Owns flag names, environment variables (`GPU_DRA_*`), defaults and the paths derived
+//! from them. Defaults match the kubelet's directories, and the kubelet paths follow
+//! its plugin watcher conventions (KUBELET-PROTOCOL.md section 1). It must not do I/O:
+//! `crate::run` acts on the parsed arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+/// Default DRA driver name; `--driver-name gpu.nvidia.com` serves NVIDIA's claims.
+pub const DEFAULT_DRIVER_NAME: &str = "gpu.gpu-dra.dev";
+
+/// Kubernetes DRA driver for NVIDIA GPUs.
+#[derive(Debug, Parser)]
+#[command(name = "gpu-dra", version, about, long_about = None)]
+pub struct Cli {
+    /// Logging options (valid for every subcommand).
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands of `gpu-dra`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node plugin (DaemonSet on GPU nodes): publish ResourceSlices and
+    /// prepare claims for the kubelet.
+    KubeletPlugin(PluginArgs),
+    /// Print the GPUs discovered on this machine, or with --slices the ResourceSlices
+    /// the plugin would publish, as YAML.
+    Inventory(InventoryArgs),
+    /// Run the validating admission webhook for opaque device configs.
+    Webhook(WebhookArgs),
+}
+
+/// Logging flags, shared by all subcommands.
+#[derive(Clone, Debug, Args)]
+pub struct LogArgs {
+    /// Log line format on stderr.
+    #[arg(long, env = "GPU_DRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter in RUST_LOG syntax, e.g. "info" or "info,gpu_dra::plugin=debug".
+    #[arg(long, env = "GPU_DRA_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+}
+
+/// Flags of `gpu-dra kubelet-plugin`.
+#[derive(Clone, Debug, Args)]
+pub struct PluginArgs {
+    /// DRA driver name: used in ResourceSlices, socket names and CDI; must match the
+    /// DeviceClasses. "gpu.nvidia.com" makes claims written for NVIDIA's driver work.
+    #[arg(long, env = "GPU_DRA_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME, value_parser = parse_driver_name)]
+    pub driver_name: String,
+    /// Name of the Kubernetes Node this plugin runs on (also the pool name); in a
+    /// DaemonSet set GPU_DRA_NODE_NAME from the downward API (spec.nodeName).
+    #[arg(long, env = "GPU_DRA_NODE_NAME", value_parser = parse_non_empty)]
+    pub node_name: String,
+    /// Kubelet root directory; sockets go to <root>/plugins_registry and
+    /// <root>/plugins/<driver>. Must be the same path inside and outside the container.
+    #[arg(long, env = "GPU_DRA_KUBELET_ROOT", default_value = "/var/lib/kubelet", value_parser = parse_absolute)]
+    pub kubelet_root: PathBuf,
+    /// Directory for the CDI spec files the container runtime reads.
+    #[arg(long, env = "GPU_DRA_CDI_ROOT", default_value = "/var/run/cdi", value_parser = parse_absolute)]
+    pub cdi_root: PathBuf,
+    /// Kubeconfig file; without it the in-cluster config (or $KUBECONFIG / ~/.kube/config) is used.
+    #[arg(long, env = "GPU_DRA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Path of libnvidia-ml.so to load instead of the system's libnvidia-ml.so.1.
+    #[arg(long, env = "GPU_DRA_NVML_LIB_PATH")]
+    pub nvml_lib_path: Option<PathBuf>,
+    /// nvidia-smi executable (sets the time slice via `compute-policy`); looked up in PATH if bare.
+    #[arg(long, env = "GPU_DRA_NVIDIA_SMI_PATH", default_value = "nvidia-smi")]
+    pub nvidia_smi_path: PathBuf,
+    /// MPS control daemon executable; looked up in PATH if bare.
+    #[arg(
+        long,
+        env = "GPU_DRA_MPS_CONTROL_PATH",
+        default_value = "nvidia-cuda-mps-control"
+    )]
+    pub mps_control_path: PathBuf,
+    /// Host /proc as seen by the plugin (boot id, process checks).
+    #[arg(long, env = "GPU_DRA_PROC_ROOT", default_value = "/proc", value_parser = parse_absolute)]
+    pub proc_root: PathBuf,
+    /// Host /dev as seen by the plugin (GPU and MIG capability device nodes).
+    #[arg(long, env = "GPU_DRA_DEV_ROOT", default_value = "/dev", value_parser = parse_absolute)]
+    pub dev_root: PathBuf,
+}
+
+impl PluginArgs {
+    /// Registration socket: `<kubelet-root>/plugins_registry/<driver>-reg.sock`.
+    pub fn registration_socket(&self) -> PathBuf {
+        self.kubelet_root
+            .join("plugins_registry")
+            .join(format!("{}-reg.sock", self.driver_name))
+    }
+
+    /// Plugin data directory (checkpoint, MPS dirs): `<kubelet-root>/plugins/<driver>`.
+    pub fn plugin_data_dir(&self) -> PathBuf {
+        self.kubelet_root.join("plugins").join(&self.driver_name)
+    }
+
+    /// DRA service socket: `<kubelet-root>/plugins/<driver>/dra.sock`.
+    pub fn dra_socket(&self) -> PathBuf {
+        self.plugin_data_dir().join("dra.sock")
+    }
+
+    /// Checkpoint file: `<kubelet-root>/plugins/<driver>/checkpoint.json`.
+    pub fn checkpoint_file(&self) -> PathBuf {
+        self.plugin_data_dir().join("checkpoint.json")
+    }
+}
+
+/// Flags of `gpu-dra inventory`.
+#[derive(Clone, Debug, Args)]
+pub struct InventoryArgs {
+    /// Print the ResourceSlices the plugin would publish (YAML) instead of the devices.
+    #[arg(long, env = "GPU_DRA_SLICES", requires = "node_name")]
+    pub slices: bool,
+    /// Node name used as pool name and in the slices; required with --slices.
+    #[arg(long, env = "GPU_DRA_NODE_NAME", value_parser = parse_non_empty)]
+    pub node_name: Option<String>,
+    /// DRA driver name written into the slices.
+    #[arg(long, env = "GPU_DRA_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME, value_parser = parse_driver_name)]
+    pub driver_name: String,
+    /// Path of libnvidia-ml.so to load instead of the system's libnvidia-ml.so.1.
+    #[arg(long, env = "GPU_DRA_NVML_LIB_PATH")]
+    pub nvml_lib_path: Option<PathBuf>,
+}
+
+/// Flags of `gpu-dra webhook`.
+#[derive(Clone, Debug, Args)]
+pub struct WebhookArgs {
+    /// Address and port the HTTPS server listens on.
+    #[arg(long, env = "GPU_DRA_BIND_ADDRESS", default_value = "0.0.0.0:8443")]
+    pub bind_address: std::net::SocketAddr,
+    /// PEM certificate chain served to the API server.
+    #[arg(long, env = "GPU_DRA_TLS_CERT_FILE")]
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of the certificate.
+    #[arg(long, env = "GPU_DRA_TLS_KEY_FILE")]
+    pub tls_key_file: PathBuf,
+}
+
+/// Accepts a DRA driver name: a lowercase DNS subdomain of at most 63 characters.
+pub fn parse_driver_name(name: &str) -> Result<String, String> {
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if name.len() > 63 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{name:?} is not a valid driver name: use a lowercase DNS subdomain of at most 63 characters, e.g. {DEFAULT_DRIVER_NAME}"
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn parse_non_empty(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    Ok(value.to_owned())
+}
+
+fn parse_absolute(value: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(value);
+    if !path.is_absolute() {
+        return Err(format!("{value:?} must be an absolute path"));
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_an_env_var_and_help() {
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if arg.get_id() == "help" || arg.get_id() == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_env().is_some(),
+                    "{} --{} has no env var",
+                    sub.get_name(),
+                    arg.get_id()
+                );
+                assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());
+            }
+        }
+    }
+
+    #[test]
+    fn plugin_defaults_and_paths() {
+        let cli =
+            Cli::try_parse_from(["gpu-dra", "kubelet-plugin", "--node-name", "node-1"]).unwrap();
+        let Command::KubeletPlugin(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(args.driver_name, "gpu.gpu-dra.dev");
+        assert_eq!(
+            args.registration_socket(),
+            PathBuf::from("/var/lib/kubelet/plugins_registry/gpu.gpu-dra.dev-reg.sock")
+        );
+        assert_eq!(
+            args.dra_socket(),
+            PathBuf::from("/var/lib/kubelet/plugins/gpu.gpu-dra.dev/dra.sock")
+        );
+        assert_eq!(
+            args.checkpoint_file(),
+            PathBuf::from("/var/lib/kubelet/plugins/gpu.gpu-dra.dev/checkpoint.json")
+        );
+        assert_eq!(args.cdi_root, PathBuf::from("/var/run/cdi"));
+        assert_eq!(cli.log.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        for argv in [
+            &["gpu-dra", "kubelet-plugin"][..],
+            &[
+                "gpu-dra",
+                "kubelet-plugin",
+                "--node-name",
+                "n",
+                "--driver-name",
+                "GPU.x",
+            ],
+            &[
+                "gpu-dra",
+                "kubelet-plugin",
+                "--node-name",
+                "n",
+                "--kubelet-root",
+                "rel",
+            ],
+            &["gpu-dra", "inventory", "--slices"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+        assert!(parse_driver_name("gpu.nvidia.com").is_ok());
+    }
+}

@@ -1,0 +1,25 @@
+//! Kubelet plugin endpoint: the registration socket and the DRA node service.
+//!
+//! Owns the two Unix sockets the kubelet talks to (KUBELET-PROTOCOL.md sections 1-2)
+//! and the translation between the kubelet's gRPC messages and the [`NodeDriver`]
+//! trait. It must not prepare anything itself: preparing is the `prepare` module's
+//! job behind [`NodeDriver`]. `tonic::Status` is built only here, at the edge, and only
+//! for requests that cannot be answered at all; per-claim failures travel as per-claim
+//! error strings, as the kubelet expects (every claim in a request gets an entry).
+
+mod dra;
+mod driver;
+mod registration;
+mod server;
+mod socket;
+
+pub use dra::{DraV1, DraV1beta1, MISSING_ANSWER};
+pub use driver::{ClaimRef, NodeDriver, PreparedDevice};
+pub use registration::{
+    DRA_PLUGIN_TYPE, RegistrationService, RegistrationState, SUPPORTED_VERSIONS,
+};
+pub use server::{PluginServer, PluginServerConfig, SHUTDOWN_GRACE, ServerError};
+pub use socket::{SocketError, UnixSocket};
+
+#[cfg(test)]
+mod tests;
