@@ -277,6 +277,15 @@ pub enum ReconcileError {
         #[source]
         source: kube::Error,
     },
+    /// Reading the Node (for its UID) failed.
+    #[error("reading Node {node}")]
+    NodeLookup {
+        /// Node name.
+        node: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// The watch of our slices ended (the stream is infinite unless the client is gone).
     #[error("watch of ResourceSlices for node {node} ended")]
     WatchEnded {
@@ -316,6 +325,23 @@ impl Reconciler {
         }
     }
 
+    /// Like [`Reconciler::new`], reading the Node's UID (for the owner reference) from the
+    /// API server.
+    pub async fn for_node(
+        client: kube::Client,
+        driver: &str,
+        node: &str,
+        features: SliceFeatures,
+    ) -> Result<Self, ReconcileError> {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        let found = nodes
+            .get(node)
+            .await
+            .map_err(|source| ReconcileError::NodeLookup { node: node.to_string(), source })?;
+        let uid = found.metadata.uid.unwrap_or_default();
+        Ok(Self::new(client, driver, node, &uid, features))
+    }
+
     /// Field selector for this driver's slices on this node.
     pub fn field_selector(driver: &str, node: &str) -> String {
         format!("spec.nodeName={node},spec.driver={driver}")
@@ -343,23 +369,23 @@ impl Reconciler {
         let mut retry = std::pin::pin!(retry);
         let mut retry_pending = false;
         loop {
-            tokio::select! {
-                () = &mut shutdown => return Ok(()),
-                changed = inventory.changed(), if inventory_open => {
-                    // A closed sender leaves the last inventory in place.
-                    inventory_open = changed.is_ok();
-                    dirty = true;
-                }
-                event = events.next() => match event {
-                    Some(Ok(watcher::Event::InitDone)) => { ready = true; dirty = true; }
-                    Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
-                    Some(Ok(_)) => dirty = true,
-                    Some(Err(e)) => tracing::warn!(error = %e, node = %self.node, "watching ResourceSlices"),
-                    None => return Err(ReconcileError::WatchEnded { node: self.node.clone() }),
-                },
-                () = &mut retry, if retry_pending => { retry_pending = false; dirty = true; }
-            }
             if !(dirty && ready) || retry_pending {
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    changed = inventory.changed(), if inventory_open => {
+                        // A closed sender leaves the last inventory in place.
+                        inventory_open = changed.is_ok();
+                        dirty = true;
+                    }
+                    event = events.next() => match event {
+                        Some(Ok(watcher::Event::InitDone)) => { ready = true; dirty = true; }
+                        Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
+                        Some(Ok(_)) => dirty = true,
+                        Some(Err(e)) => tracing::warn!(error = %e, node = %self.node, "watching ResourceSlices"),
+                        None => return Err(ReconcileError::WatchEnded { node: self.node.clone() }),
+                    },
+                    () = &mut retry, if retry_pending => { retry_pending = false; dirty = true; }
+                }
                 continue;
             }
             dirty = false;
@@ -652,5 +678,119 @@ mod tests {
             Reconciler::field_selector(DRIVER, "node-a"),
             "spec.nodeName=node-a,spec.driver=gpu.gpu-dra.dev"
         );
+    }
+}
+
+/// The loop against a mock API server (tower-test), no cluster needed.
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+    use crate::inventory::fixtures::dgx_h100;
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+    use std::sync::{Arc, Mutex};
+
+    const DRIVER: &str = "gpu.gpu-dra.dev";
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn ok(v: &Value) -> Response<Body> {
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(v).expect("json")))
+            .expect("response")
+    }
+
+    /// A minimal API server for our ResourceSlices: answers the initial list (empty), keeps
+    /// watches open and idle, records server-side applies and stores them without device
+    /// taints, as an API server with DRADeviceTaints off does.
+    async fn serve(mut handle: Handle, applied: Arc<Mutex<Vec<Value>>>) {
+        let mut idle_watches = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let uri = req.uri().to_string();
+            let method = req.method().clone();
+            if method == Method::GET && uri.contains("watch=true") {
+                idle_watches.push(send);
+                continue;
+            }
+            if method == Method::GET {
+                assert!(uri.contains("spec.nodeName%3Dnode-a") && uri.contains("spec.driver%3Dgpu.gpu-dra.dev"), "{uri}");
+                send.send_response(ok(&json!({
+                    "apiVersion": "resource.k8s.io/v1",
+                    "kind": "ResourceSliceList",
+                    "metadata": {"resourceVersion": "1"},
+                    "items": []
+                })));
+                continue;
+            }
+            assert_eq!(method, Method::PATCH, "{uri}");
+            assert!(uri.contains("fieldManager=gpu.gpu-dra.dev") && uri.contains("force=true"), "{uri}");
+            let body = req.into_body().collect_bytes().await.expect("body");
+            let mut obj: Value = serde_json::from_slice(&body).expect("apply body is JSON");
+            applied.lock().expect("lock").push(obj.clone());
+            for d in obj["spec"]["devices"].as_array_mut().into_iter().flatten() {
+                d.as_object_mut().expect("device object").remove("taints");
+            }
+            obj["metadata"]["uid"] = json!("uid-slice");
+            obj["metadata"]["resourceVersion"] = json!("2");
+            send.send_response(ok(&obj));
+        }
+    }
+
+    async fn wait_for(rx: &mut watch::Receiver<PublishStatus>, f: impl Fn(&PublishStatus) -> bool) -> PublishStatus {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let current = rx.borrow_and_update().clone();
+                if f(&current) {
+                    return current;
+                }
+                rx.changed().await.expect("status sender alive");
+            }
+        })
+        .await
+        .expect("status reached before the deadline")
+    }
+
+    #[tokio::test]
+    async fn publishes_falls_back_once_on_dropped_field_and_republishes_on_change() {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "default");
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let server = tokio::spawn(serve(handle, applied.clone()));
+
+        let mut inv = dgx_h100();
+        inv.gpus[0].mig.pending = true; // gpu-0 gets a taint
+        let (inv_tx, inv_rx) = watch::channel(inv.clone());
+        let (status_tx, mut status_rx) = watch::channel(PublishStatus::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let reconciler = Reconciler::new(client, DRIVER, "node-a", "uid-1", SliceFeatures::default());
+        let task = tokio::spawn(reconciler.run(inv_rx, status_tx, async {
+            let _ = stop_rx.await;
+        }));
+
+        let st = wait_for(&mut status_rx, |s| s.generation == 2).await;
+        assert_eq!(st.dropped_fields, BTreeSet::from(["spec.devices[*].taints".to_string()]));
+        assert!(st.in_sync);
+        {
+            let a = applied.lock().expect("lock");
+            assert_eq!(a.len(), 2, "one apply with taints, one without");
+            assert_eq!(a[0]["metadata"]["name"], "node-a-gpu-gpu-dra-dev-00");
+            assert!(a[0]["spec"]["devices"][0].get("taints").is_some());
+            assert!(a[1]["spec"]["devices"][0].get("taints").is_none());
+            assert_eq!(a[1]["spec"]["pool"]["generation"], 2);
+            assert_eq!(a[1]["metadata"]["ownerReferences"][0]["kind"], "Node");
+        }
+
+        inv.gpus.pop();
+        inv_tx.send(inv).expect("send inventory");
+        let st = wait_for(&mut status_rx, |s| s.generation == 3).await;
+        assert_eq!(st.devices, 10);
+        assert_eq!(applied.lock().expect("lock").len(), 3);
+
+        stop_tx.send(()).expect("stop");
+        task.await.expect("join").expect("clean stop");
+        server.abort();
     }
 }
