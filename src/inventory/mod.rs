@@ -1,0 +1,18 @@
+//! GPU inventory: what this node has, as plain owned data.
+//!
+//! Owns the inventory model ([`model`]), its discovery through NVML ([`nvml`], behind the
+//! [`Discover`] trait so callers can substitute a fixed inventory) and its printouts for the
+//! `inventory` subcommand ([`render`]). It must not publish anything or change GPU settings:
+//! discovery is read-only. Names and attributes follow NVIDIA's reference DRA driver
+//! (design/COMPAT.md).
+
+pub mod fixtures;
+pub mod model;
+pub mod nvml;
+pub mod render;
+
+pub use model::{
+    ComputeCapability, DeviceRef, Gpu, Inventory, MigDevice, MigProfile, MigState, Placement,
+};
+pub use nvml::{Discover, DiscoverError, FixedInventory, NvmlDiscovery};
+pub use render::{render_inventory, render_inventory_yaml, render_slices, RenderError};

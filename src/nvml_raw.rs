@@ -1,0 +1,115 @@
+//! Safe wrappers over the few NVML calls nvml-wrapper 0.13 does not expose safely.
+//!
+//! Owns every `unsafe` block of the gpu-dra crate: the raw symbols are reached through
+//! `Nvml::lib()` (resolved by nvml-wrapper at init) and called with nvml-wrapper-sys
+//! types. Each block states why it is sound. Read-only queries only live here for now:
+//! possible GPU instance placements (the wrapper's `possible_placements()` returns an
+//! empty list), the GPU / compute instance ids of a MIG device handle, and the info
+//! (profile id, placement) of a GPU instance. Callers get owned data and
+//! `NvmlError`s; nothing here keeps NVML handles beyond one call.
+#![allow(unsafe_code)]
+
+use nvml_wrapper::Device;
+use nvml_wrapper::error::{NvmlError, nvml_sym, nvml_try, nvml_try_count};
+use nvml_wrapper_sys::bindings::{
+    nvmlGpuInstance_t, nvmlGpuInstanceInfo_t, nvmlGpuInstancePlacement_t,
+};
+
+/// Placement of a GPU instance in memory slices, as NVML returns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawPlacement {
+    /// First memory slice (inclusive).
+    pub start: u32,
+    /// Number of memory slices.
+    pub size: u32,
+}
+
+/// Identity and placement of an existing GPU instance (`nvmlGpuInstanceInfo_t` minus handles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuInstanceInfo {
+    /// GPU instance id.
+    pub id: u32,
+    /// GPU instance profile id (`nvmlGpuInstanceProfileInfo_t.id`).
+    pub profile_id: u32,
+    /// Placement in memory slices.
+    pub placement: RawPlacement,
+}
+
+/// Possible placements of GPU instance profile `profile_index` (an `NVML_GPU_INSTANCE_PROFILE_*`
+/// index) on `device`, through `nvmlDeviceGetGpuInstancePossiblePlacements_v2`.
+///
+/// Errors: `NotSupported` when MIG is off or the profile does not exist on this GPU.
+pub fn gpu_instance_possible_placements(
+    device: &Device<'_>,
+    profile_index: u32,
+) -> Result<Vec<RawPlacement>, NvmlError> {
+    let sym = nvml_sym(
+        device
+            .nvml()
+            .lib()
+            .nvmlDeviceGetGpuInstancePossiblePlacements_v2
+            .as_ref(),
+    )?;
+    let mut count: u32 = 0;
+    // SAFETY: the handle comes from a live `Device` borrowed from an initialised `Nvml`
+    // (its lifetime keeps the library loaded and initialised). A null placements pointer
+    // asks NVML only for the count, written to `count`, a valid local.
+    nvml_try_count(unsafe {
+        sym(device.handle(), profile_index, std::ptr::null_mut(), &mut count)
+    })?;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let mut buf = vec![nvmlGpuInstancePlacement_t { start: 0, size: 0 }; count as usize];
+    // SAFETY: as above for the handle; `buf` holds exactly `count` initialised
+    // elements and NVML writes at most `count` of them, then updates `count` to the
+    // number written.
+    nvml_try(unsafe { sym(device.handle(), profile_index, buf.as_mut_ptr(), &mut count) })?;
+    buf.truncate(count as usize);
+    Ok(buf
+        .into_iter()
+        .map(|p| RawPlacement { start: p.start, size: p.size })
+        .collect())
+}
+
+/// GPU instance id of a MIG device handle (`nvmlDeviceGetGpuInstanceId`).
+pub fn mig_gpu_instance_id(mig: &Device<'_>) -> Result<u32, NvmlError> {
+    let sym = nvml_sym(mig.nvml().lib().nvmlDeviceGetGpuInstanceId.as_ref())?;
+    let mut id: u32 = 0;
+    // SAFETY: live handle from a borrowed `Device` (library initialised); `id` is a valid
+    // local NVML writes one unsigned int to.
+    nvml_try(unsafe { sym(mig.handle(), &mut id) })?;
+    Ok(id)
+}
+
+/// Compute instance id of a MIG device handle (`nvmlDeviceGetComputeInstanceId`).
+pub fn mig_compute_instance_id(mig: &Device<'_>) -> Result<u32, NvmlError> {
+    let sym = nvml_sym(mig.nvml().lib().nvmlDeviceGetComputeInstanceId.as_ref())?;
+    let mut id: u32 = 0;
+    // SAFETY: live handle from a borrowed `Device`; `id` is a valid local.
+    nvml_try(unsafe { sym(mig.handle(), &mut id) })?;
+    Ok(id)
+}
+
+/// Info of GPU instance `gi_id` on the physical GPU `parent`
+/// (`nvmlDeviceGetGpuInstanceById` then `nvmlGpuInstanceGetInfo`).
+pub fn gpu_instance_info(parent: &Device<'_>, gi_id: u32) -> Result<GpuInstanceInfo, NvmlError> {
+    let lib = parent.nvml().lib();
+    let by_id = nvml_sym(lib.nvmlDeviceGetGpuInstanceById.as_ref())?;
+    let get_info = nvml_sym(lib.nvmlGpuInstanceGetInfo.as_ref())?;
+    let mut gi: nvmlGpuInstance_t = std::ptr::null_mut();
+    // SAFETY: live parent handle from a borrowed `Device`; `gi` is a valid local that
+    // NVML fills with an opaque GPU instance handle owned by the driver.
+    nvml_try(unsafe { by_id(parent.handle(), gi_id, &mut gi) })?;
+    // SAFETY: an all-zero `nvmlGpuInstanceInfo_t` is valid (plain integers and raw
+    // pointers); NVML only writes to it.
+    let mut info: nvmlGpuInstanceInfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `gi` was just returned by NVML for this device and is not destroyed in
+    // between (we never destroy instances here); `info` is a valid local.
+    nvml_try(unsafe { get_info(gi, &mut info) })?;
+    Ok(GpuInstanceInfo {
+        id: info.id,
+        profile_id: info.profileId,
+        placement: RawPlacement { start: info.placement.start, size: info.placement.size },
+    })
+}

@@ -1,0 +1,796 @@
+//! The slice reconciler: the only writer of this driver's ResourceSlices for this node.
+//!
+//! Owns: server-side apply (field manager = driver name, forced) of the desired slices,
+//! deletion of stale ones, the pool generation, drift repair (the kubelet deletes a node's
+//! slices at its start and 30 s after the plugin disconnects; anyone may edit them) and
+//! re-publication when a new inventory arrives on a `tokio::sync::watch` channel.
+//!
+//! The decisions are pure and unit-tested: [`plan`] (desired + existing + what we last
+//! published -> generation, applies, deletes), [`contains`] (does the stored object hold
+//! what we want, ignoring server defaults) and [`dropped_fields`] (which fields the API
+//! server silently dropped, e.g. behind a disabled feature gate). The loop in
+//! [`Reconciler::run`] only executes plans. A dropped field is reported once (log and
+//! [`PublishStatus::dropped_fields`]), the matching [`SliceFeatures`] flag is turned off,
+//! and it is ignored when comparing, so we never re-apply in a loop.
+//!
+//! Pool generation rule (KEP-4381): bumped when the pool content changes (or when we
+//! cannot prove the stored pool is what we want at start); a slice that is merely missing
+//! or edited is re-applied at the current generation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::resource::v1::ResourceSlice;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::desired::{SliceFeatures, desired_slices};
+use crate::inventory::Inventory;
+
+/// What we last decided to publish: the generation and the slices (generation zeroed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    /// Pool generation the slices were written with.
+    pub generation: i64,
+    /// Desired slices with `spec.pool.generation` set to 0, for content comparison.
+    pub content: Vec<ResourceSlice>,
+}
+
+/// A stale slice to delete, with its UID as a delete precondition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stale {
+    /// Slice name.
+    pub name: String,
+    /// Slice UID (precondition, so a re-created object with the same name survives).
+    pub uid: Option<String>,
+}
+
+/// The actions that bring the API server to the desired state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Pool generation all desired slices carry.
+    pub generation: i64,
+    /// Slices to server-side apply (missing or different), generation set.
+    pub apply: Vec<ResourceSlice>,
+    /// Slices of this driver and node that are not desired.
+    pub delete: Vec<Stale>,
+}
+
+impl Plan {
+    /// True when nothing needs writing.
+    pub fn is_empty(&self) -> bool {
+        self.apply.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// Computes the plan (pure).
+///
+/// * `desired`: output of `desired_slices` (its generation is ignored).
+/// * `existing`: this driver's slices for this node as the API server has them.
+/// * `last`: what this process last published, `None` after a start.
+/// * `ignored`: normalised field paths the API server drops (see [`dropped_fields`]).
+///
+/// Generation: unchanged content keeps `last.generation`; changed content takes
+/// `max(last, existing) + 1`; after a start, an existing pool that already matches is
+/// adopted at its generation, anything else is re-published at `max(existing) + 1`.
+pub fn plan(
+    desired: &[ResourceSlice],
+    existing: &[ResourceSlice],
+    last: Option<&Published>,
+    ignored: &BTreeSet<String>,
+) -> Plan {
+    let content: Vec<ResourceSlice> = desired.iter().map(|s| with_generation(s, 0)).collect();
+    let max_existing = existing.iter().map(|s| s.spec.pool.generation).max().unwrap_or(0);
+    let by_name: BTreeMap<&str, &ResourceSlice> =
+        existing.iter().filter_map(|s| s.metadata.name.as_deref().map(|n| (n, s))).collect();
+    let desired_names: BTreeSet<&str> = desired.iter().filter_map(|s| s.metadata.name.as_deref()).collect();
+    let delete: Vec<Stale> = existing
+        .iter()
+        .filter(|s| s.metadata.name.as_deref().is_none_or(|n| !desired_names.contains(n)))
+        .map(|s| Stale { name: s.metadata.name.clone().unwrap_or_default(), uid: s.metadata.uid.clone() })
+        .collect();
+    let all_match_at = |generation: i64| {
+        delete.is_empty()
+            && desired.iter().all(|d| {
+                let want = with_generation(d, generation);
+                lookup(&by_name, d).is_some_and(|have| slice_matches(&want, have, ignored))
+            })
+    };
+    let generation = match last {
+        Some(p) if p.content == content => p.generation,
+        Some(p) => p.generation.max(max_existing) + 1,
+        None if max_existing > 0 && all_match_at(max_existing) => max_existing,
+        None => max_existing + 1,
+    };
+    let apply = desired
+        .iter()
+        .map(|d| with_generation(d, generation))
+        .filter(|want| lookup(&by_name, want).is_none_or(|have| !slice_matches(want, have, ignored)))
+        .collect();
+    Plan { generation, apply, delete }
+}
+
+fn lookup<'a>(by_name: &BTreeMap<&str, &'a ResourceSlice>, s: &ResourceSlice) -> Option<&'a ResourceSlice> {
+    s.metadata.name.as_deref().and_then(|n| by_name.get(n).copied())
+}
+
+fn with_generation(s: &ResourceSlice, generation: i64) -> ResourceSlice {
+    let mut s = s.clone();
+    s.spec.pool.generation = generation;
+    s
+}
+
+/// True when `have` (stored) holds everything `want` sets in spec and owner references.
+pub fn slice_matches(want: &ResourceSlice, have: &ResourceSlice, ignored: &BTreeSet<String>) -> bool {
+    let (Ok(w_spec), Ok(h_spec)) = (serde_json::to_value(&want.spec), serde_json::to_value(&have.spec)) else {
+        return false;
+    };
+    let (Ok(w_owners), Ok(h_owners)) = (
+        serde_json::to_value(&want.metadata.owner_references),
+        serde_json::to_value(&have.metadata.owner_references),
+    ) else {
+        return false;
+    };
+    contains(&w_spec, &h_spec, "spec", ignored)
+        && contains(&w_owners, &h_owners, "metadata.ownerReferences", ignored)
+}
+
+/// Does `have` contain `want`? Objects: every key of `want` must be in `have` with a
+/// contained value (extra keys in `have` are server defaults and ignored); a key missing
+/// from `have` is fine when its `want` value is empty (`[]`, `{}`, null: the server omits
+/// those) or its path is in `ignored`. Arrays: same length, element-wise. Strings that are
+/// both Kubernetes quantities compare by value (`1Ki` == `1024`). Paths are normalised:
+/// `spec.devices[*].taints`.
+pub fn contains(want: &Value, have: &Value, path: &str, ignored: &BTreeSet<String>) -> bool {
+    if ignored.contains(path) {
+        return true;
+    }
+    match (want, have) {
+        (Value::Object(w), Value::Object(h)) => w.iter().all(|(k, wv)| {
+            let p = format!("{path}.{k}");
+            match h.get(k) {
+                Some(hv) => contains(wv, hv, &p, ignored),
+                None => is_empty(wv) || ignored.contains(&p),
+            }
+        }),
+        (Value::Array(w), Value::Array(h)) => {
+            let p = format!("{path}[*]");
+            w.len() == h.len() && w.iter().zip(h).all(|(a, b)| contains(a, b, &p, ignored))
+        }
+        (Value::String(a), Value::String(b)) => a == b || quantities_equal(a, b),
+        (w, Value::Null) => is_empty(w),
+        (a, b) => a == b,
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// Field paths present in `sent` but absent from `stored` (normalised, e.g.
+/// `spec.devices[*].taints`): what the API server dropped.
+pub fn dropped_fields(sent: &Value, stored: &Value, path: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    collect_dropped(sent, stored, path, &mut out);
+    out
+}
+
+fn collect_dropped(sent: &Value, stored: &Value, path: &str, out: &mut BTreeSet<String>) {
+    match (sent, stored) {
+        (Value::Object(s), Value::Object(h)) => {
+            for (k, sv) in s {
+                let p = format!("{path}.{k}");
+                match h.get(k) {
+                    Some(hv) => collect_dropped(sv, hv, &p, out),
+                    None if !is_empty(sv) => {
+                        out.insert(p);
+                    }
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(s), Value::Array(h)) => {
+            let p = format!("{path}[*]");
+            for (a, b) in s.iter().zip(h) {
+                collect_dropped(a, b, &p, out);
+            }
+        }
+        (s, Value::Null) if !is_empty(s) => {
+            out.insert(path.to_string());
+        }
+        _ => {}
+    }
+}
+
+/// Parses a Kubernetes quantity without a fraction (`1024`, `10Gi`, `5k`) to its value.
+fn parse_quantity(s: &str) -> Option<i128> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    let n: i128 = num.parse().ok()?;
+    let mult: i128 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "E" => 1_000_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "Ei" => 1 << 60,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn quantities_equal(a: &str, b: &str) -> bool {
+    matches!((parse_quantity(a), parse_quantity(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Where publication stands; sent on a watch channel after every reconcile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishStatus {
+    /// Pool generation last published.
+    pub generation: i64,
+    /// Number of slices in the pool.
+    pub slices: usize,
+    /// Number of devices published.
+    pub devices: usize,
+    /// Field paths the API server dropped (feature gate off); each was logged once.
+    pub dropped_fields: BTreeSet<String>,
+    /// True when the last reconcile found or left the API server in the desired state.
+    pub in_sync: bool,
+    /// The last reconcile error, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// Errors of one reconcile pass (the loop retries with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Server-side apply of a slice failed.
+    #[error("applying ResourceSlice {slice}")]
+    Apply {
+        /// Slice name.
+        slice: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting a stale slice failed.
+    #[error("deleting ResourceSlice {slice}")]
+    Delete {
+        /// Slice name.
+        slice: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Reading the Node (for its UID) failed.
+    #[error("reading Node {node}")]
+    NodeLookup {
+        /// Node name.
+        node: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The watch of our slices ended (the stream is infinite unless the client is gone).
+    #[error("watch of ResourceSlices for node {node} ended")]
+    WatchEnded {
+        /// Node name.
+        node: String,
+    },
+}
+
+/// First retry delay after a failed reconcile; doubles up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest retry delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Publishes the inventory of one node as ResourceSlices and keeps them there.
+pub struct Reconciler {
+    api: Api<ResourceSlice>,
+    driver: String,
+    node: String,
+    node_uid: String,
+    features: SliceFeatures,
+    last: Option<Published>,
+    dropped: BTreeSet<String>,
+}
+
+impl Reconciler {
+    /// A reconciler for `driver` on node `node` (`node_uid` for the owner reference).
+    /// `features` are the optional fields to try; dropped ones are turned off at run time.
+    pub fn new(client: kube::Client, driver: &str, node: &str, node_uid: &str, features: SliceFeatures) -> Self {
+        Reconciler {
+            api: Api::all(client),
+            driver: driver.to_string(),
+            node: node.to_string(),
+            node_uid: node_uid.to_string(),
+            features,
+            last: None,
+            dropped: BTreeSet::new(),
+        }
+    }
+
+    /// Like [`Reconciler::new`], reading the Node's UID (for the owner reference) from the
+    /// API server.
+    pub async fn for_node(
+        client: kube::Client,
+        driver: &str,
+        node: &str,
+        features: SliceFeatures,
+    ) -> Result<Self, ReconcileError> {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        let found = nodes
+            .get(node)
+            .await
+            .map_err(|source| ReconcileError::NodeLookup { node: node.to_string(), source })?;
+        let uid = found.metadata.uid.unwrap_or_default();
+        Ok(Self::new(client, driver, node, &uid, features))
+    }
+
+    /// Field selector for this driver's slices on this node.
+    pub fn field_selector(driver: &str, node: &str) -> String {
+        format!("spec.nodeName={node},spec.driver={driver}")
+    }
+
+    /// Runs until `shutdown` completes: watches our slices, reconciles on every watch event
+    /// and inventory change, retries failures with exponential backoff, and reports on
+    /// `status`. Returns an error only when the watch stream ends.
+    pub async fn run(
+        mut self,
+        mut inventory: watch::Receiver<Inventory>,
+        status: watch::Sender<PublishStatus>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ReconcileError> {
+        let (store, writer) = reflector::store::<ResourceSlice>();
+        let config = watcher::Config::default().fields(&Self::field_selector(&self.driver, &self.node));
+        let events = reflector(writer, watcher(self.api.clone(), config).default_backoff());
+        let mut events = std::pin::pin!(events);
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut ready = false;
+        let mut dirty = true;
+        let mut inventory_open = true;
+        let mut backoff = MIN_BACKOFF;
+        let retry = tokio::time::sleep(Duration::ZERO);
+        let mut retry = std::pin::pin!(retry);
+        let mut retry_pending = false;
+        loop {
+            if !(dirty && ready) || retry_pending {
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    changed = inventory.changed(), if inventory_open => {
+                        // A closed sender leaves the last inventory in place.
+                        inventory_open = changed.is_ok();
+                        dirty = true;
+                    }
+                    event = events.next() => match event {
+                        Some(Ok(watcher::Event::InitDone)) => { ready = true; dirty = true; }
+                        Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
+                        Some(Ok(_)) => dirty = true,
+                        Some(Err(e)) => tracing::warn!(error = %e, node = %self.node, "watching ResourceSlices"),
+                        None => return Err(ReconcileError::WatchEnded { node: self.node.clone() }),
+                    },
+                    () = &mut retry, if retry_pending => { retry_pending = false; dirty = true; }
+                }
+                continue;
+            }
+            dirty = false;
+            let inv = inventory.borrow_and_update().clone();
+            let existing: Vec<ResourceSlice> = store.state().iter().map(|s| (**s).clone()).collect();
+            match self.reconcile_once(&inv, &existing).await {
+                Ok(report) => {
+                    backoff = MIN_BACKOFF;
+                    // A newly dropped field changes the desired slices: go again.
+                    dirty = report.features_changed;
+                    status.send_replace(report.status);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reconciling ResourceSlices");
+                    status.send_modify(|s| {
+                        s.in_sync = false;
+                        s.last_error = Some(format!("{e}: {}", source_chain(&e)));
+                    });
+                    retry.as_mut().reset(tokio::time::Instant::now() + backoff);
+                    retry_pending = true;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// One pass: compute desired slices and the plan, then execute it.
+    #[tracing::instrument(name = "reconcile_slices", skip_all, fields(node = %self.node))]
+    async fn reconcile_once(&mut self, inv: &Inventory, existing: &[ResourceSlice]) -> Result<PassReport, ReconcileError> {
+        let features = self.features.without_dropped(&self.dropped);
+        let desired = desired_slices(inv, &self.driver, &self.node, &self.node_uid, 0, &features);
+        let plan = plan(&desired, existing, self.last.as_ref(), &self.dropped);
+        self.last = Some(Published {
+            generation: plan.generation,
+            content: desired.iter().map(|s| with_generation(s, 0)).collect(),
+        });
+        let params = PatchParams::apply(&self.driver).force();
+        let mut newly_dropped = BTreeSet::new();
+        for slice in &plan.apply {
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            let stored = self
+                .api
+                .patch(&name, &params, &Patch::Apply(slice))
+                .await
+                .map_err(|source| ReconcileError::Apply { slice: name.clone(), source })?;
+            if let (Ok(sent), Ok(got)) = (serde_json::to_value(&slice.spec), serde_json::to_value(&stored.spec)) {
+                for path in dropped_fields(&sent, &got, "spec") {
+                    if !self.dropped.contains(&path) {
+                        newly_dropped.insert(path);
+                    }
+                }
+            }
+            tracing::debug!(slice = %name, "applied ResourceSlice");
+        }
+        for stale in &plan.delete {
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions { uid: stale.uid.clone(), resource_version: None }),
+                ..Default::default()
+            };
+            match self.api.delete(&stale.name, &dp).await {
+                Ok(_) => tracing::info!(slice = %stale.name, "deleted stale ResourceSlice"),
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(source) => return Err(ReconcileError::Delete { slice: stale.name.clone(), source }),
+            }
+        }
+        for path in &newly_dropped {
+            tracing::warn!(
+                field = %path,
+                "the API server dropped this ResourceSlice field (feature gate off?); publishing without it"
+            );
+        }
+        let features_changed = !newly_dropped.is_empty()
+            && self.features.without_dropped(self.dropped.iter().chain(&newly_dropped)) != features;
+        self.dropped.extend(newly_dropped);
+        if !plan.is_empty() {
+            tracing::info!(applied = plan.apply.len(), deleted = plan.delete.len(), "ResourceSlices published");
+        }
+        Ok(PassReport {
+            status: PublishStatus {
+                generation: plan.generation,
+                slices: desired.len(),
+                devices: desired.iter().map(|s| s.spec.devices.as_ref().map_or(0, Vec::len)).sum(),
+                dropped_fields: self.dropped.clone(),
+                in_sync: true,
+                last_error: None,
+            },
+            features_changed,
+        })
+    }
+}
+
+struct PassReport {
+    status: PublishStatus,
+    features_changed: bool,
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::fixtures::dgx_h100;
+    use serde_json::json;
+
+    const DRIVER: &str = "gpu.gpu-dra.dev";
+
+    fn desired(inv: &Inventory) -> Vec<ResourceSlice> {
+        desired_slices(inv, DRIVER, "node-a", "uid-1", 0, &SliceFeatures::default())
+    }
+
+    /// What the API server would store after applying `s`: uid, resourceVersion, and an
+    /// empty device list omitted.
+    fn stored(s: &ResourceSlice) -> ResourceSlice {
+        let mut s = s.clone();
+        s.metadata.uid = Some(format!("uid-{}", s.metadata.name.clone().unwrap_or_default()));
+        s.metadata.resource_version = Some("1".into());
+        s
+    }
+
+    fn apply_all(plan: &Plan, existing: &mut Vec<ResourceSlice>) {
+        for a in &plan.apply {
+            existing.retain(|e| e.metadata.name != a.metadata.name);
+            existing.push(stored(a));
+        }
+        existing.retain(|e| !plan.delete.iter().any(|d| Some(&d.name) == e.metadata.name.as_ref()));
+    }
+
+    fn none() -> BTreeSet<String> {
+        BTreeSet::new()
+    }
+
+    #[test]
+    fn fresh_node_publishes_generation_one() {
+        let d = desired(&dgx_h100());
+        let p = plan(&d, &[], None, &none());
+        assert_eq!(p.generation, 1);
+        assert_eq!(p.apply.len(), 1);
+        assert_eq!(p.apply[0].spec.pool.generation, 1);
+        assert!(p.delete.is_empty());
+    }
+
+    #[test]
+    fn converged_state_is_a_no_op() {
+        let d = desired(&dgx_h100());
+        let p1 = plan(&d, &[], None, &none());
+        let mut existing = Vec::new();
+        apply_all(&p1, &mut existing);
+        let last = Published { generation: p1.generation, content: d.clone() };
+        let p2 = plan(&d, &existing, Some(&last), &none());
+        assert!(p2.is_empty(), "{p2:?}");
+        assert_eq!(p2.generation, 1);
+    }
+
+    #[test]
+    fn restart_adopts_matching_pool_without_bump() {
+        let d = desired(&dgx_h100());
+        let mut existing = Vec::new();
+        apply_all(&plan(&d, &[], None, &none()), &mut existing);
+        existing[0].spec.pool.generation = 5;
+        let p = plan(&d, &existing, None, &none());
+        assert_eq!(p.generation, 5);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn restart_with_different_pool_bumps() {
+        let mut inv = dgx_h100();
+        let mut existing = Vec::new();
+        apply_all(&plan(&desired(&inv), &[], None, &none()), &mut existing);
+        existing[0].spec.pool.generation = 5;
+        inv.gpus.pop();
+        let p = plan(&desired(&inv), &existing, None, &none());
+        assert_eq!(p.generation, 6);
+        assert_eq!(p.apply.len(), 1);
+    }
+
+    #[test]
+    fn deleted_slice_is_reapplied_at_same_generation() {
+        let d = desired(&dgx_h100());
+        let p1 = plan(&d, &[], None, &none());
+        let last = Published { generation: p1.generation, content: d.clone() };
+        // The kubelet deleted everything.
+        let p2 = plan(&d, &[], Some(&last), &none());
+        assert_eq!(p2.generation, 1);
+        assert_eq!(p2.apply.len(), 1);
+    }
+
+    #[test]
+    fn edited_slice_is_repaired_at_same_generation() {
+        let d = desired(&dgx_h100());
+        let p1 = plan(&d, &[], None, &none());
+        let mut existing = Vec::new();
+        apply_all(&p1, &mut existing);
+        existing[0].spec.devices.as_mut().expect("devices").pop();
+        let last = Published { generation: 1, content: d.clone() };
+        let p2 = plan(&d, &existing, Some(&last), &none());
+        assert_eq!(p2.generation, 1);
+        assert_eq!(p2.apply.len(), 1);
+    }
+
+    #[test]
+    fn inventory_change_bumps_and_deletes_extra_slices() {
+        let big = Inventory {
+            driver_version: "550.54.15".into(),
+            cuda_driver_version: "12.4".into(),
+            gpus: (0..200).map(crate::inventory::fixtures::h100).collect(),
+        };
+        let d_big = desired(&big);
+        assert_eq!(d_big.len(), 2);
+        let p1 = plan(&d_big, &[], None, &none());
+        let mut existing = Vec::new();
+        apply_all(&p1, &mut existing);
+        let last = Published { generation: p1.generation, content: d_big.clone() };
+        let d_small = desired(&dgx_h100());
+        let p2 = plan(&d_small, &existing, Some(&last), &none());
+        assert_eq!(p2.generation, 2);
+        assert_eq!(p2.apply.len(), 1);
+        assert_eq!(p2.apply[0].spec.pool.resource_slice_count, 1);
+        assert_eq!(p2.delete, [Stale { name: "node-a-gpu-gpu-dra-dev-01".into(), uid: Some("uid-node-a-gpu-gpu-dra-dev-01".into()) }]);
+    }
+
+    #[test]
+    fn foreign_named_slice_of_ours_is_deleted() {
+        let d = desired(&dgx_h100());
+        let mut existing = Vec::new();
+        let p1 = plan(&d, &[], None, &none());
+        apply_all(&p1, &mut existing);
+        let mut old = existing[0].clone();
+        old.metadata.name = Some("node-a-gpu.gpu-dra.dev-x7k2p".into());
+        existing.push(old);
+        let last = Published { generation: 1, content: d.clone() };
+        let p = plan(&d, &existing, Some(&last), &none());
+        assert_eq!(p.delete.len(), 1);
+        assert_eq!(p.delete[0].name, "node-a-gpu.gpu-dra.dev-x7k2p");
+    }
+
+    #[test]
+    fn dropped_field_is_detected_and_then_ignored() {
+        let mut inv = dgx_h100();
+        inv.gpus[0].mig.pending = true; // taints gpu-0
+        let d = desired(&inv);
+        let p1 = plan(&d, &[], None, &none());
+        // The API server (gate off) stores it without taints.
+        let mut got = stored(&p1.apply[0]);
+        for dev in got.spec.devices.iter_mut().flatten() {
+            dev.taints = None;
+        }
+        let sent = serde_json::to_value(&p1.apply[0].spec).expect("json");
+        let have = serde_json::to_value(&got.spec).expect("json");
+        let dropped = dropped_fields(&sent, &have, "spec");
+        assert_eq!(dropped, BTreeSet::from(["spec.devices[*].taints".to_string()]));
+        // Without the ignore set this would be re-applied forever...
+        let last = Published { generation: 1, content: d.clone() };
+        assert!(!plan(&d, std::slice::from_ref(&got), Some(&last), &none()).is_empty());
+        // ...with it, nothing to do.
+        assert!(plan(&d, std::slice::from_ref(&got), Some(&last), &dropped).is_empty());
+    }
+
+    #[test]
+    fn contains_tolerates_server_defaults_and_quantity_forms() {
+        let want = json!({"a": {"value": "1024", "list": []}, "b": [1, 2]});
+        let have = json!({"a": {"value": "1Ki", "extra": true}, "b": [1, 2], "c": 3});
+        assert!(contains(&want, &have, "x", &none()));
+        let have_short = json!({"a": {"value": "1024"}, "b": [1]});
+        assert!(!contains(&want, &have_short, "x", &none()));
+        let have_other = json!({"a": {"value": "1000"}, "b": [1, 2]});
+        assert!(!contains(&want, &have_other, "x", &none()));
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("10Gi"), Some(10 << 30));
+        assert_eq!(parse_quantity("5k"), Some(5000));
+        assert_eq!(parse_quantity("1.5Gi"), None);
+        assert!(quantities_equal("85520809984", "85520809984"));
+        assert!(!quantities_equal("gpu", "gpu"));
+    }
+
+    #[test]
+    fn field_selector_names_node_and_driver() {
+        assert_eq!(
+            Reconciler::field_selector(DRIVER, "node-a"),
+            "spec.nodeName=node-a,spec.driver=gpu.gpu-dra.dev"
+        );
+    }
+}
+
+/// The loop against a mock API server (tower-test), no cluster needed.
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+    use crate::inventory::fixtures::dgx_h100;
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+    use std::sync::{Arc, Mutex};
+
+    const DRIVER: &str = "gpu.gpu-dra.dev";
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn ok(v: &Value) -> Response<Body> {
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(v).expect("json")))
+            .expect("response")
+    }
+
+    /// A minimal API server for our ResourceSlices: answers the initial list (empty), keeps
+    /// watches open and idle, records server-side applies and stores them without device
+    /// taints, as an API server with DRADeviceTaints off does.
+    async fn serve(mut handle: Handle, applied: Arc<Mutex<Vec<Value>>>) {
+        let mut idle_watches = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let uri = req.uri().to_string();
+            let method = req.method().clone();
+            if method == Method::GET && uri.contains("watch=true") {
+                idle_watches.push(send);
+                continue;
+            }
+            if method == Method::GET {
+                assert!(uri.contains("spec.nodeName%3Dnode-a") && uri.contains("spec.driver%3Dgpu.gpu-dra.dev"), "{uri}");
+                send.send_response(ok(&json!({
+                    "apiVersion": "resource.k8s.io/v1",
+                    "kind": "ResourceSliceList",
+                    "metadata": {"resourceVersion": "1"},
+                    "items": []
+                })));
+                continue;
+            }
+            assert_eq!(method, Method::PATCH, "{uri}");
+            assert!(uri.contains("fieldManager=gpu.gpu-dra.dev") && uri.contains("force=true"), "{uri}");
+            let body = req.into_body().collect_bytes().await.expect("body");
+            let mut obj: Value = serde_json::from_slice(&body).expect("apply body is JSON");
+            applied.lock().expect("lock").push(obj.clone());
+            for d in obj["spec"]["devices"].as_array_mut().into_iter().flatten() {
+                d.as_object_mut().expect("device object").remove("taints");
+            }
+            obj["metadata"]["uid"] = json!("uid-slice");
+            obj["metadata"]["resourceVersion"] = json!("2");
+            send.send_response(ok(&obj));
+        }
+    }
+
+    async fn wait_for(rx: &mut watch::Receiver<PublishStatus>, f: impl Fn(&PublishStatus) -> bool) -> PublishStatus {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let current = rx.borrow_and_update().clone();
+                if f(&current) {
+                    return current;
+                }
+                rx.changed().await.expect("status sender alive");
+            }
+        })
+        .await
+        .expect("status reached before the deadline")
+    }
+
+    #[tokio::test]
+    async fn publishes_falls_back_once_on_dropped_field_and_republishes_on_change() {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "default");
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let server = tokio::spawn(serve(handle, applied.clone()));
+
+        let mut inv = dgx_h100();
+        inv.gpus[0].mig.pending = true; // gpu-0 gets a taint
+        let (inv_tx, inv_rx) = watch::channel(inv.clone());
+        let (status_tx, mut status_rx) = watch::channel(PublishStatus::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let reconciler = Reconciler::new(client, DRIVER, "node-a", "uid-1", SliceFeatures::default());
+        let task = tokio::spawn(reconciler.run(inv_rx, status_tx, async {
+            let _ = stop_rx.await;
+        }));
+
+        let st = wait_for(&mut status_rx, |s| s.generation == 2).await;
+        assert_eq!(st.dropped_fields, BTreeSet::from(["spec.devices[*].taints".to_string()]));
+        assert!(st.in_sync);
+        {
+            let a = applied.lock().expect("lock");
+            assert_eq!(a.len(), 2, "one apply with taints, one without");
+            assert_eq!(a[0]["metadata"]["name"], "node-a-gpu-gpu-dra-dev-00");
+            assert!(a[0]["spec"]["devices"][0].get("taints").is_some());
+            assert!(a[1]["spec"]["devices"][0].get("taints").is_none());
+            assert_eq!(a[1]["spec"]["pool"]["generation"], 2);
+            assert_eq!(a[1]["metadata"]["ownerReferences"][0]["kind"], "Node");
+        }
+
+        inv.gpus.pop();
+        inv_tx.send(inv).expect("send inventory");
+        let st = wait_for(&mut status_rx, |s| s.generation == 3).await;
+        assert_eq!(st.devices, 10);
+        assert_eq!(applied.lock().expect("lock").len(), 3);
+
+        stop_tx.send(()).expect("stop");
+        task.await.expect("join").expect("clean stop");
+        server.abort();
+    }
+}
