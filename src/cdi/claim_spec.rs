@@ -134,7 +134,8 @@ pub fn claim_spec(claim_uid: &str, devices: &[CdiDeviceInput]) -> Spec {
 }
 
 /// As [`claim_spec`], with `extra_common` edits appended to the spec-level edits (driver
-/// library mounts, hooks, claim-wide MPS settings).
+/// library mounts, hooks, claim-wide MPS settings). A device node in `extra_common`
+/// replaces the default control node of the same path (e.g. one with type and numbers).
 pub fn claim_spec_with_common(
     claim_uid: &str,
     devices: &[CdiDeviceInput],
@@ -150,6 +151,11 @@ pub fn claim_spec_with_common(
         ..ContainerEdits::default()
     };
     common.env.extend(extra_common.env);
+    // A caller that knows a control node's numbers passes it in full: it replaces the
+    // path-only default of the same path.
+    common
+        .device_nodes
+        .retain(|d| !extra_common.device_nodes.iter().any(|x| x.path == d.path));
     common.device_nodes.extend(extra_common.device_nodes);
     common.hooks.extend(extra_common.hooks);
     common.mounts.extend(extra_common.mounts);

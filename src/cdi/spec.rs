@@ -105,6 +105,18 @@ pub struct DeviceNode {
 }
 
 impl DeviceNode {
+    /// A character device node at `path` with known numbers, so the runtime need not stat
+    /// the host node (which may not exist in the runtime's mount namespace).
+    pub fn char(path: impl Into<String>, major: u32, minor: u32) -> Self {
+        Self {
+            path: path.into(),
+            node_type: Some("c".into()),
+            major: Some(i64::from(major)),
+            minor: Some(i64::from(minor)),
+            ..Self::default()
+        }
+    }
+
     /// A node at `path` whose type and numbers the runtime reads from the host.
     pub fn at(path: impl Into<String>) -> Self {
         Self {

@@ -1,9 +1,7 @@
 //! The part of a ResourceClaim's allocation result this plugin must prepare.
 //!
-//! Pure: takes a claim object, returns the device results for one driver and pool (the
-//! node). Follows the upstream kubelet-plugin helper: a claim must be allocated, and a
-//! claim whose UID differs from the kubelet's request was replaced and must not be
-//! prepared (KUBELET-PROTOCOL.md).
+//! Pure: takes a claim object (already checked for UID and allocation by
+//! [`crate::claims`]), returns the device results for one driver and pool (the node).
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use thiserror::Error;
@@ -35,30 +33,6 @@ impl AllocatedDevice {
 /// Why a claim cannot be prepared from its allocation result.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AllocationError {
-    /// `status.allocation` is empty: the scheduler has not allocated the claim.
-    #[error(
-        "claim {namespace}/{name} is not allocated: wait for the scheduler to allocate it, or check why it cannot (kubectl describe resourceclaim)"
-    )]
-    NotAllocated {
-        /// Claim namespace.
-        namespace: String,
-        /// Claim name.
-        name: String,
-    },
-    /// The claim object's UID is not the one the kubelet asked for.
-    #[error(
-        "claim {namespace}/{name} was replaced: the kubelet asked for UID {expected}, the API server has {found}; the pod must be recreated to use the new claim"
-    )]
-    Replaced {
-        /// Claim namespace.
-        namespace: String,
-        /// Claim name.
-        name: String,
-        /// UID from the kubelet's request.
-        expected: String,
-        /// UID of the object found.
-        found: String,
-    },
     /// The allocation holds no device of this driver on this node.
     #[error(
         "claim {namespace}/{name} has no device allocated by driver {driver} in pool {pool}: the kubelet called the wrong plugin, or the allocation is for another node"
@@ -82,32 +56,16 @@ pub fn base_request(request: &str) -> &str {
 
 /// Returns the devices of `claim` allocated by `driver` in `pool`, in allocation order.
 ///
-/// Errors: [`AllocationError::Replaced`] when the claim's UID is not `expected_uid`,
-/// [`AllocationError::NotAllocated`] without an allocation, [`AllocationError::NoDevices`]
-/// when no result is for this driver and pool.
+/// Errors: [`AllocationError::NoDevices`] when no result is for this driver and pool (an
+/// unallocated claim has none).
 pub fn allocated_devices(
     claim: &ResourceClaim,
-    expected_uid: &str,
     driver: &str,
     pool: &str,
 ) -> Result<Vec<AllocatedDevice>, AllocationError> {
-    let namespace = claim.metadata.namespace.clone().unwrap_or_default();
-    let name = claim.metadata.name.clone().unwrap_or_default();
-    let found = claim.metadata.uid.as_deref().unwrap_or_default();
-    if found != expected_uid {
-        return Err(AllocationError::Replaced {
-            namespace,
-            name,
-            expected: expected_uid.to_owned(),
-            found: found.to_owned(),
-        });
-    }
-    let Some(allocation) = claim.status.as_ref().and_then(|s| s.allocation.as_ref()) else {
-        return Err(AllocationError::NotAllocated { namespace, name });
-    };
+    let allocation = claim.status.as_ref().and_then(|s| s.allocation.as_ref());
     let results = allocation
-        .devices
-        .as_ref()
+        .and_then(|a| a.devices.as_ref())
         .and_then(|d| d.results.as_deref())
         .unwrap_or_default();
     let ours: Vec<AllocatedDevice> = results
@@ -123,8 +81,8 @@ pub fn allocated_devices(
         .collect();
     if ours.is_empty() {
         return Err(AllocationError::NoDevices {
-            namespace,
-            name,
+            namespace: claim.metadata.namespace.clone().unwrap_or_default(),
+            name: claim.metadata.name.clone().unwrap_or_default(),
             driver: driver.to_owned(),
             pool: pool.to_owned(),
         });
@@ -153,24 +111,25 @@ mod tests {
             {"request": "nic", "driver": "net.example.com", "pool": "node-a", "device": "eth0"},
             {"request": "gpus", "driver": "gpu.gpu-dra.dev", "pool": "node-b", "device": "gpu-1"},
         ]}}}));
-        let got = allocated_devices(&c, "uid-1", "gpu.gpu-dra.dev", "node-a").unwrap();
+        let got = allocated_devices(&c, "gpu.gpu-dra.dev", "node-a").unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].device, "gpu-0");
         assert_eq!(got[0].base_request(), "gpus");
     }
 
     #[test]
-    fn unallocated_replaced_and_foreign_claims_are_errors() {
+    fn unallocated_and_foreign_claims_have_no_devices() {
         let c = claim(json!({}));
         assert!(matches!(
-            allocated_devices(&c, "uid-1", "d", "p"),
-            Err(AllocationError::NotAllocated { .. })
+            allocated_devices(&c, "d", "p"),
+            Err(AllocationError::NoDevices { .. })
         ));
-        let err = allocated_devices(&c, "uid-2", "d", "p").unwrap_err();
-        assert!(err.to_string().contains("was replaced"), "{err}");
         let c = claim(json!({"allocation": {"devices": {"results": [
             {"request": "r", "driver": "other", "pool": "p", "device": "x"}]}}}));
-        let err = allocated_devices(&c, "uid-1", "d", "p").unwrap_err();
-        assert!(matches!(err, AllocationError::NoDevices { .. }));
+        let err = allocated_devices(&c, "d", "p").unwrap_err();
+        assert!(
+            err.to_string().contains("no device allocated by driver d"),
+            "{err}"
+        );
     }
 }

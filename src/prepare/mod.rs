@@ -1,4 +1,388 @@
 //! The Prepare/Unprepare state machine: claim -> devices + config -> sharing actions ->
 //! CDI spec -> checkpoint. The only writer of CDI spec files and the checkpoint.
+//!
+//! Per claim: `PrepareStarted` is made durable before any action on a GPU (compute
+//! policy, MPS daemon), then the CDI spec is written, then `PrepareCompleted`. A claim
+//! without a sharing policy has no GPU side effect, so it skips `PrepareStarted`: a crash
+//! leaves at most an orphaned CDI spec, which [`Preparer::recover`] removes. Calls for one
+//! claim are serialised; different claims run in parallel (GPU-level ordering is the
+//! sharing manager's), and concurrent checkpoint updates share one fsync
+//! ([`CheckpointWriter`]). Follows the kubelet's contract (KUBELET-PROTOCOL.md): both
+//! calls are idempotent, every claim gets its own answer, an unknown claim unprepares
+//! successfully.
 
 pub mod allocation;
+pub mod plan;
+mod recovery;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::future::join_all;
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{Instrument, info_span, warn};
+
+pub use recovery::RecoveryReport;
+
+use crate::cdi::{self, CdiDeviceInput, ContainerEdits, DeviceNode, Mount};
+use crate::checkpoint::{
+    CheckpointError, CheckpointWriter, ClaimEntry, ClaimState, PreparedDeviceRecord,
+};
+use crate::claims::{ClaimError, ClaimLookup};
+use crate::devnodes::{self, DevNodeError, ProcDevices};
+use crate::inventory::Inventory;
+use crate::plugin::{ClaimRef, NodeDriver, PreparedDevice};
+use crate::sharing::{ClaimEdits, Policy, SharingError, SharingManager};
+use plan::{DevicePlan, PlanError, plan_claim, policy_groups};
+
+/// Why one claim could not be prepared or unprepared. The message says what to do.
+#[derive(Debug, Error)]
+pub enum PrepareError {
+    /// The ResourceClaim could not be read or is not usable (replaced, not allocated).
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    /// The claim does not fit this node (devices, configs).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// Applying or releasing the sharing policy failed (NVML, nvidia-smi, MPS).
+    #[error(transparent)]
+    Sharing(#[from] SharingError),
+    /// Device node facts could not be read from the host.
+    #[error(transparent)]
+    DeviceNodes(#[from] DevNodeError),
+    /// The CDI spec could not be written or removed.
+    #[error("CDI spec of the claim: {0}; check free space and permissions of the CDI directory")]
+    Cdi(#[from] cdi::CdiWriteError),
+    /// The checkpoint could not be written.
+    #[error("checkpoint: {0}; check free space and permissions of the plugin directory")]
+    Checkpoint(#[from] CheckpointError),
+}
+
+/// Settings of a [`Preparer`].
+#[derive(Debug, Clone)]
+pub struct PreparerConfig {
+    /// This plugin's driver name.
+    pub driver_name: String,
+    /// This node's name (= pool name).
+    pub node_name: String,
+    /// Directory of CDI specs (`/var/run/cdi`).
+    pub cdi_root: PathBuf,
+    /// Root of the host's `/proc` (device numbers, MIG capabilities).
+    pub proc_root: PathBuf,
+}
+
+/// Prepares and unprepares claims; implements [`NodeDriver`] for the gRPC edge.
+pub struct Preparer<L> {
+    config: PreparerConfig,
+    claims: L,
+    inventory: watch::Receiver<Arc<Inventory>>,
+    proc: ProcDevices,
+    sharing: SharingManager,
+    checkpoint: CheckpointWriter,
+    claim_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl<L: ClaimLookup> Preparer<L> {
+    /// A preparer over these parts. Call [`Preparer::recover`] once before serving.
+    pub fn new(
+        config: PreparerConfig,
+        claims: L,
+        inventory: watch::Receiver<Arc<Inventory>>,
+        sharing: SharingManager,
+        checkpoint: CheckpointWriter,
+    ) -> Self {
+        Self {
+            proc: ProcDevices::new(&config.proc_root),
+            config,
+            claims,
+            inventory,
+            sharing,
+            checkpoint,
+            claim_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The checkpoint writer (read snapshots for status and tests).
+    pub fn checkpoint(&self) -> &CheckpointWriter {
+        &self.checkpoint
+    }
+
+    /// Runs `f` with the claim's lock held, so calls for one claim never overlap.
+    async fn with_claim_lock<T>(&self, uid: &str, f: impl Future<Output = T>) -> T {
+        let mutex = {
+            let mut locks = self
+                .claim_locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(locks.entry(uid.to_owned()).or_default())
+        };
+        let result = {
+            let _guard = mutex.lock().await;
+            f.await
+        };
+        let mut locks = self
+            .claim_locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Two references left (the map's and ours): nobody else waits, drop the entry.
+        if Arc::strong_count(&mutex) == 2 {
+            locks.remove(uid);
+        }
+        result
+    }
+
+    /// Prepares one claim; idempotent (a completed claim is answered from the checkpoint).
+    pub async fn prepare_claim(
+        &self,
+        claim: &ClaimRef,
+    ) -> Result<Vec<PreparedDevice>, PrepareError> {
+        self.with_claim_lock(&claim.uid, async {
+            if let Some(entry) = self.checkpoint.snapshot().claims.get(&claim.uid) {
+                if entry.state == ClaimState::PrepareCompleted {
+                    return Ok(answer(entry));
+                }
+                // A prepare that stopped half-way (error not rolled back, or a crash):
+                // undo it and start over.
+                self.release(&claim.uid).await?;
+            }
+            let object = self.claims.get(claim).await?;
+            let inventory = Arc::clone(&self.inventory.borrow());
+            let plans = plan_claim(
+                &object,
+                &inventory,
+                &self.config.driver_name,
+                &self.config.node_name,
+            )?;
+            let groups = policy_groups(&plans)?;
+            let records = records(claim, &plans);
+            let has_side_effects = groups.iter().any(|g| g.policy.is_some());
+            if has_side_effects {
+                let entry = entry(claim, ClaimState::PrepareStarted, records.clone());
+                self.checkpoint
+                    .update(move |cp| {
+                        cp.claims.insert(entry.0, entry.1);
+                    })
+                    .await?;
+            }
+            match self.apply(claim, &plans, groups).await {
+                Ok(()) => {}
+                Err(err) => {
+                    if let Err(undo) = self.release(&claim.uid).await {
+                        warn!(claim.uid = %claim.uid, error = %undo, "rolling back a failed prepare failed; retried at the next prepare or unprepare");
+                    }
+                    return Err(err);
+                }
+            }
+            let (uid, completed) = entry(claim, ClaimState::PrepareCompleted, records);
+            let answer = answer(&completed);
+            self.checkpoint
+                .update(move |cp| {
+                    cp.claims.insert(uid, completed);
+                })
+                .await?;
+            Ok(answer)
+        })
+        .await
+    }
+
+    /// Sharing actions, then the CDI spec.
+    async fn apply(
+        &self,
+        claim: &ClaimRef,
+        plans: &[DevicePlan],
+        groups: Vec<plan::PolicyGroup>,
+    ) -> Result<(), PrepareError> {
+        let mut edits = ClaimEdits::default();
+        for group in groups {
+            let more = self
+                .sharing
+                .apply(&group.gpu_uuids, &claim.uid, group.policy)
+                .await?;
+            edits.env.extend(more.env);
+            edits.mounts.extend(more.mounts);
+        }
+        let spec = self.cdi_spec(&claim.uid, plans, edits)?;
+        cdi::write_spec(&self.config.cdi_root, &claim.uid, &spec)?;
+        Ok(())
+    }
+
+    fn cdi_spec(
+        &self,
+        claim_uid: &str,
+        plans: &[DevicePlan],
+        edits: ClaimEdits,
+    ) -> Result<cdi::Spec, PrepareError> {
+        let devices = plans
+            .iter()
+            .map(|p| {
+                let mut nodes = vec![ProcDevices::gpu_node(p.gpu_minor)];
+                if let Some(mig) = &p.mig {
+                    nodes.extend(self.proc.mig_nodes(p.gpu_minor, mig.gi_id, mig.ci_id)?);
+                }
+                Ok(CdiDeviceInput {
+                    device_name: p.allocated.device.clone(),
+                    uuid: p.visible_uuid().to_owned(),
+                    device_nodes: nodes.into_iter().map(cdi_node).collect(),
+                    ..CdiDeviceInput::default()
+                })
+            })
+            .collect::<Result<Vec<_>, DevNodeError>>()?;
+        let common = ContainerEdits {
+            env: edits.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            device_nodes: self
+                .proc
+                .control_nodes()?
+                .into_iter()
+                .map(cdi_node)
+                .collect(),
+            mounts: edits
+                .mounts
+                .into_iter()
+                .map(|m| Mount {
+                    host_path: m.host_path.display().to_string(),
+                    container_path: m.container_path,
+                    mount_type: Some("bind".into()),
+                    options: m.options,
+                })
+                .collect(),
+            ..ContainerEdits::default()
+        };
+        Ok(cdi::claim_spec_with_common(claim_uid, &devices, common))
+    }
+
+    /// Unprepares one claim; idempotent (an unknown claim succeeds).
+    pub async fn unprepare_claim(&self, claim: &ClaimRef) -> Result<(), PrepareError> {
+        self.with_claim_lock(&claim.uid, self.release(&claim.uid))
+            .await
+    }
+
+    /// Undoes everything of a claim: sharing policy and MPS daemon, CDI spec, checkpoint
+    /// entry — in that order, so a failure leaves the entry for a retry.
+    async fn release(&self, uid: &str) -> Result<(), PrepareError> {
+        self.sharing.release(uid).await?;
+        cdi::remove_spec(&self.config.cdi_root, uid)?;
+        if self.checkpoint.snapshot().claims.contains_key(uid) {
+            let uid = uid.to_owned();
+            self.checkpoint
+                .update(move |cp| {
+                    cp.claims.remove(&uid);
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn cdi_node(node: devnodes::DeviceNode) -> DeviceNode {
+    DeviceNode::char(node.path, node.major, node.minor)
+}
+
+fn records(claim: &ClaimRef, plans: &[DevicePlan]) -> Vec<PreparedDeviceRecord> {
+    plans
+        .iter()
+        .map(|p| PreparedDeviceRecord {
+            pool: p.allocated.pool.clone(),
+            device: p.allocated.device.clone(),
+            request_names: vec![p.allocated.base_request().to_owned()],
+            gpu_uuid: p.gpu_uuid.clone(),
+            mig_uuid: p.mig.as_ref().map(|m| m.uuid.clone()),
+            cdi_device_ids: vec![cdi::cdi_device_id(&claim.uid, &p.allocated.device)],
+            sharing: p.policy.as_ref().and_then(|p| serde_json::to_value(p).ok()),
+        })
+        .collect()
+}
+
+fn entry(
+    claim: &ClaimRef,
+    state: ClaimState,
+    devices: Vec<PreparedDeviceRecord>,
+) -> (String, ClaimEntry) {
+    (
+        claim.uid.clone(),
+        ClaimEntry {
+            state,
+            namespace: claim.namespace.clone(),
+            name: claim.name.clone(),
+            devices,
+            extra: BTreeMap::new(),
+        },
+    )
+}
+
+fn answer(entry: &ClaimEntry) -> Vec<PreparedDevice> {
+    entry
+        .devices
+        .iter()
+        .map(|d| PreparedDevice {
+            request_names: d.request_names.clone(),
+            pool_name: d.pool.clone(),
+            device_name: d.device.clone(),
+            cdi_device_ids: d.cdi_device_ids.clone(),
+            share_id: None,
+        })
+        .collect()
+}
+
+/// The policy a checkpoint record holds (`None` when absent or unreadable).
+fn record_policy(record: &PreparedDeviceRecord) -> Option<Policy> {
+    record
+        .sharing
+        .as_ref()
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+/// The error chain of `err` as one line (`outer: cause: root cause`), for the kubelet.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+impl<L: ClaimLookup> NodeDriver for Preparer<L> {
+    async fn prepare(
+        &self,
+        claims: Vec<ClaimRef>,
+    ) -> BTreeMap<String, Result<Vec<PreparedDevice>, String>> {
+        let calls = claims.into_iter().map(|claim| {
+            let span = info_span!("prepare", claim.uid = %claim.uid, claim.namespace = %claim.namespace, claim.name = %claim.name);
+            async move {
+                let result = self.prepare_claim(&claim).await.map_err(|err| {
+                    let text = format!("claim {claim}: {}", error_chain(&err));
+                    warn!(error = %text, "prepare failed");
+                    text
+                });
+                (claim.uid, result)
+            }
+            .instrument(span)
+        });
+        join_all(calls).await.into_iter().collect()
+    }
+
+    async fn unprepare(&self, claims: Vec<ClaimRef>) -> BTreeMap<String, Result<(), String>> {
+        let calls = claims.into_iter().map(|claim| {
+            let span = info_span!("unprepare", claim.uid = %claim.uid, claim.namespace = %claim.namespace, claim.name = %claim.name);
+            async move {
+                let result = self.unprepare_claim(&claim).await.map_err(|err| {
+                    let text = format!("claim {claim}: {}", error_chain(&err));
+                    warn!(error = %text, "unprepare failed");
+                    text
+                });
+                (claim.uid, result)
+            }
+            .instrument(span)
+        });
+        join_all(calls).await.into_iter().collect()
+    }
+}

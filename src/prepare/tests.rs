@@ -1,0 +1,426 @@
+//! Component tests of the prepare state machine: fixed claims, the dgx-h100 fixture
+//! inventory, recording hardware doubles, a temp dir for CDI specs, checkpoint and /proc.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt};
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::*;
+use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::claims::FixedClaims;
+use crate::inventory::fixtures::dgx_h100;
+use crate::sharing::{
+    ComputeControl, ComputeMode, ControlError, MpsSettings, MpsSupervisor, TimeSlice,
+    TimeSliceControl, TimeSliceState,
+};
+
+const DRIVER: &str = "gpu.gpu-dra.dev";
+const NODE: &str = "node-a";
+
+/// Records every hardware call; `fail_compute` makes compute-mode writes fail.
+#[derive(Default)]
+struct Hardware {
+    calls: Mutex<Vec<String>>,
+    fail_compute: bool,
+}
+
+impl Hardware {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl ComputeControl for Hardware {
+    fn set_compute_mode(&self, gpu_uuid: &str, mode: ComputeMode) -> Result<(), ControlError> {
+        if self.fail_compute {
+            return Err(ControlError::CommandFailed {
+                command: "nvmlDeviceSetComputeMode".into(),
+                gpu_uuid: gpu_uuid.into(),
+                status: "NVML_ERROR_NO_PERMISSION".into(),
+                stderr: String::new(),
+            });
+        }
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("compute {gpu_uuid} {mode:?}"));
+        Ok(())
+    }
+    fn compute_mode(&self, _: &str) -> Result<ComputeMode, ControlError> {
+        Ok(ComputeMode::Default)
+    }
+}
+
+impl TimeSliceControl for Hardware {
+    fn set_time_slice<'a>(
+        &'a self,
+        gpu_uuid: &'a str,
+        interval: TimeSlice,
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("timeslice {gpu_uuid} {interval:?}"));
+        async { Ok(()) }.boxed()
+    }
+    fn time_slice<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<TimeSliceState, ControlError>> {
+        async { Ok(TimeSliceState::Supported(TimeSlice::Default)) }.boxed()
+    }
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    hw: Arc<Hardware>,
+    preparer: Preparer<FixedClaims>,
+}
+
+fn write_proc(root: &Path) {
+    std::fs::create_dir_all(root).unwrap();
+    std::fs::write(
+        root.join("devices"),
+        "Character devices:\n195 nvidia-frontend\n236 nvidia-caps\n237 nvidia-uvm\n",
+    )
+    .unwrap();
+}
+
+fn rig_with(claims: Vec<ResourceClaim>, hw: Hardware, initial: Option<Checkpoint>) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let proc_root = dir.path().join("proc");
+    write_proc(&proc_root);
+    std::fs::write(dir.path().join("boot_id"), "boot-1\n").unwrap();
+    let plugin_dir = dir.path().join("plugin");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    let store = CheckpointStore::new(&plugin_dir, &dir.path().join("boot_id"));
+    let initial = initial.unwrap_or_else(|| store.load().unwrap().checkpoint);
+    let (checkpoint, _task) = CheckpointWriter::spawn(store, initial);
+    let hw = Arc::new(hw);
+    let mps = MpsSupervisor::new(MpsSettings {
+        control_path: dir.path().join("no-mps-control"),
+        root_dir: plugin_dir.join("mps"),
+        ready_timeout: Duration::from_secs(5),
+        command_timeout: Duration::from_secs(5),
+        private_shm: None,
+    });
+    let sharing = SharingManager::new(hw.clone(), hw.clone(), mps);
+    let mut fixed = FixedClaims::new();
+    for c in claims {
+        fixed.insert(c);
+    }
+    let (_tx, inventory) = watch::channel(Arc::new(dgx_h100()));
+    let config = PreparerConfig {
+        driver_name: DRIVER.into(),
+        node_name: NODE.into(),
+        cdi_root: dir.path().join("cdi"),
+        proc_root,
+    };
+    let preparer = Preparer::new(config, fixed, inventory, sharing, checkpoint);
+    Rig { dir, hw, preparer }
+}
+
+fn rig(claims: Vec<ResourceClaim>) -> Rig {
+    rig_with(claims, Hardware::default(), None)
+}
+
+fn claim(name: &str, devices: &[(&str, &str)], config: Value) -> ResourceClaim {
+    let results: Vec<Value> = devices
+        .iter()
+        .map(|(req, dev)| json!({"request": req, "driver": DRIVER, "pool": NODE, "device": dev}))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"namespace": "ns", "name": name, "uid": format!("uid-{name}")},
+        "spec": {"devices": {"requests": []}},
+        "status": {"allocation": {"devices": {"results": results, "config": config}}},
+    }))
+    .unwrap()
+}
+
+fn gpu_config(sharing: Value) -> Value {
+    json!([{"source": "FromClaim", "opaque": {"driver": DRIVER, "parameters": {
+        "apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig", "sharing": sharing}}}])
+}
+
+fn cref(name: &str) -> ClaimRef {
+    ClaimRef {
+        namespace: "ns".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+    }
+}
+
+fn spec_json(rig: &Rig, uid: &str) -> Option<Value> {
+    let path = cdi::spec_path(&rig.dir.path().join("cdi"), uid);
+    std::fs::read(path)
+        .ok()
+        .map(|b| serde_json::from_slice(&b).unwrap())
+}
+
+#[tokio::test]
+async fn full_gpu_claim_gets_spec_ids_and_checkpoint() {
+    let r = rig(vec![claim("a", &[("gpu", "gpu-3")], json!([]))]);
+    let out = r.preparer.prepare(vec![cref("a")]).await;
+    let devices = out["uid-a"].as_ref().unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].device_name, "gpu-3");
+    assert_eq!(devices[0].pool_name, NODE);
+    assert_eq!(devices[0].request_names, vec!["gpu"]);
+    assert_eq!(
+        devices[0].cdi_device_ids,
+        vec!["gpu-dra.dev/claim=uid-a-gpu-3"]
+    );
+
+    let spec = spec_json(&r, "uid-a").expect("spec written");
+    assert_eq!(spec["kind"], "gpu-dra.dev/claim");
+    let dev = &spec["devices"][0];
+    assert_eq!(dev["name"], "uid-a-gpu-3");
+    assert_eq!(
+        dev["containerEdits"]["deviceNodes"][0],
+        json!({"path": "/dev/nvidia3", "type": "c", "major": 195, "minor": 3})
+    );
+    let common = &spec["containerEdits"];
+    let gpu3 = dgx_h100().gpus[3].uuid.clone();
+    assert_eq!(common["env"][0], format!("NVIDIA_VISIBLE_DEVICES={gpu3}"));
+    let uvm = common["deviceNodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["path"] == "/dev/nvidia-uvm")
+        .unwrap();
+    assert_eq!(uvm["major"], 237);
+
+    let snap = r.preparer.checkpoint().snapshot();
+    assert_eq!(snap.claims["uid-a"].state, ClaimState::PrepareCompleted);
+    // No policy asked: no hardware call, and only one checkpoint write.
+    assert!(r.hw.calls().is_empty());
+    assert_eq!(r.preparer.checkpoint().writes(), 1);
+
+    // Idempotent: the same answer, no new write.
+    let again = r.preparer.prepare(vec![cref("a")]).await;
+    assert_eq!(again["uid-a"].as_ref().unwrap(), devices);
+    assert_eq!(r.preparer.checkpoint().writes(), 1);
+}
+
+#[tokio::test]
+async fn time_slicing_is_applied_and_restored_by_the_last_unprepare() {
+    let cfg =
+        gpu_config(json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}));
+    let r = rig(vec![
+        claim("a", &[("gpu", "gpu-0")], cfg.clone()),
+        claim("b", &[("gpu", "gpu-0")], cfg),
+    ]);
+    let gpu0 = dgx_h100().gpus[0].uuid.clone();
+    let out = r.preparer.prepare(vec![cref("a"), cref("b")]).await;
+    assert!(out.values().all(Result::is_ok), "{out:?}");
+    assert_eq!(r.hw.calls(), vec![format!("timeslice {gpu0} Long")]);
+
+    let done = r.preparer.unprepare(vec![cref("a")]).await;
+    assert!(done["uid-a"].is_ok());
+    assert_eq!(r.hw.calls().len(), 1, "b still holds the policy");
+    assert!(spec_json(&r, "uid-a").is_none());
+
+    let done = r.preparer.unprepare(vec![cref("b")]).await;
+    assert!(done["uid-b"].is_ok());
+    assert_eq!(
+        r.hw.calls().last().unwrap(),
+        &format!("timeslice {gpu0} Default")
+    );
+    assert!(r.preparer.checkpoint().snapshot().claims.is_empty());
+
+    // Unprepare of an unknown claim succeeds.
+    let done = r.preparer.unprepare(vec![cref("never")]).await;
+    assert!(done["uid-never"].is_ok());
+}
+
+#[tokio::test]
+async fn one_bad_claim_does_not_fail_the_others() {
+    let bad =
+        gpu_config(json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"intervall": "Long"}}));
+    let r = rig(vec![
+        claim("bad", &[("gpu", "gpu-0")], bad),
+        claim("good", &[("gpu", "gpu-4")], json!([])),
+        claim("ghost", &[("gpu", "gpu-99")], json!([])),
+    ]);
+    let out = r
+        .preparer
+        .prepare(vec![
+            cref("bad"),
+            cref("good"),
+            cref("ghost"),
+            cref("missing"),
+        ])
+        .await;
+    assert_eq!(out.len(), 4);
+    let bad = out["uid-bad"].as_ref().unwrap_err();
+    assert!(bad.contains("sharing.timeSlicingConfig.intervall"), "{bad}");
+    assert!(out["uid-good"].is_ok());
+    let ghost = out["uid-ghost"].as_ref().unwrap_err();
+    assert!(
+        ghost.contains("gpu-99") && ghost.contains("not on this node"),
+        "{ghost}"
+    );
+    let missing = out["uid-missing"].as_ref().unwrap_err();
+    assert!(missing.contains("not found"), "{missing}");
+    let snap = r.preparer.checkpoint().snapshot();
+    assert_eq!(snap.claims.keys().collect::<Vec<_>>(), vec!["uid-good"]);
+}
+
+#[tokio::test]
+async fn conflicting_interval_on_a_shared_gpu_is_refused() {
+    let long =
+        gpu_config(json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}));
+    let short =
+        gpu_config(json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Short"}}));
+    let r = rig(vec![
+        claim("a", &[("gpu", "gpu-0")], long),
+        claim("b", &[("gpu", "gpu-0")], short),
+    ]);
+    assert!(r.preparer.prepare(vec![cref("a")]).await["uid-a"].is_ok());
+    let out = r.preparer.prepare(vec![cref("b")]).await;
+    let err = out["uid-b"].as_ref().unwrap_err();
+    assert!(err.contains("uid-a"), "names the holder: {err}");
+    assert_eq!(r.hw.calls().len(), 1, "the first claim's GPU is untouched");
+    assert!(spec_json(&r, "uid-b").is_none());
+}
+
+#[tokio::test]
+async fn nvml_failure_mid_prepare_leaves_nothing_behind() {
+    let exclusive = gpu_config(json!({"strategy": "Exclusive"}));
+    let hw = Hardware {
+        fail_compute: true,
+        ..Hardware::default()
+    };
+    let r = rig_with(vec![claim("x", &[("gpu", "gpu-2")], exclusive)], hw, None);
+    let out = r.preparer.prepare(vec![cref("x")]).await;
+    let err = out["uid-x"].as_ref().unwrap_err();
+    let gpu2 = dgx_h100().gpus[2].uuid.clone();
+    assert!(
+        err.contains("nvmlDeviceSetComputeMode") && err.contains(&gpu2),
+        "{err}"
+    );
+    assert!(spec_json(&r, "uid-x").is_none());
+    assert!(r.preparer.checkpoint().snapshot().claims.is_empty());
+}
+
+#[tokio::test]
+async fn mig_device_gets_its_capability_nodes() {
+    let inv = dgx_h100();
+    let mig = inv
+        .gpus
+        .iter()
+        .flat_map(|g| &g.mig_devices)
+        .next()
+        .unwrap()
+        .clone();
+    let name = mig.device_name();
+    let r = rig(vec![claim("m", &[("mig", &name)], json!([]))]);
+    let gi = r.dir.path().join(format!(
+        "proc/driver/nvidia/capabilities/gpu{}/mig/gi{}",
+        mig.parent_minor, mig.gi_id
+    ));
+    std::fs::create_dir_all(gi.join(format!("ci{}", mig.ci_id))).unwrap();
+    std::fs::write(gi.join("access"), "DeviceFileMinor: 40\n").unwrap();
+    std::fs::write(
+        gi.join(format!("ci{}/access", mig.ci_id)),
+        "DeviceFileMinor: 41\n",
+    )
+    .unwrap();
+
+    let out = r.preparer.prepare(vec![cref("m")]).await;
+    assert!(out["uid-m"].is_ok(), "{out:?}");
+    let spec = spec_json(&r, "uid-m").unwrap();
+    let nodes: Vec<&str> = spec["devices"][0]["containerEdits"]["deviceNodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        nodes,
+        vec![
+            format!("/dev/nvidia{}", mig.parent_minor).as_str(),
+            "/dev/nvidia-caps/nvidia-cap40",
+            "/dev/nvidia-caps/nvidia-cap41"
+        ]
+    );
+    assert_eq!(
+        spec["containerEdits"]["env"][0],
+        format!("NVIDIA_VISIBLE_DEVICES={}", mig.uuid)
+    );
+}
+
+#[tokio::test]
+async fn recovery_rolls_back_started_claims_and_removes_orphan_specs() {
+    let gpu0 = dgx_h100().gpus[0].uuid.clone();
+    let mut cp = Checkpoint::new("boot-1");
+    let policy = serde_json::to_value(Policy::TimeSlicing {
+        interval: TimeSlice::Long,
+    })
+    .unwrap();
+    for (uid, state) in [
+        ("uid-half", ClaimState::PrepareStarted),
+        ("uid-done", ClaimState::PrepareCompleted),
+    ] {
+        cp.claims.insert(
+            uid.into(),
+            ClaimEntry {
+                state,
+                namespace: "ns".into(),
+                name: uid.into(),
+                devices: vec![PreparedDeviceRecord {
+                    pool: NODE.into(),
+                    device: "gpu-0".into(),
+                    request_names: vec!["gpu".into()],
+                    gpu_uuid: gpu0.clone(),
+                    mig_uuid: None,
+                    cdi_device_ids: vec![cdi::cdi_device_id(uid, "gpu-0")],
+                    sharing: Some(policy.clone()),
+                }],
+                extra: BTreeMap::new(),
+            },
+        );
+    }
+    let r = rig_with(vec![], Hardware::default(), Some(cp));
+    let cdi_root = r.dir.path().join("cdi");
+    let spec = cdi::claim_spec("uid-done", &[CdiDeviceInput::gpu("gpu-0", gpu0.clone(), 0)]);
+    cdi::write_spec(&cdi_root, "uid-done", &spec).unwrap();
+    cdi::write_spec(&cdi_root, "uid-orphan", &spec).unwrap();
+    cdi::write_spec(&cdi_root, "uid-half", &spec).unwrap();
+
+    let report = r.preparer.recover().await;
+    assert_eq!(report.kept, vec!["uid-done"]);
+    assert_eq!(report.rolled_back, vec!["uid-half"]);
+    assert_eq!(report.orphan_specs_removed, vec!["uid-orphan"]);
+    assert!(spec_json(&r, "uid-done").is_some());
+    assert!(spec_json(&r, "uid-half").is_none());
+    // uid-done still holds Long on gpu-0, so rolling back uid-half restores nothing.
+    assert!(r.hw.calls().is_empty(), "{:?}", r.hw.calls());
+    let snap = r.preparer.checkpoint().snapshot();
+    assert_eq!(snap.claims.keys().collect::<Vec<_>>(), vec!["uid-done"]);
+}
+
+#[tokio::test]
+async fn many_concurrent_claims_share_checkpoint_writes() {
+    let claims: Vec<ResourceClaim> = (0..32)
+        .map(|i| {
+            claim(
+                &format!("c{i}"),
+                &[("gpu", &format!("gpu-{}", [0, 3, 4, 5][i % 4]))],
+                json!([]),
+            )
+        })
+        .collect();
+    let refs: Vec<ClaimRef> = (0..32).map(|i| cref(&format!("c{i}"))).collect();
+    let r = rig(claims);
+    let out = r.preparer.prepare(refs).await;
+    assert!(out.values().all(Result::is_ok), "{out:?}");
+    assert_eq!(r.preparer.checkpoint().snapshot().claims.len(), 32);
+    assert!(
+        r.preparer.checkpoint().writes() < 32,
+        "writes: {}",
+        r.preparer.checkpoint().writes()
+    );
+}
