@@ -64,7 +64,7 @@ where
     Fut: Future<Output = anyhow::Result<Option<T>>>,
 {
     let end = Instant::now() + deadline;
-    let mut last = String::from("condition never held");
+    let mut last: String;
     loop {
         match check().await {
             Ok(Some(v)) => return Ok(v),

@@ -7,4 +7,5 @@
 
 pub mod cluster;
 
+#[allow(unused_imports)]
 pub use cluster::{TestBox, shared, wait_for};
