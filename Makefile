@@ -9,7 +9,10 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
-test:
+rig:
+	$(MAKE) -C tests/cluster
+
+test: rig
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
