@@ -22,8 +22,9 @@ use crate::plugin::{
 /// Error every claim gets from [`NotImplementedDriver`].
 pub const NOT_IMPLEMENTED: &str = "not implemented: this gpu-dra build cannot prepare claims yet";
 
-/// Placeholder [`NodeDriver`] answering every claim with [`NOT_IMPLEMENTED`], so the
+/// Placeholder [`NodeDriver`] failing every prepare with [`NOT_IMPLEMENTED`], so the
 /// plugin can register and answer the kubelet before the prepare state machine exists.
+/// Unprepare succeeds: nothing was ever prepared, and failing it would block pod deletion.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NotImplementedDriver;
 
@@ -39,10 +40,7 @@ impl NodeDriver for NotImplementedDriver {
     }
 
     async fn unprepare(&self, claims: Vec<ClaimRef>) -> BTreeMap<String, Result<(), String>> {
-        claims
-            .into_iter()
-            .map(|c| (c.uid, Err(NOT_IMPLEMENTED.to_owned())))
-            .collect()
+        claims.into_iter().map(|c| (c.uid, Ok(()))).collect()
     }
 }
 
@@ -158,6 +156,8 @@ mod tests {
                 .values()
                 .all(|r| r.as_ref().unwrap_err() == NOT_IMPLEMENTED)
         );
-        assert_eq!(NotImplementedDriver.unprepare(claims).await.len(), 2);
+        let unprepared = NotImplementedDriver.unprepare(claims).await;
+        assert_eq!(unprepared.len(), 2);
+        assert!(unprepared.values().all(Result::is_ok));
     }
 }

@@ -290,6 +290,70 @@ mod tests {
         assert_eq!(out["b"], Err(MISSING_ANSWER.to_owned()));
     }
 
+    /// Collects formatted log output for one test, without a global subscriber.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Failing;
+
+    impl NodeDriver for Failing {
+        async fn prepare(
+            &self,
+            claims: Vec<ClaimRef>,
+        ) -> BTreeMap<String, Result<Vec<PreparedDevice>, String>> {
+            claims
+                .into_iter()
+                .map(|c| (c.uid, Err("no such device".to_owned())))
+                .collect()
+        }
+        async fn unprepare(&self, _: Vec<ClaimRef>) -> BTreeMap<String, Result<(), String>> {
+            BTreeMap::new()
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn rpc_span_and_claim_errors_carry_claim_uid() {
+        use crate::proto::dra_v1::dra_plugin_server::DraPlugin as _;
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let service = DraV1::new(Arc::new(Failing));
+        let response = service
+            .node_prepare_resources(Request::new(v1::NodePrepareResourcesRequest {
+                claims: vec![v1::Claim {
+                    namespace: "ns".into(),
+                    uid: "uid-1".into(),
+                    name: "gpu-claim".into(),
+                }],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.claims["uid-1"].error, "no such device");
+        let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(logs.lines().next().unwrap()).unwrap();
+        assert_eq!(line["fields"]["claim.uid"], "uid-1");
+        assert_eq!(line["fields"]["error"], "no such device");
+        assert_eq!(line["span"]["name"], "NodePrepareResources");
+        assert_eq!(line["span"]["claim.uid"], "uid-1");
+        assert_eq!(line["span"]["rpc.version"], "v1");
+    }
+
     #[test]
     fn claim_refs_rejects_empty_uid_and_dedups() {
         let msg = |uid: &str| v1::Claim {
