@@ -231,10 +231,16 @@ fn read_mig_devices(dev: &Device<'_>, gpu: &Gpu) -> Result<Vec<MigDevice>, Disco
             index,
             profile_id: gi.profile_id,
         })?;
+        let ci = nvml_raw::compute_instance_info(dev, gi_id, ci_id)
+            .map_err(gpu_err("nvmlComputeInstanceGetInfo_v2", &gpu.uuid))?;
         let placement = Placement { start: gi.placement.start, size: gi.placement.size };
-        devices.push(MigDevice::from_profile(gpu, profile, index, uuid, gi_id, ci_id, placement));
+        let ci_placement = Placement { start: ci.placement.start, size: ci.placement.size };
+        devices.push(
+            MigDevice::from_profile(gpu, profile, index, uuid, gi_id, ci_id, placement)
+                .with_compute_instance(ci.slice_count, ci_placement, ci.multiprocessors),
+        );
     }
-    devices.sort_by_key(|d| (d.placement.start, d.gi_profile_id));
+    devices.sort_by_key(|d| (d.placement.start, d.gi_profile_id, d.ci_placement.start));
     Ok(devices)
 }
 

@@ -153,7 +153,7 @@ pub fn desired_devices(inv: &Inventory, features: &SliceFeatures) -> Vec<Device>
     for gpu in gpus {
         if gpu.mig.enabled {
             let mut migs: Vec<&MigDevice> = gpu.mig_devices.iter().collect();
-            migs.sort_by_key(|m| (m.placement.start, m.gi_profile_id));
+            migs.sort_by_key(|m| (m.placement.start, m.gi_profile_id, m.ci_placement.start));
             out.extend(migs.into_iter().map(|m| mig_device(inv, gpu, m, features)));
         } else {
             out.push(gpu_device(inv, gpu, features));
