@@ -38,13 +38,15 @@ pub struct GpuInstanceInfo {
     pub placement: RawPlacement,
 }
 
-/// Possible placements of GPU instance profile `profile_index` (an `NVML_GPU_INSTANCE_PROFILE_*`
-/// index) on `device`, through `nvmlDeviceGetGpuInstancePossiblePlacements_v2`.
+/// Possible placements of the GPU instance profile with id `profile_id` (the `id` that
+/// `nvmlDeviceGetGpuInstanceProfileInfo` returns, e.g. 19 for H100 `1g.10gb`; not the
+/// `NVML_GPU_INSTANCE_PROFILE_*` index) on `device`, through
+/// `nvmlDeviceGetGpuInstancePossiblePlacements_v2`.
 ///
 /// Errors: `NotSupported` when MIG is off or the profile does not exist on this GPU.
 pub fn gpu_instance_possible_placements(
     device: &Device<'_>,
-    profile_index: u32,
+    profile_id: u32,
 ) -> Result<Vec<RawPlacement>, NvmlError> {
     let sym = nvml_sym(
         device
@@ -58,7 +60,7 @@ pub fn gpu_instance_possible_placements(
     // (its lifetime keeps the library loaded and initialised). A null placements pointer
     // asks NVML only for the count, written to `count`, a valid local.
     nvml_try_count(unsafe {
-        sym(device.handle(), profile_index, std::ptr::null_mut(), &mut count)
+        sym(device.handle(), profile_id, std::ptr::null_mut(), &mut count)
     })?;
     if count == 0 {
         return Ok(Vec::new());
@@ -67,7 +69,7 @@ pub fn gpu_instance_possible_placements(
     // SAFETY: as above for the handle; `buf` holds exactly `count` initialised
     // elements and NVML writes at most `count` of them, then updates `count` to the
     // number written.
-    nvml_try(unsafe { sym(device.handle(), profile_index, buf.as_mut_ptr(), &mut count) })?;
+    nvml_try(unsafe { sym(device.handle(), profile_id, buf.as_mut_ptr(), &mut count) })?;
     buf.truncate(count as usize);
     Ok(buf
         .into_iter()

@@ -195,7 +195,8 @@ fn read_profiles(dev: &Device<'_>, gpu: &Gpu) -> Result<Vec<MigProfile>, Discove
             Err(NvmlError::NotSupported | NvmlError::InvalidArg | NvmlError::NotFound) => continue,
             Err(e) => return Err(gpu_err("nvmlDeviceGetGpuInstanceProfileInfo", &gpu.uuid)(e)),
         };
-        let placements = match nvml_raw::gpu_instance_possible_placements(dev, index) {
+        // Placements take the profile id (`info.id`, e.g. 19), not the index.
+        let placements = match nvml_raw::gpu_instance_possible_placements(dev, info.id) {
             Ok(p) => p.into_iter().map(|p| Placement { start: p.start, size: p.size }).collect(),
             Err(NvmlError::NotSupported) => Vec::new(),
             Err(e) => {
