@@ -13,9 +13,9 @@
 use nvml_wrapper::Device;
 use nvml_wrapper::error::{NvmlError, nvml_sym, nvml_try, nvml_try_count};
 use nvml_wrapper_sys::bindings::{
-    NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED, NVML_COMPUTE_INSTANCE_PROFILE_COUNT, nvmlComputeInstance_t,
-    nvmlComputeInstanceInfo_t, nvmlComputeInstanceProfileInfo_t, nvmlGpuInstance_t, nvmlGpuInstanceInfo_t,
-    nvmlGpuInstancePlacement_t,
+    NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED, NVML_COMPUTE_INSTANCE_PROFILE_COUNT,
+    nvmlComputeInstance_t, nvmlComputeInstanceInfo_t, nvmlComputeInstanceProfileInfo_t,
+    nvmlGpuInstance_t, nvmlGpuInstanceInfo_t, nvmlGpuInstancePlacement_t,
 };
 
 /// Placement of a GPU instance in memory slices, as NVML returns it.
@@ -60,7 +60,12 @@ pub fn gpu_instance_possible_placements(
     // (its lifetime keeps the library loaded and initialised). A null placements pointer
     // asks NVML only for the count, written to `count`, a valid local.
     nvml_try_count(unsafe {
-        sym(device.handle(), profile_id, std::ptr::null_mut(), &mut count)
+        sym(
+            device.handle(),
+            profile_id,
+            std::ptr::null_mut(),
+            &mut count,
+        )
     })?;
     if count == 0 {
         return Ok(Vec::new());
@@ -73,7 +78,10 @@ pub fn gpu_instance_possible_placements(
     buf.truncate(count as usize);
     Ok(buf
         .into_iter()
-        .map(|p| RawPlacement { start: p.start, size: p.size })
+        .map(|p| RawPlacement {
+            start: p.start,
+            size: p.size,
+        })
         .collect())
 }
 
@@ -121,7 +129,10 @@ pub fn gpu_instance_info(parent: &Device<'_>, gi_id: u32) -> Result<GpuInstanceI
     Ok(GpuInstanceInfo {
         id: info.id,
         profile_id: info.profileId,
-        placement: RawPlacement { start: info.placement.start, size: info.placement.size },
+        placement: RawPlacement {
+            start: info.placement.start,
+            size: info.placement.size,
+        },
     })
 }
 
@@ -144,7 +155,11 @@ pub struct ComputeInstanceInfo {
 /// Info of compute instance `ci_id` in GPU instance `gi_id` of `parent`
 /// (`nvmlGpuInstanceGetComputeInstanceById`, `nvmlComputeInstanceGetInfo_v2`, then
 /// `nvmlGpuInstanceGetComputeInstanceProfileInfo` over the profile indexes to size it).
-pub fn compute_instance_info(parent: &Device<'_>, gi_id: u32, ci_id: u32) -> Result<ComputeInstanceInfo, NvmlError> {
+pub fn compute_instance_info(
+    parent: &Device<'_>,
+    gi_id: u32,
+    ci_id: u32,
+) -> Result<ComputeInstanceInfo, NvmlError> {
     let lib = parent.nvml().lib();
     let ci_by_id = nvml_sym(lib.nvmlGpuInstanceGetComputeInstanceById.as_ref())?;
     let ci_get_info = nvml_sym(lib.nvmlComputeInstanceGetInfo_v2.as_ref())?;
@@ -162,7 +177,10 @@ pub fn compute_instance_info(parent: &Device<'_>, gi_id: u32, ci_id: u32) -> Res
     let mut out = ComputeInstanceInfo {
         id: info.id,
         profile_id: info.profileId,
-        placement: RawPlacement { start: info.placement.start, size: info.placement.size },
+        placement: RawPlacement {
+            start: info.placement.start,
+            size: info.placement.size,
+        },
         slice_count: 0,
         multiprocessors: 0,
     };
@@ -170,14 +188,22 @@ pub fn compute_instance_info(parent: &Device<'_>, gi_id: u32, ci_id: u32) -> Res
         // SAFETY: all-zero is a valid `nvmlComputeInstanceProfileInfo_t` (integers only).
         let mut p: nvmlComputeInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: live `gi` handle as above; `p` is a valid local NVML writes to.
-        let rc = unsafe { ci_profile_info(gi, index, NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED, &mut p) };
+        let rc = unsafe {
+            ci_profile_info(
+                gi,
+                index,
+                NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED,
+                &mut p,
+            )
+        };
         match nvml_try(rc) {
             Ok(()) if p.id == info.profileId => {
                 out.slice_count = p.sliceCount;
                 out.multiprocessors = p.multiprocessorCount;
                 break;
             }
-            Ok(()) | Err(NvmlError::NotSupported | NvmlError::InvalidArg | NvmlError::NotFound) => {}
+            Ok(()) | Err(NvmlError::NotSupported | NvmlError::InvalidArg | NvmlError::NotFound) => {
+            }
             Err(e) => return Err(e),
         }
     }
