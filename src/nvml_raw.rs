@@ -5,13 +5,16 @@
 //! types. Each block states why it is sound. Read-only queries only live here for now:
 //! possible GPU instance placements (the wrapper's `possible_placements()` returns an
 //! empty list), the GPU / compute instance ids of a MIG device handle, and the info
-//! (profile id, placement) of a GPU instance. Callers get owned data and
+//! (profile id, placement) of a GPU instance and of a compute instance (slices, SMs,
+//! placement). Callers get owned data and
 //! `NvmlError`s; nothing here keeps NVML handles beyond one call.
 #![allow(unsafe_code)]
 
 use nvml_wrapper::Device;
 use nvml_wrapper::error::{NvmlError, nvml_sym, nvml_try, nvml_try_count};
 use nvml_wrapper_sys::bindings::{
+    NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED, NVML_COMPUTE_INSTANCE_PROFILE_COUNT,
+    nvmlComputeInstance_t, nvmlComputeInstanceInfo_t, nvmlComputeInstanceProfileInfo_t,
     nvmlGpuInstance_t, nvmlGpuInstanceInfo_t, nvmlGpuInstancePlacement_t,
 };
 
@@ -35,13 +38,15 @@ pub struct GpuInstanceInfo {
     pub placement: RawPlacement,
 }
 
-/// Possible placements of GPU instance profile `profile_index` (an `NVML_GPU_INSTANCE_PROFILE_*`
-/// index) on `device`, through `nvmlDeviceGetGpuInstancePossiblePlacements_v2`.
+/// Possible placements of the GPU instance profile with id `profile_id` (the `id` that
+/// `nvmlDeviceGetGpuInstanceProfileInfo` returns, e.g. 19 for H100 `1g.10gb`; not the
+/// `NVML_GPU_INSTANCE_PROFILE_*` index) on `device`, through
+/// `nvmlDeviceGetGpuInstancePossiblePlacements_v2`.
 ///
 /// Errors: `NotSupported` when MIG is off or the profile does not exist on this GPU.
 pub fn gpu_instance_possible_placements(
     device: &Device<'_>,
-    profile_index: u32,
+    profile_id: u32,
 ) -> Result<Vec<RawPlacement>, NvmlError> {
     let sym = nvml_sym(
         device
@@ -55,7 +60,12 @@ pub fn gpu_instance_possible_placements(
     // (its lifetime keeps the library loaded and initialised). A null placements pointer
     // asks NVML only for the count, written to `count`, a valid local.
     nvml_try_count(unsafe {
-        sym(device.handle(), profile_index, std::ptr::null_mut(), &mut count)
+        sym(
+            device.handle(),
+            profile_id,
+            std::ptr::null_mut(),
+            &mut count,
+        )
     })?;
     if count == 0 {
         return Ok(Vec::new());
@@ -64,11 +74,14 @@ pub fn gpu_instance_possible_placements(
     // SAFETY: as above for the handle; `buf` holds exactly `count` initialised
     // elements and NVML writes at most `count` of them, then updates `count` to the
     // number written.
-    nvml_try(unsafe { sym(device.handle(), profile_index, buf.as_mut_ptr(), &mut count) })?;
+    nvml_try(unsafe { sym(device.handle(), profile_id, buf.as_mut_ptr(), &mut count) })?;
     buf.truncate(count as usize);
     Ok(buf
         .into_iter()
-        .map(|p| RawPlacement { start: p.start, size: p.size })
+        .map(|p| RawPlacement {
+            start: p.start,
+            size: p.size,
+        })
         .collect())
 }
 
@@ -91,16 +104,22 @@ pub fn mig_compute_instance_id(mig: &Device<'_>) -> Result<u32, NvmlError> {
     Ok(id)
 }
 
+/// Opaque handle of GPU instance `gi_id` on `parent` (`nvmlDeviceGetGpuInstanceById`).
+/// Valid while the instance exists; nothing here destroys instances.
+fn gpu_instance_handle(parent: &Device<'_>, gi_id: u32) -> Result<nvmlGpuInstance_t, NvmlError> {
+    let by_id = nvml_sym(parent.nvml().lib().nvmlDeviceGetGpuInstanceById.as_ref())?;
+    let mut gi: nvmlGpuInstance_t = std::ptr::null_mut();
+    // SAFETY: live parent handle from a borrowed `Device` (library initialised); `gi` is a
+    // valid local that NVML fills with an opaque handle owned by the driver.
+    nvml_try(unsafe { by_id(parent.handle(), gi_id, &mut gi) })?;
+    Ok(gi)
+}
+
 /// Info of GPU instance `gi_id` on the physical GPU `parent`
 /// (`nvmlDeviceGetGpuInstanceById` then `nvmlGpuInstanceGetInfo`).
 pub fn gpu_instance_info(parent: &Device<'_>, gi_id: u32) -> Result<GpuInstanceInfo, NvmlError> {
-    let lib = parent.nvml().lib();
-    let by_id = nvml_sym(lib.nvmlDeviceGetGpuInstanceById.as_ref())?;
-    let get_info = nvml_sym(lib.nvmlGpuInstanceGetInfo.as_ref())?;
-    let mut gi: nvmlGpuInstance_t = std::ptr::null_mut();
-    // SAFETY: live parent handle from a borrowed `Device`; `gi` is a valid local that
-    // NVML fills with an opaque GPU instance handle owned by the driver.
-    nvml_try(unsafe { by_id(parent.handle(), gi_id, &mut gi) })?;
+    let get_info = nvml_sym(parent.nvml().lib().nvmlGpuInstanceGetInfo.as_ref())?;
+    let gi = gpu_instance_handle(parent, gi_id)?;
     // SAFETY: an all-zero `nvmlGpuInstanceInfo_t` is valid (plain integers and raw
     // pointers); NVML only writes to it.
     let mut info: nvmlGpuInstanceInfo_t = unsafe { std::mem::zeroed() };
@@ -110,6 +129,83 @@ pub fn gpu_instance_info(parent: &Device<'_>, gi_id: u32) -> Result<GpuInstanceI
     Ok(GpuInstanceInfo {
         id: info.id,
         profile_id: info.profileId,
-        placement: RawPlacement { start: info.placement.start, size: info.placement.size },
+        placement: RawPlacement {
+            start: info.placement.start,
+            size: info.placement.size,
+        },
     })
+}
+
+/// An existing compute instance: its placement inside the GPU instance and its profile's
+/// size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComputeInstanceInfo {
+    /// Compute instance id.
+    pub id: u32,
+    /// Compute instance profile id (`nvmlComputeInstanceProfileInfo_t.id`).
+    pub profile_id: u32,
+    /// Placement in compute slices of the GPU instance.
+    pub placement: RawPlacement,
+    /// Compute slices of the profile (0 when no profile of the GI has `profile_id`).
+    pub slice_count: u32,
+    /// Streaming multiprocessors of the profile (0 when unknown, as above).
+    pub multiprocessors: u32,
+}
+
+/// Info of compute instance `ci_id` in GPU instance `gi_id` of `parent`
+/// (`nvmlGpuInstanceGetComputeInstanceById`, `nvmlComputeInstanceGetInfo_v2`, then
+/// `nvmlGpuInstanceGetComputeInstanceProfileInfo` over the profile indexes to size it).
+pub fn compute_instance_info(
+    parent: &Device<'_>,
+    gi_id: u32,
+    ci_id: u32,
+) -> Result<ComputeInstanceInfo, NvmlError> {
+    let lib = parent.nvml().lib();
+    let ci_by_id = nvml_sym(lib.nvmlGpuInstanceGetComputeInstanceById.as_ref())?;
+    let ci_get_info = nvml_sym(lib.nvmlComputeInstanceGetInfo_v2.as_ref())?;
+    let ci_profile_info = nvml_sym(lib.nvmlGpuInstanceGetComputeInstanceProfileInfo.as_ref())?;
+    let gi = gpu_instance_handle(parent, gi_id)?;
+    let mut ci: nvmlComputeInstance_t = std::ptr::null_mut();
+    // SAFETY: `gi` is a live GPU instance handle just returned by NVML; `ci` is a valid
+    // local NVML fills with an opaque handle.
+    nvml_try(unsafe { ci_by_id(gi, ci_id, &mut ci) })?;
+    // SAFETY: all-zero is a valid `nvmlComputeInstanceInfo_t` (integers, raw pointers).
+    let mut info: nvmlComputeInstanceInfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `ci` was just returned by NVML and is not destroyed in between; `info` is a
+    // valid local.
+    nvml_try(unsafe { ci_get_info(ci, &mut info) })?;
+    let mut out = ComputeInstanceInfo {
+        id: info.id,
+        profile_id: info.profileId,
+        placement: RawPlacement {
+            start: info.placement.start,
+            size: info.placement.size,
+        },
+        slice_count: 0,
+        multiprocessors: 0,
+    };
+    for index in 0..NVML_COMPUTE_INSTANCE_PROFILE_COUNT {
+        // SAFETY: all-zero is a valid `nvmlComputeInstanceProfileInfo_t` (integers only).
+        let mut p: nvmlComputeInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: live `gi` handle as above; `p` is a valid local NVML writes to.
+        let rc = unsafe {
+            ci_profile_info(
+                gi,
+                index,
+                NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED,
+                &mut p,
+            )
+        };
+        match nvml_try(rc) {
+            Ok(()) if p.id == info.profileId => {
+                out.slice_count = p.sliceCount;
+                out.multiprocessors = p.multiprocessorCount;
+                break;
+            }
+            Ok(()) | Err(NvmlError::NotSupported | NvmlError::InvalidArg | NvmlError::NotFound) => {
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }

@@ -24,37 +24,47 @@ const DGX_H100_BUS_IDS: [&str; 8] = [
 
 /// One H100 GPU instance profile row: (profile index, id, slices, instances, MiB, SMs,
 /// copy engines, decoders, encoders, jpeg, ofa, placement starts, placement size).
+#[rustfmt::skip]
 type ProfileRow = (u32, u32, u32, u32, u64, u32, u32, u32, u32, u32, u32, &'static [u32], u32);
 
+#[rustfmt::skip]
 const H100_PROFILES: [ProfileRow; 7] = [
-    (0, 19, 1, 7, 9984, 16, 1, 1, 0, 1, 0, &[0, 1, 2, 3, 4, 5, 6], 1),
-    (1, 14, 2, 3, 20096, 32, 2, 2, 0, 2, 0, &[0, 2, 4], 2),
-    (2, 9, 3, 2, 40448, 60, 3, 3, 0, 3, 0, &[0, 4], 4),
-    (3, 5, 4, 1, 40448, 64, 4, 4, 0, 4, 0, &[0], 4),
-    (4, 0, 7, 1, 81152, 132, 8, 7, 0, 7, 1, &[0], 8),
-    (7, 20, 1, 1, 9984, 16, 1, 1, 0, 1, 1, &[0, 1, 2, 3, 4, 5, 6], 1),
-    (9, 15, 1, 4, 20096, 26, 1, 1, 0, 1, 0, &[0, 2, 4, 6], 2),
+    // idx id sl inst  MiB    SM  CE DEC ENC JPG OFA starts                  size
+    (0, 19, 1, 7, 9984,  16,  1, 1, 0, 1, 0, &[0, 1, 2, 3, 4, 5, 6], 1),
+    (1, 14, 2, 3, 20096, 32,  2, 2, 0, 2, 0, &[0, 2, 4],             2),
+    (2, 9,  3, 2, 40448, 60,  3, 3, 0, 3, 0, &[0, 4],                4),
+    (3, 5,  4, 1, 40448, 64,  4, 4, 0, 4, 0, &[0],                   4),
+    (4, 0,  7, 1, 81152, 132, 8, 7, 0, 7, 1, &[0],                   8),
+    (7, 20, 1, 1, 9984,  16,  1, 1, 0, 1, 1, &[0, 1, 2, 3, 4, 5, 6], 1),
+    (9, 15, 1, 4, 20096, 26,  1, 1, 0, 1, 0, &[0, 2, 4, 6],          2),
 ];
 
 /// The GPU instance profiles of an H100 80GB HBM3, in NVML profile index order.
 pub fn h100_profiles() -> Vec<MigProfile> {
     H100_PROFILES
         .iter()
-        .map(|&(index, id, slices, instances, mib, sms, ce, dec, enc, jpeg, ofa, starts, size)| MigProfile {
-            name: super::model::mig_profile_name(slices, mib, H100_MEMORY_BYTES, index),
-            profile_index: index,
-            gi_profile_id: id,
-            slice_count: slices,
-            instance_count: instances,
-            memory_bytes: mib << 20,
-            multiprocessors: sms,
-            copy_engines: ce,
-            decoders: dec,
-            encoders: enc,
-            jpeg_engines: jpeg,
-            ofa_engines: ofa,
-            placements: starts.iter().map(|&start| Placement { start, size }).collect(),
-        })
+        .map(
+            |&(index, id, slices, instances, mib, sms, ce, dec, enc, jpeg, ofa, starts, size)| {
+                MigProfile {
+                    name: super::model::mig_profile_name(slices, mib, H100_MEMORY_BYTES, index),
+                    profile_index: index,
+                    gi_profile_id: id,
+                    slice_count: slices,
+                    instance_count: instances,
+                    memory_bytes: mib << 20,
+                    multiprocessors: sms,
+                    copy_engines: ce,
+                    decoders: dec,
+                    encoders: enc,
+                    jpeg_engines: jpeg,
+                    ofa_engines: ofa,
+                    placements: starts
+                        .iter()
+                        .map(|&start| Placement { start, size })
+                        .collect(),
+                }
+            },
+        )
         .collect()
 }
 
@@ -71,7 +81,11 @@ pub fn h100(index: u32) -> Gpu {
         pci_bus_id: DGX_H100_BUS_IDS[index as usize % 8].to_string(),
         pcie_root: None,
         memory_bytes: H100_MEMORY_BYTES,
-        mig: MigState { capable: true, enabled: false, pending: false },
+        mig: MigState {
+            capable: true,
+            enabled: false,
+            pending: false,
+        },
         mig_profiles: h100_profiles(),
         mig_devices: Vec::new(),
     }
@@ -79,13 +93,31 @@ pub fn h100(index: u32) -> Gpu {
 
 /// Puts `gpu` in MIG mode with static instances `(gi_profile_id, placement start, gi id)`.
 pub fn with_mig(mut gpu: Gpu, instances: &[(u32, u32, u32)]) -> Gpu {
-    gpu.mig = MigState { capable: true, enabled: true, pending: true };
+    gpu.mig = MigState {
+        capable: true,
+        enabled: true,
+        pending: true,
+    };
     let mut devices = Vec::new();
     for (i, &(profile_id, start, gi_id)) in instances.iter().enumerate() {
-        let profile = gpu.profile_by_id(profile_id).expect("fixture profile id exists").clone();
+        let profile = gpu
+            .profile_by_id(profile_id)
+            .expect("fixture profile id exists")
+            .clone();
         let size = profile.placements.first().map_or(1, |p| p.size);
-        let uuid = format!("MIG-9b2d6f10-3c4e-5a7b-8d9e-{:02}{:02}{:08}", gpu.minor, gi_id, i);
-        devices.push(MigDevice::from_profile(&gpu, &profile, i as u32, uuid, gi_id, 0, Placement { start, size }));
+        let uuid = format!(
+            "MIG-9b2d6f10-3c4e-5a7b-8d9e-{:02}{:02}{:08}",
+            gpu.minor, gi_id, i
+        );
+        devices.push(MigDevice::from_profile(
+            &gpu,
+            &profile,
+            i as u32,
+            uuid,
+            gi_id,
+            0,
+            Placement { start, size },
+        ));
     }
     devices.sort_by_key(|d| (d.placement.start, d.gi_profile_id));
     gpu.mig_devices = devices;
@@ -102,7 +134,11 @@ pub fn dgx_h100() -> Inventory {
             _ => h100(i),
         })
         .collect();
-    Inventory { driver_version: "550.54.15".to_string(), cuda_driver_version: "12.4".to_string(), gpus }
+    Inventory {
+        driver_version: "550.54.15".to_string(),
+        cuda_driver_version: "12.4".to_string(),
+        gpus,
+    }
 }
 
 #[cfg(test)]
@@ -112,7 +148,18 @@ mod tests {
     #[test]
     fn h100_profile_names() {
         let names: Vec<String> = h100_profiles().into_iter().map(|p| p.name).collect();
-        assert_eq!(names, ["1g.10gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb", "1g.10gb+me", "1g.20gb"]);
+        assert_eq!(
+            names,
+            [
+                "1g.10gb",
+                "2g.20gb",
+                "3g.40gb",
+                "4g.40gb",
+                "7g.80gb",
+                "1g.10gb+me",
+                "1g.20gb"
+            ]
+        );
     }
 
     #[test]
@@ -121,7 +168,10 @@ mod tests {
         assert_eq!(inv.gpus.len(), 8);
         assert_eq!(inv.gpus[1].mig_devices.len(), 3);
         assert_eq!(inv.gpus[2].mig_devices.len(), 2);
-        assert_eq!(inv.gpus[1].mig_devices[0].device_name(), "gpu-1-mig-3g40gb-9-0");
+        assert_eq!(
+            inv.gpus[1].mig_devices[0].device_name(),
+            "gpu-1-mig-3g40gb-9-0"
+        );
         assert_eq!(inv.gpus[2].mig_devices[1].memory_bytes, 40448 << 20);
     }
 }

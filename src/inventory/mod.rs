@@ -9,10 +9,12 @@
 pub mod fixtures;
 pub mod model;
 pub mod nvml;
+pub mod refresh;
 pub mod render;
 
 pub use model::{
     ComputeCapability, DeviceRef, Gpu, Inventory, MigDevice, MigProfile, MigState, Placement,
 };
 pub use nvml::{Discover, DiscoverError, FixedInventory, NvmlDiscovery};
-pub use render::{render_inventory, render_inventory_yaml, render_slices, RenderError};
+pub use refresh::refresh_inventory;
+pub use render::{RenderError, render_inventory, render_inventory_yaml, render_slices};

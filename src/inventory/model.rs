@@ -66,7 +66,9 @@ pub struct MigState {
 }
 
 /// A start/size pair in units of GPU memory slices (NVML `nvmlGpuInstancePlacement_t`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub struct Placement {
     /// First memory slice occupied (inclusive).
     pub start: u32,
@@ -162,6 +164,16 @@ pub struct MigDevice {
     pub ci_id: u32,
     /// Placement of the GPU instance.
     pub placement: Placement,
+    /// Compute slices of the GPU instance (the `Ng` of its profile).
+    #[serde(default)]
+    pub gi_slice_count: u32,
+    /// Compute slices of the compute instance; smaller than `gi_slice_count` only when the
+    /// GPU instance is split into several compute instances.
+    #[serde(default)]
+    pub ci_slice_count: u32,
+    /// Placement of the compute instance inside its GPU instance, in compute slices.
+    #[serde(default)]
+    pub ci_placement: Placement,
     /// Memory in bytes (from the profile).
     pub memory_bytes: u64,
     /// Streaming multiprocessors.
@@ -238,14 +250,56 @@ impl Gpu {
 
     /// The GPU instance profile with NVML profile id `gi_profile_id` (`info.id`).
     pub fn profile_by_id(&self, gi_profile_id: u32) -> Option<&MigProfile> {
-        self.mig_profiles.iter().find(|p| p.gi_profile_id == gi_profile_id)
+        self.mig_profiles
+            .iter()
+            .find(|p| p.gi_profile_id == gi_profile_id)
     }
 }
 
 impl MigDevice {
     /// Published device name: `gpu-<parentMinor>-mig-<profile>-<GI profile id>-<start>`.
+    ///
+    /// A compute instance smaller than its GPU instance (not covered by NVIDIA's naming)
+    /// gets its profile as `<c>c.<profile>` and its compute slice start appended:
+    /// `gpu-1-mig-1c3g40gb-9-4-2`.
     pub fn device_name(&self) -> String {
-        mig_device_name(self.parent_minor, &self.profile, self.gi_profile_id, self.placement.start)
+        let base = mig_device_name(
+            self.parent_minor,
+            &self.profile,
+            self.gi_profile_id,
+            self.placement.start,
+        );
+        if self.is_partial_compute_instance() {
+            format!("{base}-{}", self.ci_placement.start)
+        } else {
+            base
+        }
+    }
+
+    /// True when the compute instance covers only part of its GPU instance.
+    pub fn is_partial_compute_instance(&self) -> bool {
+        self.ci_slice_count != 0 && self.ci_slice_count < self.gi_slice_count
+    }
+
+    /// Narrows a device built by [`MigDevice::from_profile`] to a compute instance of
+    /// `ci_slices` compute slices at `ci_placement` with `multiprocessors` SMs. When that is
+    /// smaller than the GPU instance, the profile becomes `<c>c.<profile>` (go-nvlib's
+    /// notation, e.g. `1c.3g.40gb`); engines and memory stay the GPU instance's (shared by
+    /// its compute instances). A full-size (or unknown, 0) compute instance changes nothing.
+    pub fn with_compute_instance(
+        mut self,
+        ci_slices: u32,
+        ci_placement: Placement,
+        multiprocessors: u32,
+    ) -> MigDevice {
+        if ci_slices == 0 || ci_slices >= self.gi_slice_count {
+            return self;
+        }
+        self.profile = format!("{ci_slices}c.{}", self.profile);
+        self.ci_slice_count = ci_slices;
+        self.ci_placement = ci_placement;
+        self.multiprocessors = multiprocessors;
+        self
     }
 
     /// Builds a MIG device from its profile and NVML ids; capacities come from the profile.
@@ -268,6 +322,12 @@ impl MigDevice {
             gi_id,
             ci_id,
             placement,
+            gi_slice_count: profile.slice_count,
+            ci_slice_count: profile.slice_count,
+            ci_placement: Placement {
+                start: 0,
+                size: profile.slice_count,
+            },
             memory_bytes: profile.memory_bytes,
             multiprocessors: profile.multiprocessors,
             copy_engines: profile.copy_engines,
@@ -302,7 +362,13 @@ pub fn profile_name_for_device(profile: &str) -> String {
         .chars()
         .filter(|c| *c != '.')
         .map(|c| c.to_ascii_lowercase())
-        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     mapped.trim_matches('-').to_string()
 }
@@ -313,7 +379,12 @@ pub fn profile_name_for_device(profile: &str) -> String {
 /// `memory_mb` is the profile's `memorySizeMB`; `device_memory_bytes` the GPU's total memory.
 /// GB is the profile's share of the GPU rounded up to eighths, times the GPU's memory in
 /// whole GiB (rounded up), rounded to the nearest integer: H100 80GB 9984 MiB -> `10gb`.
-pub fn mig_profile_name(slice_count: u32, memory_mb: u64, device_memory_bytes: u64, profile_index: u32) -> String {
+pub fn mig_profile_name(
+    slice_count: u32,
+    memory_mb: u64,
+    device_memory_bytes: u64,
+    profile_index: u32,
+) -> String {
     let gb = mig_memory_gb(memory_mb, device_memory_bytes);
     let suffix = match profile_index {
         PROFILE_INDEX_1_SLICE_REV1 => "+me",
@@ -350,7 +421,10 @@ mod tests {
     #[test]
     fn h100_profile_names_match_nvidia_smi() {
         assert_eq!(mig_profile_name(1, 9984, H100_BYTES, 0), "1g.10gb");
-        assert_eq!(mig_profile_name(1, 9984, H100_BYTES, PROFILE_INDEX_1_SLICE_REV1), "1g.10gb+me");
+        assert_eq!(
+            mig_profile_name(1, 9984, H100_BYTES, PROFILE_INDEX_1_SLICE_REV1),
+            "1g.10gb+me"
+        );
         assert_eq!(mig_profile_name(1, 20096, H100_BYTES, 9), "1g.20gb");
         assert_eq!(mig_profile_name(2, 20096, H100_BYTES, 1), "2g.20gb");
         assert_eq!(mig_profile_name(3, 40448, H100_BYTES, 2), "3g.40gb");
@@ -370,14 +444,27 @@ mod tests {
     #[test]
     fn device_names_follow_compat() {
         assert_eq!(gpu_device_name(3), "gpu-3");
-        assert_eq!(mig_device_name(1, "2g.47gb", 14, 0), "gpu-1-mig-2g47gb-14-0");
-        assert_eq!(mig_device_name(0, "1g.10gb+me", 20, 6), "gpu-0-mig-1g10gb-me-20-6");
-        assert_eq!(mig_device_name(0, "1g.10gb-me", 20, 6), "gpu-0-mig-1g10gb-me-20-6");
+        assert_eq!(
+            mig_device_name(1, "2g.47gb", 14, 0),
+            "gpu-1-mig-2g47gb-14-0"
+        );
+        assert_eq!(
+            mig_device_name(0, "1g.10gb+me", 20, 6),
+            "gpu-0-mig-1g10gb-me-20-6"
+        );
+        assert_eq!(
+            mig_device_name(0, "1g.10gb-me", 20, 6),
+            "gpu-0-mig-1g10gb-me-20-6"
+        );
     }
 
     #[test]
     fn find_device_by_name() {
-        let mut gpu = Gpu { minor: 4, uuid: "GPU-a".into(), ..Default::default() };
+        let mut gpu = Gpu {
+            minor: 4,
+            uuid: "GPU-a".into(),
+            ..Default::default()
+        };
         gpu.mig_devices.push(MigDevice {
             uuid: "MIG-b".into(),
             parent_minor: 4,
@@ -386,11 +473,51 @@ mod tests {
             placement: Placement { start: 4, size: 4 },
             ..Default::default()
         });
-        let inv = Inventory { gpus: vec![gpu], ..Default::default() };
-        assert_eq!(inv.find_device("gpu-4").map(|d| d.uuid().to_string()), Some("GPU-a".into()));
+        let inv = Inventory {
+            gpus: vec![gpu],
+            ..Default::default()
+        };
+        assert_eq!(
+            inv.find_device("gpu-4").map(|d| d.uuid().to_string()),
+            Some("GPU-a".into())
+        );
         let mig = inv.find_device("gpu-4-mig-3g40gb-9-4").expect("mig device");
         assert_eq!(mig.uuid(), "MIG-b");
         assert_eq!(mig.gpu().uuid, "GPU-a");
         assert!(inv.find_device("gpu-5").is_none());
+    }
+
+    #[test]
+    fn split_gpu_instance_names_each_compute_instance() {
+        let gpu = Gpu {
+            minor: 1,
+            uuid: "GPU-a".into(),
+            ..Default::default()
+        };
+        let profile = MigProfile {
+            name: "3g.40gb".into(),
+            gi_profile_id: 9,
+            slice_count: 3,
+            multiprocessors: 60,
+            ..Default::default()
+        };
+        let at = Placement { start: 4, size: 4 };
+        let full = MigDevice::from_profile(&gpu, &profile, 0, "MIG-f".into(), 2, 0, at);
+        assert_eq!(
+            full.clone()
+                .with_compute_instance(3, Placement { start: 0, size: 3 }, 60),
+            full
+        );
+        assert_eq!(full.device_name(), "gpu-1-mig-3g40gb-9-4");
+        let two = full
+            .clone()
+            .with_compute_instance(2, Placement { start: 0, size: 2 }, 32);
+        let one = full.with_compute_instance(1, Placement { start: 2, size: 1 }, 16);
+        assert_eq!(
+            (two.profile.as_str(), two.multiprocessors),
+            ("2c.3g.40gb", 32)
+        );
+        assert_eq!(two.device_name(), "gpu-1-mig-2c3g40gb-9-4-0");
+        assert_eq!(one.device_name(), "gpu-1-mig-1c3g40gb-9-4-2");
     }
 }

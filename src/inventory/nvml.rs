@@ -58,7 +58,9 @@ pub enum DiscoverError {
         source: NvmlError,
     },
     /// A MIG device refers to a GPU instance profile the GPU did not list.
-    #[error("MIG device {index} on GPU {gpu} has GPU instance profile id {profile_id}, which the GPU does not list")]
+    #[error(
+        "MIG device {index} on GPU {gpu} has GPU instance profile id {profile_id}, which the GPU does not list"
+    )]
     UnknownProfile {
         /// Parent GPU UUID.
         gpu: String,
@@ -87,23 +89,34 @@ pub struct NvmlDiscovery {
 
 impl std::fmt::Debug for NvmlDiscovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NvmlDiscovery").field("sysfs_root", &self.sysfs_root).finish()
+        f.debug_struct("NvmlDiscovery")
+            .field("sysfs_root", &self.sysfs_root)
+            .finish()
     }
 }
 
 impl NvmlDiscovery {
     /// Loads NVML from `lib_path` (default: `libnvidia-ml.so.1` from the loader path) and
     /// initialises it. `sysfs_root` (normally `/sys`) is used to resolve PCIe roots.
-    pub fn new(lib_path: Option<&Path>, sysfs_root: impl Into<PathBuf>) -> Result<Self, DiscoverError> {
+    pub fn new(
+        lib_path: Option<&Path>,
+        sysfs_root: impl Into<PathBuf>,
+    ) -> Result<Self, DiscoverError> {
         let nvml = match lib_path {
             Some(path) => Nvml::builder().lib_path(path.as_os_str()).init(),
             None => Nvml::init(),
         }
         .map_err(|source| DiscoverError::Init {
-            lib: lib_path.map_or_else(|| "libnvidia-ml.so.1".to_string(), |p| p.display().to_string()),
+            lib: lib_path.map_or_else(
+                || "libnvidia-ml.so.1".to_string(),
+                |p| p.display().to_string(),
+            ),
             source,
         })?;
-        Ok(NvmlDiscovery { nvml, sysfs_root: sysfs_root.into() })
+        Ok(NvmlDiscovery {
+            nvml,
+            sysfs_root: sysfs_root.into(),
+        })
     }
 
     /// The initialised NVML handle, for modules that need other (control) calls.
@@ -117,17 +130,29 @@ impl NvmlDiscovery {
             .nvml
             .device_by_index(index)
             .map_err(gpu_err("nvmlDeviceGetHandleByIndex_v2", &at_index))?;
-        let uuid = dev.uuid().map_err(gpu_err("nvmlDeviceGetUUID", &at_index))?;
-        let minor = dev.minor_number().map_err(gpu_err("nvmlDeviceGetMinorNumber", &uuid))?;
+        let uuid = dev
+            .uuid()
+            .map_err(gpu_err("nvmlDeviceGetUUID", &at_index))?;
+        let minor = dev
+            .minor_number()
+            .map_err(gpu_err("nvmlDeviceGetMinorNumber", &uuid))?;
         let name = dev.name().map_err(gpu_err("nvmlDeviceGetName", &uuid))?;
         let brand = dev.brand().map_err(gpu_err("nvmlDeviceGetBrand", &uuid))?;
         let cc = dev
             .cuda_compute_capability()
             .map_err(gpu_err("nvmlDeviceGetCudaComputeCapability", &uuid))?;
-        let pci = dev.pci_info().map_err(gpu_err("nvmlDeviceGetPciInfo_v3", &uuid))?;
-        let memory = dev.memory_info().map_err(gpu_err("nvmlDeviceGetMemoryInfo_v2", &uuid))?;
+        let pci = dev
+            .pci_info()
+            .map_err(gpu_err("nvmlDeviceGetPciInfo_v3", &uuid))?;
+        let memory = dev
+            .memory_info()
+            .map_err(gpu_err("nvmlDeviceGetMemoryInfo_v2", &uuid))?;
         let mig = match dev.mig_mode() {
-            Ok(mode) => MigState { capable: true, enabled: mode.current == 1, pending: mode.pending == 1 },
+            Ok(mode) => MigState {
+                capable: true,
+                enabled: mode.current == 1,
+                pending: mode.pending == 1,
+            },
             Err(NvmlError::NotSupported) => MigState::default(),
             Err(e) => return Err(gpu_err("nvmlDeviceGetMigMode", &uuid)(e)),
         };
@@ -162,27 +187,46 @@ impl NvmlDiscovery {
 
 impl Discover for NvmlDiscovery {
     fn discover(&self) -> Result<Inventory, DiscoverError> {
-        let driver_version = self
+        let driver_version =
+            self.nvml
+                .sys_driver_version()
+                .map_err(|source| DiscoverError::System {
+                    function: "nvmlSystemGetDriverVersion",
+                    source,
+                })?;
+        let cuda = self
             .nvml
-            .sys_driver_version()
-            .map_err(|source| DiscoverError::System { function: "nvmlSystemGetDriverVersion", source })?;
-        let cuda = self.nvml.sys_cuda_driver_version().map_err(|source| DiscoverError::System {
-            function: "nvmlSystemGetCudaDriverVersion_v2",
-            source,
-        })?;
+            .sys_cuda_driver_version()
+            .map_err(|source| DiscoverError::System {
+                function: "nvmlSystemGetCudaDriverVersion_v2",
+                source,
+            })?;
         let count = self
             .nvml
             .device_count()
-            .map_err(|source| DiscoverError::System { function: "nvmlDeviceGetCount_v2", source })?;
-        let mut gpus = (0..count).map(|i| self.read_gpu(i)).collect::<Result<Vec<_>, _>>()?;
+            .map_err(|source| DiscoverError::System {
+                function: "nvmlDeviceGetCount_v2",
+                source,
+            })?;
+        let mut gpus = (0..count)
+            .map(|i| self.read_gpu(i))
+            .collect::<Result<Vec<_>, _>>()?;
         gpus.sort_by_key(|g| g.index);
-        Ok(Inventory { driver_version, cuda_driver_version: cuda_version_string(cuda), gpus })
+        Ok(Inventory {
+            driver_version,
+            cuda_driver_version: cuda_version_string(cuda),
+            gpus,
+        })
     }
 }
 
 fn gpu_err(function: &'static str, gpu: &str) -> impl FnOnce(NvmlError) -> DiscoverError {
     let gpu = gpu.to_string();
-    move |source| DiscoverError::Gpu { function, gpu, source }
+    move |source| DiscoverError::Gpu {
+        function,
+        gpu,
+        source,
+    }
 }
 
 /// Every GPU instance profile the GPU answers for, with its possible placements.
@@ -195,14 +239,29 @@ fn read_profiles(dev: &Device<'_>, gpu: &Gpu) -> Result<Vec<MigProfile>, Discove
             Err(NvmlError::NotSupported | NvmlError::InvalidArg | NvmlError::NotFound) => continue,
             Err(e) => return Err(gpu_err("nvmlDeviceGetGpuInstanceProfileInfo", &gpu.uuid)(e)),
         };
-        let placements = match nvml_raw::gpu_instance_possible_placements(dev, index) {
-            Ok(p) => p.into_iter().map(|p| Placement { start: p.start, size: p.size }).collect(),
+        // Placements take the profile id (`info.id`, e.g. 19), not the index.
+        let placements = match nvml_raw::gpu_instance_possible_placements(dev, info.id) {
+            Ok(p) => p
+                .into_iter()
+                .map(|p| Placement {
+                    start: p.start,
+                    size: p.size,
+                })
+                .collect(),
             Err(NvmlError::NotSupported) => Vec::new(),
             Err(e) => {
-                return Err(gpu_err("nvmlDeviceGetGpuInstancePossiblePlacements_v2", &gpu.uuid)(e));
+                return Err(gpu_err(
+                    "nvmlDeviceGetGpuInstancePossiblePlacements_v2",
+                    &gpu.uuid,
+                )(e));
             }
         };
-        profiles.push(profile_from_info(index, &info, placements, gpu.memory_bytes));
+        profiles.push(profile_from_info(
+            index,
+            &info,
+            placements,
+            gpu.memory_bytes,
+        ));
     }
     Ok(profiles)
 }
@@ -220,26 +279,48 @@ fn read_mig_devices(dev: &Device<'_>, gpu: &Gpu) -> Result<Vec<MigDevice>, Disco
             Err(NvmlError::NotFound) => continue,
             Err(e) => return Err(gpu_err("nvmlDeviceGetMigDeviceHandleByIndex", &gpu.uuid)(e)),
         };
-        let uuid = mig.uuid().map_err(gpu_err("nvmlDeviceGetUUID", &gpu.uuid))?;
-        let gi_id = nvml_raw::mig_gpu_instance_id(&mig).map_err(gpu_err("nvmlDeviceGetGpuInstanceId", &uuid))?;
-        let ci_id =
-            nvml_raw::mig_compute_instance_id(&mig).map_err(gpu_err("nvmlDeviceGetComputeInstanceId", &uuid))?;
+        let uuid = mig
+            .uuid()
+            .map_err(gpu_err("nvmlDeviceGetUUID", &gpu.uuid))?;
+        let gi_id = nvml_raw::mig_gpu_instance_id(&mig)
+            .map_err(gpu_err("nvmlDeviceGetGpuInstanceId", &uuid))?;
+        let ci_id = nvml_raw::mig_compute_instance_id(&mig)
+            .map_err(gpu_err("nvmlDeviceGetComputeInstanceId", &uuid))?;
         let gi = nvml_raw::gpu_instance_info(dev, gi_id)
             .map_err(gpu_err("nvmlGpuInstanceGetInfo", &gpu.uuid))?;
-        let profile = gpu.profile_by_id(gi.profile_id).ok_or_else(|| DiscoverError::UnknownProfile {
-            gpu: gpu.uuid.clone(),
-            index,
-            profile_id: gi.profile_id,
-        })?;
-        let placement = Placement { start: gi.placement.start, size: gi.placement.size };
-        devices.push(MigDevice::from_profile(gpu, profile, index, uuid, gi_id, ci_id, placement));
+        let profile =
+            gpu.profile_by_id(gi.profile_id)
+                .ok_or_else(|| DiscoverError::UnknownProfile {
+                    gpu: gpu.uuid.clone(),
+                    index,
+                    profile_id: gi.profile_id,
+                })?;
+        let ci = nvml_raw::compute_instance_info(dev, gi_id, ci_id)
+            .map_err(gpu_err("nvmlComputeInstanceGetInfo_v2", &gpu.uuid))?;
+        let placement = Placement {
+            start: gi.placement.start,
+            size: gi.placement.size,
+        };
+        let ci_placement = Placement {
+            start: ci.placement.start,
+            size: ci.placement.size,
+        };
+        devices.push(
+            MigDevice::from_profile(gpu, profile, index, uuid, gi_id, ci_id, placement)
+                .with_compute_instance(ci.slice_count, ci_placement, ci.multiprocessors),
+        );
     }
-    devices.sort_by_key(|d| (d.placement.start, d.gi_profile_id));
+    devices.sort_by_key(|d| (d.placement.start, d.gi_profile_id, d.ci_placement.start));
     Ok(devices)
 }
 
 /// Converts NVML's profile info into the model, naming the profile.
-fn profile_from_info(index: u32, info: &ProfileInfo, mut placements: Vec<Placement>, device_memory: u64) -> MigProfile {
+fn profile_from_info(
+    index: u32,
+    info: &ProfileInfo,
+    mut placements: Vec<Placement>,
+    device_memory: u64,
+) -> MigProfile {
     placements.sort();
     MigProfile {
         name: mig_profile_name(info.slice_count, info.memory_size_mb, device_memory, index),
@@ -314,11 +395,29 @@ mod tests {
 
     #[test]
     fn architecture_from_compute_capability() {
-        assert_eq!(architecture_family(ComputeCapability { major: 9, minor: 0 }), "Hopper");
-        assert_eq!(architecture_family(ComputeCapability { major: 8, minor: 0 }), "Ampere");
-        assert_eq!(architecture_family(ComputeCapability { major: 8, minor: 9 }), "Ada Lovelace");
-        assert_eq!(architecture_family(ComputeCapability { major: 7, minor: 5 }), "Turing");
-        assert_eq!(architecture_family(ComputeCapability { major: 10, minor: 0 }), "Blackwell");
+        assert_eq!(
+            architecture_family(ComputeCapability { major: 9, minor: 0 }),
+            "Hopper"
+        );
+        assert_eq!(
+            architecture_family(ComputeCapability { major: 8, minor: 0 }),
+            "Ampere"
+        );
+        assert_eq!(
+            architecture_family(ComputeCapability { major: 8, minor: 9 }),
+            "Ada Lovelace"
+        );
+        assert_eq!(
+            architecture_family(ComputeCapability { major: 7, minor: 5 }),
+            "Turing"
+        );
+        assert_eq!(
+            architecture_family(ComputeCapability {
+                major: 10,
+                minor: 0
+            }),
+            "Blackwell"
+        );
     }
 
     #[test]
@@ -336,7 +435,10 @@ mod tests {
             ofa_count: 1,
             slice_count: 1,
         };
-        let placements = vec![Placement { start: 6, size: 1 }, Placement { start: 0, size: 1 }];
+        let placements = vec![
+            Placement { start: 6, size: 1 },
+            Placement { start: 0, size: 1 },
+        ];
         let p = profile_from_info(7, &info, placements, 85_520_809_984);
         assert_eq!(p.name, "1g.10gb+me");
         assert_eq!(p.gi_profile_id, 20);
@@ -349,18 +451,29 @@ mod tests {
     #[test]
     fn pcie_root_from_sysfs_link() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let dev = dir.path().join("devices/pci0000:17/0000:17:01.0/0000:1b:00.0");
+        let dev = dir
+            .path()
+            .join("devices/pci0000:17/0000:17:01.0/0000:1b:00.0");
         std::fs::create_dir_all(&dev).expect("mkdir");
         let links = dir.path().join("bus/pci/devices");
         std::fs::create_dir_all(&links).expect("mkdir");
         std::os::unix::fs::symlink(&dev, links.join("0000:1b:00.0")).expect("symlink");
-        assert_eq!(pcie_root(dir.path(), "00000000:1B:00.0").as_deref(), Some("pci0000:17"));
+        assert_eq!(
+            pcie_root(dir.path(), "00000000:1B:00.0").as_deref(),
+            Some("pci0000:17")
+        );
         assert_eq!(pcie_root(dir.path(), "00000000:2C:00.0"), None);
     }
 
     #[test]
     fn fixed_inventory_returns_its_value() {
-        let inv = Inventory { driver_version: "550.54.15".into(), ..Default::default() };
-        assert_eq!(FixedInventory(inv.clone()).discover().expect("discover"), inv);
+        let inv = Inventory {
+            driver_version: "550.54.15".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            FixedInventory(inv.clone()).discover().expect("discover"),
+            inv
+        );
     }
 }

@@ -27,7 +27,13 @@ pub enum RenderError {
 /// device, then the MIG profiles of MIG-enabled GPUs.
 pub fn render_inventory(inv: &Inventory) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "Driver {}  CUDA {}  GPUs {}", inv.driver_version, inv.cuda_driver_version, inv.gpus.len());
+    let _ = writeln!(
+        out,
+        "Driver {}  CUDA {}  GPUs {}",
+        inv.driver_version,
+        inv.cuda_driver_version,
+        inv.gpus.len()
+    );
     let _ = writeln!(
         out,
         "{:<24} {:<5} {:<42} {:<26} {:<12} {:>10}  {:<8} UUID",
@@ -74,9 +80,17 @@ pub fn render_inventory(inv: &Inventory) -> String {
         }
         printed_profiles.push(gpu.name.clone());
         let _ = writeln!(out, "\nMIG profiles of {}:", gpu.name);
-        let _ = writeln!(out, "  {:<12} {:>3} {:>5} {:>10} {:>4} {:>3} {:>4} {:>4} {:>4} {:>4}  PLACEMENTS", "PROFILE", "ID", "INST", "MEMORY", "SM", "CE", "DEC", "ENC", "JPEG", "OFA");
+        let _ = writeln!(
+            out,
+            "  {:<12} {:>3} {:>5} {:>10} {:>4} {:>3} {:>4} {:>4} {:>4} {:>4}  PLACEMENTS",
+            "PROFILE", "ID", "INST", "MEMORY", "SM", "CE", "DEC", "ENC", "JPEG", "OFA"
+        );
         for p in &gpu.mig_profiles {
-            let placements: Vec<String> = p.placements.iter().map(|pl| format!("{}+{}", pl.start, pl.size)).collect();
+            let placements: Vec<String> = p
+                .placements
+                .iter()
+                .map(|pl| format!("{}+{}", pl.start, pl.size))
+                .collect();
             let _ = writeln!(
                 out,
                 "  {:<12} {:>3} {:>5} {:>10} {:>4} {:>3} {:>4} {:>4} {:>4} {:>4}  {}",
@@ -99,7 +113,10 @@ pub fn render_inventory(inv: &Inventory) -> String {
 
 /// The inventory as one YAML document (field names as in [`Inventory`]).
 pub fn render_inventory_yaml(inv: &Inventory) -> Result<String, RenderError> {
-    serde_yaml::to_string(inv).map_err(|source| RenderError::Yaml { what: "inventory".into(), source })
+    serde_yaml::to_string(inv).map_err(|source| RenderError::Yaml {
+        what: "inventory".into(),
+        source,
+    })
 }
 
 /// ResourceSlices as YAML documents separated by `---`, in the given order.
@@ -140,11 +157,13 @@ mod tests {
     #[test]
     fn table_golden() {
         let text = render_inventory(&dgx_h100());
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/inventory/testdata/dgx-h100-inventory.txt");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/inventory/testdata/dgx-h100-inventory.txt");
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(&path, &text).expect("write golden");
         }
-        let expected = std::fs::read_to_string(&path).expect("golden file (UPDATE_GOLDEN=1 creates it)");
+        let expected =
+            std::fs::read_to_string(&path).expect("golden file (UPDATE_GOLDEN=1 creates it)");
         pretty_assertions::assert_eq!(expected, text);
     }
 
@@ -167,6 +186,9 @@ mod tests {
             &Default::default(),
         );
         let yaml = render_slices(&slices).expect("yaml");
-        assert!(yaml.starts_with("---\napiVersion: resource.k8s.io/v1\nkind: ResourceSlice\n"), "{yaml}");
+        assert!(
+            yaml.starts_with("---\napiVersion: resource.k8s.io/v1\nkind: ResourceSlice\n"),
+            "{yaml}"
+        );
     }
 }

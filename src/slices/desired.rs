@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::resource::v1::{
-    Device, DeviceAttribute, DeviceCapacity, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    Device, DeviceAttribute, DeviceCapacity, DeviceTaint, ResourcePool, ResourceSlice,
+    ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -41,7 +42,9 @@ pub struct SliceFeatures {
 
 impl Default for SliceFeatures {
     fn default() -> Self {
-        SliceFeatures { device_taints: true }
+        SliceFeatures {
+            device_taints: true,
+        }
     }
 }
 
@@ -50,7 +53,10 @@ impl SliceFeatures {
     ///
     /// `dropped` holds normalised field paths (see `slices::reconcile::dropped_fields`),
     /// e.g. `spec.devices[*].taints`.
-    pub fn without_dropped<'a>(&self, dropped: impl IntoIterator<Item = &'a String>) -> SliceFeatures {
+    pub fn without_dropped<'a>(
+        &self,
+        dropped: impl IntoIterator<Item = &'a String>,
+    ) -> SliceFeatures {
         let mut out = self.clone();
         for path in dropped {
             if path.starts_with("spec.devices[*].taints") {
@@ -103,7 +109,10 @@ pub fn desired_slices(
     features: &SliceFeatures,
 ) -> Vec<ResourceSlice> {
     let devices = desired_devices(inv, features);
-    let per_slice = if devices.iter().any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty())) {
+    let per_slice = if devices
+        .iter()
+        .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()))
+    {
         MAX_DEVICES_PER_SLICE_WITH_TAINTS
     } else {
         MAX_DEVICES_PER_SLICE
@@ -153,7 +162,7 @@ pub fn desired_devices(inv: &Inventory, features: &SliceFeatures) -> Vec<Device>
     for gpu in gpus {
         if gpu.mig.enabled {
             let mut migs: Vec<&MigDevice> = gpu.mig_devices.iter().collect();
-            migs.sort_by_key(|m| (m.placement.start, m.gi_profile_id));
+            migs.sort_by_key(|m| (m.placement.start, m.gi_profile_id, m.ci_placement.start));
             out.extend(migs.into_iter().map(|m| mig_device(inv, gpu, m, features)));
         } else {
             out.push(gpu_device(inv, gpu, features));
@@ -183,7 +192,10 @@ fn mig_device(inv: &Inventory, gpu: &Gpu, mig: &MigDevice, features: &SliceFeatu
     attrs.insert("parentUUID".into(), string_attr(&gpu.uuid));
     attrs.insert("profile".into(), string_attr(&mig.profile));
     let capacity = BTreeMap::from([
-        ("multiprocessors".to_string(), capacity(mig.multiprocessors.into())),
+        (
+            "multiprocessors".to_string(),
+            capacity(mig.multiprocessors.into()),
+        ),
         ("copyEngines".to_string(), capacity(mig.copy_engines.into())),
         ("decoders".to_string(), capacity(mig.decoders.into())),
         ("encoders".to_string(), capacity(mig.encoders.into())),
@@ -207,17 +219,29 @@ fn common_attributes(inv: &Inventory, gpu: &Gpu) -> BTreeMap<String, DeviceAttri
     attrs.insert("brand".into(), string_attr(&gpu.brand));
     attrs.insert("architecture".into(), string_attr(&gpu.architecture));
     let versions = [
-        ("cudaComputeCapability", gpu.cuda_compute_capability.to_string()),
+        (
+            "cudaComputeCapability",
+            gpu.cuda_compute_capability.to_string(),
+        ),
         ("driverVersion", inv.driver_version.clone()),
         ("cudaDriverVersion", inv.cuda_driver_version.clone()),
     ];
     for (name, raw) in versions {
         // An unparsable version is left out rather than published wrong.
         if let Some(v) = semver_normalise(&raw) {
-            attrs.insert(name.into(), DeviceAttribute { version: Some(v), ..Default::default() });
+            attrs.insert(
+                name.into(),
+                DeviceAttribute {
+                    version: Some(v),
+                    ..Default::default()
+                },
+            );
         }
     }
-    attrs.insert("resource.kubernetes.io/pciBusID".into(), string_attr(&pci_bus_id_for_attribute(&gpu.pci_bus_id)));
+    attrs.insert(
+        "resource.kubernetes.io/pciBusID".into(),
+        string_attr(&pci_bus_id_for_attribute(&gpu.pci_bus_id)),
+    );
     if let Some(root) = &gpu.pcie_root {
         attrs.insert("resource.kubernetes.io/pcieRoot".into(), string_attr(root));
     }
@@ -250,11 +274,17 @@ fn taints(gpu: &Gpu, features: &SliceFeatures) -> Option<Vec<DeviceTaint>> {
 }
 
 fn string_attr(v: &str) -> DeviceAttribute {
-    DeviceAttribute { string: Some(v.to_string()), ..Default::default() }
+    DeviceAttribute {
+        string: Some(v.to_string()),
+        ..Default::default()
+    }
 }
 
 fn capacity(v: u64) -> DeviceCapacity {
-    DeviceCapacity { value: Quantity(v.to_string()), request_policy: None }
+    DeviceCapacity {
+        value: Quantity(v.to_string()),
+        request_policy: None,
+    }
 }
 
 /// Checks a slice against the API's limits; returns one line per violation (empty = valid).
@@ -265,8 +295,14 @@ fn capacity(v: u64) -> DeviceCapacity {
 pub fn validate_slice(slice: &ResourceSlice) -> Vec<String> {
     let mut problems = Vec::new();
     let devices = slice.spec.devices.as_deref().unwrap_or_default();
-    let tainted = devices.iter().any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()));
-    let limit = if tainted { MAX_DEVICES_PER_SLICE_WITH_TAINTS } else { MAX_DEVICES_PER_SLICE };
+    let tainted = devices
+        .iter()
+        .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()));
+    let limit = if tainted {
+        MAX_DEVICES_PER_SLICE_WITH_TAINTS
+    } else {
+        MAX_DEVICES_PER_SLICE
+    };
     if devices.len() > limit {
         problems.push(format!("{} devices, limit {limit}", devices.len()));
     }
@@ -281,28 +317,49 @@ pub fn validate_slice(slice: &ResourceSlice) -> Vec<String> {
         let attrs = d.attributes.as_ref().map_or(0, BTreeMap::len);
         let caps = d.capacity.as_ref().map_or(0, BTreeMap::len);
         if attrs + caps > MAX_ATTRIBUTES_AND_CAPACITIES {
-            problems.push(format!("device {}: {} attributes + capacities", d.name, attrs + caps));
+            problems.push(format!(
+                "device {}: {} attributes + capacities",
+                d.name,
+                attrs + caps
+            ));
         }
         for (name, a) in d.attributes.iter().flatten() {
             if !is_qualified_name(name) {
-                problems.push(format!("device {}: attribute name {name:?} invalid", d.name));
+                problems.push(format!(
+                    "device {}: attribute name {name:?} invalid",
+                    d.name
+                ));
             }
-            let set = [a.bool.is_some(), a.int.is_some(), a.string.is_some(), a.version.is_some()]
-                .into_iter()
-                .filter(|x| *x)
-                .count();
+            let set = [
+                a.bool.is_some(),
+                a.int.is_some(),
+                a.string.is_some(),
+                a.version.is_some(),
+            ]
+            .into_iter()
+            .filter(|x| *x)
+            .count();
             if set != 1 {
-                problems.push(format!("device {}: attribute {name} has {set} values", d.name));
+                problems.push(format!(
+                    "device {}: attribute {name} has {set} values",
+                    d.name
+                ));
             }
             if let Some(s) = &a.string
                 && s.chars().count() > MAX_STRING_ATTRIBUTE_LEN
             {
-                problems.push(format!("device {}: attribute {name} longer than 64", d.name));
+                problems.push(format!(
+                    "device {}: attribute {name} longer than 64",
+                    d.name
+                ));
             }
             if let Some(v) = &a.version
                 && semver::Version::parse(v).is_err()
             {
-                problems.push(format!("device {}: attribute {name} = {v:?} is not semver", d.name));
+                problems.push(format!(
+                    "device {}: attribute {name} = {v:?} is not semver",
+                    d.name
+                ));
             }
         }
         for name in d.capacity.iter().flatten().map(|(k, _)| k) {
@@ -318,7 +375,8 @@ pub fn validate_slice(slice: &ResourceSlice) -> Vec<String> {
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -345,38 +403,70 @@ mod tests {
     const DRIVER: &str = "gpu.gpu-dra.dev";
 
     fn golden(name: &str, actual: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/slices/testdata").join(name);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/slices/testdata")
+            .join(name);
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(&path, actual).expect("write golden");
         }
-        let expected = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create)", path.display()));
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run with UPDATE_GOLDEN=1 to create)",
+                path.display()
+            )
+        });
         pretty_assertions::assert_eq!(expected, actual);
     }
 
     fn names(slice: &ResourceSlice) -> Vec<String> {
-        slice.spec.devices.iter().flatten().map(|d| d.name.clone()).collect()
+        slice
+            .spec
+            .devices
+            .iter()
+            .flatten()
+            .map(|d| d.name.clone())
+            .collect()
     }
 
     #[test]
     fn dgx_h100_golden() {
-        let slices = desired_slices(&dgx_h100(), DRIVER, "node-a", "uid-1", 1, &SliceFeatures::default());
+        let slices = desired_slices(
+            &dgx_h100(),
+            DRIVER,
+            "node-a",
+            "uid-1",
+            1,
+            &SliceFeatures::default(),
+        );
         let yaml = crate::inventory::render_slices(&slices).expect("render");
         golden("dgx-h100-slices.yaml", &yaml);
     }
 
     #[test]
     fn dgx_h100_devices_follow_compat_and_static_mig() {
-        let slices = desired_slices(&dgx_h100(), DRIVER, "node-a", "uid-1", 3, &SliceFeatures::default());
+        let slices = desired_slices(
+            &dgx_h100(),
+            DRIVER,
+            "node-a",
+            "uid-1",
+            3,
+            &SliceFeatures::default(),
+        );
         assert_eq!(slices.len(), 1);
         let s = &slices[0];
-        assert_eq!(s.metadata.name.as_deref(), Some("node-a-gpu-gpu-dra-dev-00"));
+        assert_eq!(
+            s.metadata.name.as_deref(),
+            Some("node-a-gpu-gpu-dra-dev-00")
+        );
         assert_eq!(s.spec.pool.name, "node-a");
         assert_eq!(s.spec.pool.generation, 3);
         assert_eq!(s.spec.pool.resource_slice_count, 1);
         assert_eq!(s.spec.node_name.as_deref(), Some("node-a"));
         let owner = &s.metadata.owner_references.as_ref().expect("owner")[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()), ("Node", "node-a", "uid-1"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("Node", "node-a", "uid-1")
+        );
         assert_eq!(owner.controller, Some(true));
         assert_eq!(
             names(s),
@@ -397,22 +487,49 @@ mod tests {
         let gpu0 = &s.spec.devices.as_ref().expect("devices")[0];
         let attrs = gpu0.attributes.as_ref().expect("attrs");
         assert_eq!(attrs["type"].string.as_deref(), Some("gpu"));
-        assert_eq!(attrs["cudaComputeCapability"].version.as_deref(), Some("9.0.0"));
-        assert_eq!(attrs["cudaDriverVersion"].version.as_deref(), Some("12.4.0"));
+        assert_eq!(
+            attrs["cudaComputeCapability"].version.as_deref(),
+            Some("9.0.0")
+        );
+        assert_eq!(
+            attrs["cudaDriverVersion"].version.as_deref(),
+            Some("12.4.0")
+        );
         assert_eq!(attrs["driverVersion"].version.as_deref(), Some("550.54.15"));
-        assert_eq!(attrs["resource.kubernetes.io/pciBusID"].string.as_deref(), Some("0000:1b:00.0"));
-        assert_eq!(gpu0.capacity.as_ref().expect("cap")["memory"].value.0, (81_559u64 << 20).to_string());
+        assert_eq!(
+            attrs["resource.kubernetes.io/pciBusID"].string.as_deref(),
+            Some("0000:1b:00.0")
+        );
+        assert_eq!(
+            gpu0.capacity.as_ref().expect("cap")["memory"].value.0,
+            (81_559u64 << 20).to_string()
+        );
         let mig = &s.spec.devices.as_ref().expect("devices")[1];
         let attrs = mig.attributes.as_ref().expect("attrs");
         assert_eq!(attrs["type"].string.as_deref(), Some("mig"));
         assert_eq!(attrs["profile"].string.as_deref(), Some("3g.40gb"));
-        assert_eq!(attrs["parentUUID"].string, dgx_h100().gpus[1].uuid.clone().into());
-        assert_eq!(mig.capacity.as_ref().expect("cap")["multiprocessors"].value.0, "60");
+        assert_eq!(
+            attrs["parentUUID"].string,
+            dgx_h100().gpus[1].uuid.clone().into()
+        );
+        assert_eq!(
+            mig.capacity.as_ref().expect("cap")["multiprocessors"]
+                .value
+                .0,
+            "60"
+        );
     }
 
     #[test]
     fn slices_respect_api_limits() {
-        let slices = desired_slices(&dgx_h100(), DRIVER, "node-a", "uid-1", 1, &SliceFeatures::default());
+        let slices = desired_slices(
+            &dgx_h100(),
+            DRIVER,
+            "node-a",
+            "uid-1",
+            1,
+            &SliceFeatures::default(),
+        );
         for s in &slices {
             assert_eq!(validate_slice(s), Vec::<String>::new());
         }
@@ -420,7 +537,8 @@ mod tests {
 
     #[test]
     fn validator_catches_violations() {
-        let mut slices = desired_slices(&dgx_h100(), DRIVER, "n", "u", 1, &SliceFeatures::default());
+        let mut slices =
+            desired_slices(&dgx_h100(), DRIVER, "n", "u", 1, &SliceFeatures::default());
         let dev = &mut slices[0].spec.devices.as_mut().expect("devices")[0];
         dev.name = "GPU_0".into();
         let attrs = dev.attributes.as_mut().expect("attrs");
@@ -428,12 +546,32 @@ mod tests {
         for i in 0..30 {
             attrs.insert(format!("extra{i}"), string_attr("v"));
         }
-        attrs.insert("driverVersion".into(), DeviceAttribute { version: Some("550.54".into()), ..Default::default() });
+        attrs.insert(
+            "driverVersion".into(),
+            DeviceAttribute {
+                version: Some("550.54".into()),
+                ..Default::default()
+            },
+        );
         let problems = validate_slice(&slices[0]);
-        assert!(problems.iter().any(|p| p.contains("not a DNS label")), "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("longer than 64")), "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("attributes + capacities")), "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("not semver")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("not a DNS label")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("longer than 64")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("attributes + capacities")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("not semver")),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -447,7 +585,10 @@ mod tests {
         let sizes: Vec<usize> = slices.iter().map(|s| names(s).len()).collect();
         assert_eq!(sizes, [128, 128, 44]);
         for (i, s) in slices.iter().enumerate() {
-            assert_eq!(s.metadata.name.as_deref(), Some(format!("big-gpu-gpu-dra-dev-{i:02}").as_str()));
+            assert_eq!(
+                s.metadata.name.as_deref(),
+                Some(format!("big-gpu-gpu-dra-dev-{i:02}").as_str())
+            );
             assert_eq!(s.spec.pool.resource_slice_count, 3);
             assert!(validate_slice(s).is_empty());
         }
@@ -456,22 +597,47 @@ mod tests {
 
     #[test]
     fn pending_mig_change_taints_and_halves_the_limit() {
-        let mut inv = Inventory { driver_version: "550.54.15".into(), cuda_driver_version: "12.4".into(), gpus: (0..100).map(h100).collect() };
+        let mut inv = Inventory {
+            driver_version: "550.54.15".into(),
+            cuda_driver_version: "12.4".into(),
+            gpus: (0..100).map(h100).collect(),
+        };
         inv.gpus[0].mig.pending = true;
         let slices = desired_slices(&inv, DRIVER, "n", "u", 1, &SliceFeatures::default());
-        assert_eq!(slices.iter().map(|s| names(s).len()).collect::<Vec<_>>(), [64, 36]);
-        let taint = &slices[0].spec.devices.as_ref().expect("devices")[0].taints.as_ref().expect("taints")[0];
+        assert_eq!(
+            slices.iter().map(|s| names(s).len()).collect::<Vec<_>>(),
+            [64, 36]
+        );
+        let taint = &slices[0].spec.devices.as_ref().expect("devices")[0]
+            .taints
+            .as_ref()
+            .expect("taints")[0];
         assert_eq!(taint.key, MIG_MODE_PENDING_TAINT);
         // Fallback when the API server drops taints.
-        let features = SliceFeatures::default().without_dropped(&["spec.devices[*].taints".to_string()]);
+        let features =
+            SliceFeatures::default().without_dropped(&["spec.devices[*].taints".to_string()]);
         let slices = desired_slices(&inv, DRIVER, "n", "u", 1, &features);
         assert_eq!(slices.len(), 1);
-        assert!(slices[0].spec.devices.iter().flatten().all(|d| d.taints.is_none()));
+        assert!(
+            slices[0]
+                .spec
+                .devices
+                .iter()
+                .flatten()
+                .all(|d| d.taints.is_none())
+        );
     }
 
     #[test]
     fn empty_node_publishes_one_empty_slice() {
-        let slices = desired_slices(&Inventory::default(), DRIVER, "n", "u", 1, &SliceFeatures::default());
+        let slices = desired_slices(
+            &Inventory::default(),
+            DRIVER,
+            "n",
+            "u",
+            1,
+            &SliceFeatures::default(),
+        );
         assert_eq!(slices.len(), 1);
         assert_eq!(slices[0].spec.devices.as_deref(), Some(&[][..]));
     }
@@ -487,8 +653,14 @@ mod tests {
 
     #[test]
     fn slice_names_widen_past_99() {
-        assert_eq!(slice_name("n", "gpu.nvidia.com", 3, 10), "n-gpu-nvidia-com-03");
-        assert_eq!(slice_name("n", "gpu.nvidia.com", 3, 150), "n-gpu-nvidia-com-003");
+        assert_eq!(
+            slice_name("n", "gpu.nvidia.com", 3, 10),
+            "n-gpu-nvidia-com-03"
+        );
+        assert_eq!(
+            slice_name("n", "gpu.nvidia.com", 3, 150),
+            "n-gpu-nvidia-com-003"
+        );
     }
 
     #[test]

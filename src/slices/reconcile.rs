@@ -84,14 +84,31 @@ pub fn plan(
     ignored: &BTreeSet<String>,
 ) -> Plan {
     let content: Vec<ResourceSlice> = desired.iter().map(|s| with_generation(s, 0)).collect();
-    let max_existing = existing.iter().map(|s| s.spec.pool.generation).max().unwrap_or(0);
-    let by_name: BTreeMap<&str, &ResourceSlice> =
-        existing.iter().filter_map(|s| s.metadata.name.as_deref().map(|n| (n, s))).collect();
-    let desired_names: BTreeSet<&str> = desired.iter().filter_map(|s| s.metadata.name.as_deref()).collect();
+    let max_existing = existing
+        .iter()
+        .map(|s| s.spec.pool.generation)
+        .max()
+        .unwrap_or(0);
+    let by_name: BTreeMap<&str, &ResourceSlice> = existing
+        .iter()
+        .filter_map(|s| s.metadata.name.as_deref().map(|n| (n, s)))
+        .collect();
+    let desired_names: BTreeSet<&str> = desired
+        .iter()
+        .filter_map(|s| s.metadata.name.as_deref())
+        .collect();
     let delete: Vec<Stale> = existing
         .iter()
-        .filter(|s| s.metadata.name.as_deref().is_none_or(|n| !desired_names.contains(n)))
-        .map(|s| Stale { name: s.metadata.name.clone().unwrap_or_default(), uid: s.metadata.uid.clone() })
+        .filter(|s| {
+            s.metadata
+                .name
+                .as_deref()
+                .is_none_or(|n| !desired_names.contains(n))
+        })
+        .map(|s| Stale {
+            name: s.metadata.name.clone().unwrap_or_default(),
+            uid: s.metadata.uid.clone(),
+        })
         .collect();
     let all_match_at = |generation: i64| {
         delete.is_empty()
@@ -109,13 +126,25 @@ pub fn plan(
     let apply = desired
         .iter()
         .map(|d| with_generation(d, generation))
-        .filter(|want| lookup(&by_name, want).is_none_or(|have| !slice_matches(want, have, ignored)))
+        .filter(|want| {
+            lookup(&by_name, want).is_none_or(|have| !slice_matches(want, have, ignored))
+        })
         .collect();
-    Plan { generation, apply, delete }
+    Plan {
+        generation,
+        apply,
+        delete,
+    }
 }
 
-fn lookup<'a>(by_name: &BTreeMap<&str, &'a ResourceSlice>, s: &ResourceSlice) -> Option<&'a ResourceSlice> {
-    s.metadata.name.as_deref().and_then(|n| by_name.get(n).copied())
+fn lookup<'a>(
+    by_name: &BTreeMap<&str, &'a ResourceSlice>,
+    s: &ResourceSlice,
+) -> Option<&'a ResourceSlice> {
+    s.metadata
+        .name
+        .as_deref()
+        .and_then(|n| by_name.get(n).copied())
 }
 
 fn with_generation(s: &ResourceSlice, generation: i64) -> ResourceSlice {
@@ -125,8 +154,15 @@ fn with_generation(s: &ResourceSlice, generation: i64) -> ResourceSlice {
 }
 
 /// True when `have` (stored) holds everything `want` sets in spec and owner references.
-pub fn slice_matches(want: &ResourceSlice, have: &ResourceSlice, ignored: &BTreeSet<String>) -> bool {
-    let (Ok(w_spec), Ok(h_spec)) = (serde_json::to_value(&want.spec), serde_json::to_value(&have.spec)) else {
+pub fn slice_matches(
+    want: &ResourceSlice,
+    have: &ResourceSlice,
+    ignored: &BTreeSet<String>,
+) -> bool {
+    let (Ok(w_spec), Ok(h_spec)) = (
+        serde_json::to_value(&want.spec),
+        serde_json::to_value(&have.spec),
+    ) else {
         return false;
     };
     let (Ok(w_owners), Ok(h_owners)) = (
@@ -313,7 +349,13 @@ pub struct Reconciler {
 impl Reconciler {
     /// A reconciler for `driver` on node `node` (`node_uid` for the owner reference).
     /// `features` are the optional fields to try; dropped ones are turned off at run time.
-    pub fn new(client: kube::Client, driver: &str, node: &str, node_uid: &str, features: SliceFeatures) -> Self {
+    pub fn new(
+        client: kube::Client,
+        driver: &str,
+        node: &str,
+        node_uid: &str,
+        features: SliceFeatures,
+    ) -> Self {
         Reconciler {
             api: Api::all(client),
             driver: driver.to_string(),
@@ -337,7 +379,10 @@ impl Reconciler {
         let found = nodes
             .get(node)
             .await
-            .map_err(|source| ReconcileError::NodeLookup { node: node.to_string(), source })?;
+            .map_err(|source| ReconcileError::NodeLookup {
+                node: node.to_string(),
+                source,
+            })?;
         let uid = found.metadata.uid.unwrap_or_default();
         Ok(Self::new(client, driver, node, &uid, features))
     }
@@ -357,7 +402,8 @@ impl Reconciler {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ReconcileError> {
         let (store, writer) = reflector::store::<ResourceSlice>();
-        let config = watcher::Config::default().fields(&Self::field_selector(&self.driver, &self.node));
+        let config =
+            watcher::Config::default().fields(&Self::field_selector(&self.driver, &self.node));
         let events = reflector(writer, watcher(self.api.clone(), config).default_backoff());
         let mut events = std::pin::pin!(events);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -390,7 +436,8 @@ impl Reconciler {
             }
             dirty = false;
             let inv = inventory.borrow_and_update().clone();
-            let existing: Vec<ResourceSlice> = store.state().iter().map(|s| (**s).clone()).collect();
+            let existing: Vec<ResourceSlice> =
+                store.state().iter().map(|s| (**s).clone()).collect();
             match self.reconcile_once(&inv, &existing).await {
                 Ok(report) => {
                     backoff = MIN_BACKOFF;
@@ -414,7 +461,11 @@ impl Reconciler {
 
     /// One pass: compute desired slices and the plan, then execute it.
     #[tracing::instrument(name = "reconcile_slices", skip_all, fields(node = %self.node))]
-    async fn reconcile_once(&mut self, inv: &Inventory, existing: &[ResourceSlice]) -> Result<PassReport, ReconcileError> {
+    async fn reconcile_once(
+        &mut self,
+        inv: &Inventory,
+        existing: &[ResourceSlice],
+    ) -> Result<PassReport, ReconcileError> {
         let features = self.features.without_dropped(&self.dropped);
         let desired = desired_slices(inv, &self.driver, &self.node, &self.node_uid, 0, &features);
         let plan = plan(&desired, existing, self.last.as_ref(), &self.dropped);
@@ -430,8 +481,14 @@ impl Reconciler {
                 .api
                 .patch(&name, &params, &Patch::Apply(slice))
                 .await
-                .map_err(|source| ReconcileError::Apply { slice: name.clone(), source })?;
-            if let (Ok(sent), Ok(got)) = (serde_json::to_value(&slice.spec), serde_json::to_value(&stored.spec)) {
+                .map_err(|source| ReconcileError::Apply {
+                    slice: name.clone(),
+                    source,
+                })?;
+            if let (Ok(sent), Ok(got)) = (
+                serde_json::to_value(&slice.spec),
+                serde_json::to_value(&stored.spec),
+            ) {
                 for path in dropped_fields(&sent, &got, "spec") {
                     if !self.dropped.contains(&path) {
                         newly_dropped.insert(path);
@@ -442,13 +499,21 @@ impl Reconciler {
         }
         for stale in &plan.delete {
             let dp = DeleteParams {
-                preconditions: Some(Preconditions { uid: stale.uid.clone(), resource_version: None }),
+                preconditions: Some(Preconditions {
+                    uid: stale.uid.clone(),
+                    resource_version: None,
+                }),
                 ..Default::default()
             };
             match self.api.delete(&stale.name, &dp).await {
                 Ok(_) => tracing::info!(slice = %stale.name, "deleted stale ResourceSlice"),
                 Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-                Err(source) => return Err(ReconcileError::Delete { slice: stale.name.clone(), source }),
+                Err(source) => {
+                    return Err(ReconcileError::Delete {
+                        slice: stale.name.clone(),
+                        source,
+                    });
+                }
             }
         }
         for path in &newly_dropped {
@@ -458,16 +523,26 @@ impl Reconciler {
             );
         }
         let features_changed = !newly_dropped.is_empty()
-            && self.features.without_dropped(self.dropped.iter().chain(&newly_dropped)) != features;
+            && self
+                .features
+                .without_dropped(self.dropped.iter().chain(&newly_dropped))
+                != features;
         self.dropped.extend(newly_dropped);
         if !plan.is_empty() {
-            tracing::info!(applied = plan.apply.len(), deleted = plan.delete.len(), "ResourceSlices published");
+            tracing::info!(
+                applied = plan.apply.len(),
+                deleted = plan.delete.len(),
+                "ResourceSlices published"
+            );
         }
         Ok(PassReport {
             status: PublishStatus {
                 generation: plan.generation,
                 slices: desired.len(),
-                devices: desired.iter().map(|s| s.spec.devices.as_ref().map_or(0, Vec::len)).sum(),
+                devices: desired
+                    .iter()
+                    .map(|s| s.spec.devices.as_ref().map_or(0, Vec::len))
+                    .sum(),
                 dropped_fields: self.dropped.clone(),
                 in_sync: true,
                 last_error: None,
@@ -508,7 +583,10 @@ mod tests {
     /// empty device list omitted.
     fn stored(s: &ResourceSlice) -> ResourceSlice {
         let mut s = s.clone();
-        s.metadata.uid = Some(format!("uid-{}", s.metadata.name.clone().unwrap_or_default()));
+        s.metadata.uid = Some(format!(
+            "uid-{}",
+            s.metadata.name.clone().unwrap_or_default()
+        ));
         s.metadata.resource_version = Some("1".into());
         s
     }
@@ -518,7 +596,12 @@ mod tests {
             existing.retain(|e| e.metadata.name != a.metadata.name);
             existing.push(stored(a));
         }
-        existing.retain(|e| !plan.delete.iter().any(|d| Some(&d.name) == e.metadata.name.as_ref()));
+        existing.retain(|e| {
+            !plan
+                .delete
+                .iter()
+                .any(|d| Some(&d.name) == e.metadata.name.as_ref())
+        });
     }
 
     fn none() -> BTreeSet<String> {
@@ -541,7 +624,10 @@ mod tests {
         let p1 = plan(&d, &[], None, &none());
         let mut existing = Vec::new();
         apply_all(&p1, &mut existing);
-        let last = Published { generation: p1.generation, content: d.clone() };
+        let last = Published {
+            generation: p1.generation,
+            content: d.clone(),
+        };
         let p2 = plan(&d, &existing, Some(&last), &none());
         assert!(p2.is_empty(), "{p2:?}");
         assert_eq!(p2.generation, 1);
@@ -574,7 +660,10 @@ mod tests {
     fn deleted_slice_is_reapplied_at_same_generation() {
         let d = desired(&dgx_h100());
         let p1 = plan(&d, &[], None, &none());
-        let last = Published { generation: p1.generation, content: d.clone() };
+        let last = Published {
+            generation: p1.generation,
+            content: d.clone(),
+        };
         // The kubelet deleted everything.
         let p2 = plan(&d, &[], Some(&last), &none());
         assert_eq!(p2.generation, 1);
@@ -588,7 +677,10 @@ mod tests {
         let mut existing = Vec::new();
         apply_all(&p1, &mut existing);
         existing[0].spec.devices.as_mut().expect("devices").pop();
-        let last = Published { generation: 1, content: d.clone() };
+        let last = Published {
+            generation: 1,
+            content: d.clone(),
+        };
         let p2 = plan(&d, &existing, Some(&last), &none());
         assert_eq!(p2.generation, 1);
         assert_eq!(p2.apply.len(), 1);
@@ -606,13 +698,22 @@ mod tests {
         let p1 = plan(&d_big, &[], None, &none());
         let mut existing = Vec::new();
         apply_all(&p1, &mut existing);
-        let last = Published { generation: p1.generation, content: d_big.clone() };
+        let last = Published {
+            generation: p1.generation,
+            content: d_big.clone(),
+        };
         let d_small = desired(&dgx_h100());
         let p2 = plan(&d_small, &existing, Some(&last), &none());
         assert_eq!(p2.generation, 2);
         assert_eq!(p2.apply.len(), 1);
         assert_eq!(p2.apply[0].spec.pool.resource_slice_count, 1);
-        assert_eq!(p2.delete, [Stale { name: "node-a-gpu-gpu-dra-dev-01".into(), uid: Some("uid-node-a-gpu-gpu-dra-dev-01".into()) }]);
+        assert_eq!(
+            p2.delete,
+            [Stale {
+                name: "node-a-gpu-gpu-dra-dev-01".into(),
+                uid: Some("uid-node-a-gpu-gpu-dra-dev-01".into())
+            }]
+        );
     }
 
     #[test]
@@ -624,7 +725,10 @@ mod tests {
         let mut old = existing[0].clone();
         old.metadata.name = Some("node-a-gpu.gpu-dra.dev-x7k2p".into());
         existing.push(old);
-        let last = Published { generation: 1, content: d.clone() };
+        let last = Published {
+            generation: 1,
+            content: d.clone(),
+        };
         let p = plan(&d, &existing, Some(&last), &none());
         assert_eq!(p.delete.len(), 1);
         assert_eq!(p.delete[0].name, "node-a-gpu.gpu-dra.dev-x7k2p");
@@ -644,9 +748,15 @@ mod tests {
         let sent = serde_json::to_value(&p1.apply[0].spec).expect("json");
         let have = serde_json::to_value(&got.spec).expect("json");
         let dropped = dropped_fields(&sent, &have, "spec");
-        assert_eq!(dropped, BTreeSet::from(["spec.devices[*].taints".to_string()]));
+        assert_eq!(
+            dropped,
+            BTreeSet::from(["spec.devices[*].taints".to_string()])
+        );
         // Without the ignore set this would be re-applied forever...
-        let last = Published { generation: 1, content: d.clone() };
+        let last = Published {
+            generation: 1,
+            content: d.clone(),
+        };
         assert!(!plan(&d, std::slice::from_ref(&got), Some(&last), &none()).is_empty());
         // ...with it, nothing to do.
         assert!(plan(&d, std::slice::from_ref(&got), Some(&last), &dropped).is_empty());
@@ -716,7 +826,11 @@ mod loop_tests {
                 continue;
             }
             if method == Method::GET {
-                assert!(uri.contains("spec.nodeName%3Dnode-a") && uri.contains("spec.driver%3Dgpu.gpu-dra.dev"), "{uri}");
+                assert!(
+                    uri.contains("spec.nodeName%3Dnode-a")
+                        && uri.contains("spec.driver%3Dgpu.gpu-dra.dev"),
+                    "{uri}"
+                );
                 send.send_response(ok(&json!({
                     "apiVersion": "resource.k8s.io/v1",
                     "kind": "ResourceSliceList",
@@ -726,7 +840,10 @@ mod loop_tests {
                 continue;
             }
             assert_eq!(method, Method::PATCH, "{uri}");
-            assert!(uri.contains("fieldManager=gpu.gpu-dra.dev") && uri.contains("force=true"), "{uri}");
+            assert!(
+                uri.contains("fieldManager=gpu.gpu-dra.dev") && uri.contains("force=true"),
+                "{uri}"
+            );
             let body = req.into_body().collect_bytes().await.expect("body");
             let mut obj: Value = serde_json::from_slice(&body).expect("apply body is JSON");
             applied.lock().expect("lock").push(obj.clone());
@@ -739,7 +856,10 @@ mod loop_tests {
         }
     }
 
-    async fn wait_for(rx: &mut watch::Receiver<PublishStatus>, f: impl Fn(&PublishStatus) -> bool) -> PublishStatus {
+    async fn wait_for(
+        rx: &mut watch::Receiver<PublishStatus>,
+        f: impl Fn(&PublishStatus) -> bool,
+    ) -> PublishStatus {
         tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 let current = rx.borrow_and_update().clone();
@@ -765,13 +885,17 @@ mod loop_tests {
         let (inv_tx, inv_rx) = watch::channel(inv.clone());
         let (status_tx, mut status_rx) = watch::channel(PublishStatus::default());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let reconciler = Reconciler::new(client, DRIVER, "node-a", "uid-1", SliceFeatures::default());
+        let reconciler =
+            Reconciler::new(client, DRIVER, "node-a", "uid-1", SliceFeatures::default());
         let task = tokio::spawn(reconciler.run(inv_rx, status_tx, async {
             let _ = stop_rx.await;
         }));
 
         let st = wait_for(&mut status_rx, |s| s.generation == 2).await;
-        assert_eq!(st.dropped_fields, BTreeSet::from(["spec.devices[*].taints".to_string()]));
+        assert_eq!(
+            st.dropped_fields,
+            BTreeSet::from(["spec.devices[*].taints".to_string()])
+        );
         assert!(st.in_sync);
         {
             let a = applied.lock().expect("lock");
@@ -788,6 +912,178 @@ mod loop_tests {
         let st = wait_for(&mut status_rx, |s| s.generation == 3).await;
         assert_eq!(st.devices, 10);
         assert_eq!(applied.lock().expect("lock").len(), 3);
+
+        stop_tx.send(()).expect("stop");
+        task.await.expect("join").expect("clean stop");
+        server.abort();
+    }
+}
+
+/// Drift repair through the watch: a mock API server that streams watch events.
+#[cfg(test)]
+mod drift_tests {
+    use super::*;
+    use crate::inventory::fixtures::dgx_h100;
+    use bytes::Bytes;
+    use http::{Method, Request, Response};
+    use http_body_util::BodyExt;
+    use http_body_util::combinators::UnsyncBoxBody;
+    use kube::client::Body;
+    use serde_json::json;
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    type RespBody = UnsyncBoxBody<Bytes, Infallible>;
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<RespBody>>;
+
+    fn full(v: &Value) -> Response<RespBody> {
+        let body = http_body_util::Full::new(Bytes::from(serde_json::to_vec(v).expect("json")));
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(body.boxed_unsync())
+            .expect("response")
+    }
+
+    enum Control {
+        /// Delete every stored slice and tell the watchers (what the kubelet does at start).
+        DeleteAll,
+        /// Re-send a MODIFIED event for every stored slice, unchanged.
+        Nudge,
+    }
+
+    /// An API server for our slices with a real watch stream: applies are stored and
+    /// announced (ADDED / MODIFIED), `Control` messages simulate other writers.
+    async fn serve(
+        mut handle: Handle,
+        mut control: mpsc::Receiver<Control>,
+        applied: Arc<Mutex<Vec<Value>>>,
+    ) {
+        let mut stored: BTreeMap<String, Value> = BTreeMap::new();
+        let mut watchers: Vec<mpsc::Sender<Bytes>> = Vec::new();
+        let mut rv = 10u64;
+        let announce = |watchers: &mut Vec<mpsc::Sender<Bytes>>, kind: &str, obj: &Value| {
+            let mut line = serde_json::to_vec(&json!({"type": kind, "object": obj})).expect("json");
+            line.push(b'\n');
+            watchers.retain(|w| w.try_send(Bytes::from(line.clone())).is_ok());
+        };
+        loop {
+            tokio::select! {
+                req = handle.next_request() => {
+                    let Some((req, send)) = req else { return };
+                    let uri = req.uri().to_string();
+                    let method = req.method().clone();
+                    if method == Method::GET && uri.contains("watch=true") {
+                        let (tx, rx) = mpsc::channel::<Bytes>(64);
+                        watchers.push(tx);
+                        let stream = ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(http_body::Frame::data(b)));
+                        let body = http_body_util::StreamBody::new(stream).boxed_unsync();
+                        send.send_response(Response::builder().status(200).body(body).expect("response"));
+                    } else if method == Method::GET {
+                        send.send_response(full(&json!({
+                            "apiVersion": "resource.k8s.io/v1",
+                            "kind": "ResourceSliceList",
+                            "metadata": {"resourceVersion": rv.to_string()},
+                            "items": stored.values().cloned().collect::<Vec<_>>(),
+                        })));
+                    } else if method == Method::PATCH {
+                        let body = req.into_body().collect_bytes().await.expect("body");
+                        let mut obj: Value = serde_json::from_slice(&body).expect("json");
+                        applied.lock().expect("lock").push(obj.clone());
+                        let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+                        rv += 1;
+                        obj["metadata"]["uid"] = json!(format!("uid-{name}"));
+                        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                        let kind = if stored.contains_key(&name) { "MODIFIED" } else { "ADDED" };
+                        stored.insert(name, obj.clone());
+                        announce(&mut watchers, kind, &obj);
+                        send.send_response(full(&obj));
+                    } else {
+                        panic!("unexpected {method} {uri}");
+                    }
+                }
+                c = control.recv() => match c {
+                    Some(Control::DeleteAll) => {
+                        for (_, obj) in std::mem::take(&mut stored) {
+                            announce(&mut watchers, "DELETED", &obj);
+                        }
+                    }
+                    Some(Control::Nudge) => {
+                        for obj in stored.values() {
+                            announce(&mut watchers, "MODIFIED", obj);
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Waits until `count` applies were recorded and the reconciler reported after them.
+    async fn wait_applied(
+        applied: &Arc<Mutex<Vec<Value>>>,
+        status: &mut watch::Receiver<PublishStatus>,
+        count: usize,
+    ) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if applied.lock().expect("lock").len() >= count
+                    && status.borrow_and_update().in_sync
+                {
+                    return;
+                }
+                status.changed().await.expect("status sender alive");
+            }
+        })
+        .await
+        .expect("applies seen before the deadline");
+    }
+
+    #[tokio::test]
+    async fn deleted_slices_are_repaired_and_converged_state_is_left_alone() {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<RespBody>>();
+        let client = kube::Client::new(svc, "default");
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let (control_tx, control_rx) = mpsc::channel(4);
+        let server = tokio::spawn(serve(handle, control_rx, applied.clone()));
+
+        let (_inv_tx, inv_rx) = watch::channel(dgx_h100());
+        let (status_tx, mut status_rx) = watch::channel(PublishStatus::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let reconciler = Reconciler::new(
+            client,
+            "gpu.gpu-dra.dev",
+            "node-a",
+            "uid-1",
+            SliceFeatures::default(),
+        );
+        let task = tokio::spawn(reconciler.run(inv_rx, status_tx, async {
+            let _ = stop_rx.await;
+        }));
+
+        wait_applied(&applied, &mut status_rx, 1).await;
+        // The ADDED event of our own apply triggers a pass that must not write again.
+        status_rx.mark_unchanged();
+        control_tx.send(Control::Nudge).await.expect("control");
+        status_rx.changed().await.expect("status");
+        status_rx.mark_unchanged();
+        control_tx.send(Control::Nudge).await.expect("control");
+        status_rx.changed().await.expect("status");
+        assert_eq!(
+            applied.lock().expect("lock").len(),
+            1,
+            "no writes when converged"
+        );
+
+        // The kubelet deletes the node's slices: they come back at the same generation.
+        control_tx.send(Control::DeleteAll).await.expect("control");
+        wait_applied(&applied, &mut status_rx, 2).await;
+        let a = applied.lock().expect("lock").clone();
+        assert_eq!(a[1]["metadata"]["name"], "node-a-gpu-gpu-dra-dev-00");
+        assert_eq!(a[1]["spec"]["pool"]["generation"], 1);
+        assert_eq!(status_rx.borrow().generation, 1);
 
         stop_tx.send(()).expect("stop");
         task.await.expect("join").expect("clean stop");
