@@ -5,7 +5,6 @@
 //! runs for which subcommand. Logic lives in the modules it wires; errors are
 //! `anyhow` here and nowhere below.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -14,35 +13,28 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tokio::sync::watch;
+
+use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH, LoadOutcome};
+use crate::claims::ClaimSource;
 use crate::cli::{InventoryArgs, PluginArgs, WebhookArgs};
-use crate::plugin::{
-    ClaimRef, NodeDriver, PluginServer, PluginServerConfig, PreparedDevice, SHUTDOWN_GRACE,
+use crate::inventory::{
+    Discover, NvmlDiscovery, refresh_inventory, render_inventory, render_slices,
 };
+use crate::plugin::{NodeDriver, PluginServer, PluginServerConfig, SHUTDOWN_GRACE};
+use crate::prepare::{Preparer, PreparerConfig};
+use crate::sharing::{MpsSettings, MpsSupervisor, NvidiaSmiTimeSlice, NvmlComputeControl, SharingManager};
+use crate::slices::desired::{SliceFeatures, desired_slices};
+use crate::slices::reconcile::{PublishStatus, Reconciler};
 
-/// Error every claim gets from [`NotImplementedDriver`].
-pub const NOT_IMPLEMENTED: &str = "not implemented: this gpu-dra build cannot prepare claims yet";
-
-/// Placeholder [`NodeDriver`] failing every prepare with [`NOT_IMPLEMENTED`], so the
-/// plugin can register and answer the kubelet before the prepare state machine exists.
-/// Unprepare succeeds: nothing was ever prepared, and failing it would block pod deletion.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NotImplementedDriver;
-
-impl NodeDriver for NotImplementedDriver {
-    async fn prepare(
-        &self,
-        claims: Vec<ClaimRef>,
-    ) -> BTreeMap<String, Result<Vec<PreparedDevice>, String>> {
-        claims
-            .into_iter()
-            .map(|c| (c.uid, Err(NOT_IMPLEMENTED.to_owned())))
-            .collect()
-    }
-
-    async fn unprepare(&self, claims: Vec<ClaimRef>) -> BTreeMap<String, Result<(), String>> {
-        claims.into_iter().map(|c| (c.uid, Ok(()))).collect()
-    }
-}
+/// Where sysfs is mounted (PCIe root lookup for the `pcieRoot` attribute).
+const SYSFS_ROOT: &str = "/sys";
+/// How often the inventory is re-read (MIG instances created outside the driver).
+const INVENTORY_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+/// Time limit of one nvidia-smi or MPS control command.
+const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Kubernetes client from `--kubeconfig`, else in-cluster / `$KUBECONFIG` / `~/.kube/config`.
 pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
@@ -102,7 +94,8 @@ pub async fn serve_plugin<D: NodeDriver>(
         .context("serving the kubelet plugin")
 }
 
-/// `gpu-dra kubelet-plugin`: for now serves the kubelet with [`NotImplementedDriver`].
+/// `gpu-dra kubelet-plugin`: discovers GPUs, publishes ResourceSlices, recovers prepared
+/// claims from the checkpoint, then serves the kubelet until SIGTERM/SIGINT.
 pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     info!(
         driver = %args.driver_name,
@@ -111,16 +104,149 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         "starting kubelet plugin"
     );
     let shutdown = shutdown_on_signal()?;
-    serve_plugin(&args, Arc::new(NotImplementedDriver), shutdown).await
+    let discovery: Arc<dyn Discover> = Arc::new(
+        NvmlDiscovery::new(args.nvml_lib_path.as_deref(), SYSFS_ROOT)
+            .context("initialising NVML for discovery")?,
+    );
+    let inventory = discovery.discover().context("discovering GPUs")?;
+    info!(gpus = inventory.gpus.len(), driver_version = %inventory.driver_version, "discovered GPUs");
+    let (inventory_tx, inventory_rx) = watch::channel(inventory);
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+
+    let plugin_dir = args.plugin_data_dir();
+    std::fs::create_dir_all(&plugin_dir)
+        .with_context(|| format!("creating plugin directory {}", plugin_dir.display()))?;
+    let store = CheckpointStore::new(&plugin_dir, Path::new(DEFAULT_BOOT_ID_PATH));
+    let loaded = store.load().context("reading the checkpoint")?;
+    report_checkpoint_outcome(&client, &args, &loaded.outcome).await;
+    let (checkpoint, _writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
+
+    let sharing = SharingManager::new(
+        Arc::new(
+            NvmlComputeControl::new(args.nvml_lib_path.as_deref())
+                .context("initialising NVML for compute mode control")?,
+        ),
+        Arc::new(NvidiaSmiTimeSlice::new(&args.nvidia_smi_path, TOOL_TIMEOUT)),
+        MpsSupervisor::new(MpsSettings {
+            control_path: args.mps_control_path.clone(),
+            root_dir: plugin_dir.join("mps"),
+            ready_timeout: TOOL_TIMEOUT,
+            command_timeout: TOOL_TIMEOUT,
+            private_shm: None,
+        }),
+    );
+    let (claims, claim_watch) = ClaimSource::new(client.clone());
+    tokio::spawn(claim_watch.run());
+    let preparer = Preparer::new(
+        PreparerConfig {
+            driver_name: args.driver_name.clone(),
+            node_name: args.node_name.clone(),
+            cdi_root: args.cdi_root.clone(),
+            proc_root: args.proc_root.clone(),
+        },
+        claims,
+        inventory_rx.clone(),
+        sharing,
+        checkpoint,
+    );
+    preparer.recover().await;
+
+    let reconciler = Reconciler::for_node(
+        client.clone(),
+        &args.driver_name,
+        &args.node_name,
+        SliceFeatures::default(),
+    )
+    .await
+    .context("looking up this node for the ResourceSlices' owner")?;
+    let (status_tx, _status_rx) = watch::channel(PublishStatus::default());
+    let slices_stop = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(err) = reconciler
+            .run(inventory_rx, status_tx, slices_stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %err, "ResourceSlice publishing stopped");
+        }
+    });
+    let refresh_stop = shutdown.clone();
+    tokio::spawn(refresh_inventory(
+        discovery,
+        INVENTORY_REFRESH,
+        inventory_tx,
+        refresh_stop.cancelled_owned(),
+    ));
+
+    serve_plugin(&args, Arc::new(preparer), shutdown).await
 }
 
-/// `gpu-dra inventory`: discovery is not wired into this command yet.
+/// Logs how the checkpoint was loaded; a quarantined or previous-boot checkpoint is also
+/// reported as a Warning Event on this node, so `kubectl describe node` shows it.
+async fn report_checkpoint_outcome(client: &kube::Client, args: &PluginArgs, outcome: &LoadOutcome) {
+    let (reason, note) = match outcome {
+        LoadOutcome::Fresh | LoadOutcome::Loaded => return,
+        LoadOutcome::PreviousBoot { previous_boot_id, stale_claims } => (
+            "CheckpointFromPreviousBoot",
+            format!(
+                "checkpoint of boot {previous_boot_id} dropped: {} prepared claim(s) did not survive the reboot and will be prepared again",
+                stale_claims.len()
+            ),
+        ),
+        LoadOutcome::Quarantined { path, reason } => (
+            "CheckpointQuarantined",
+            format!(
+                "unusable checkpoint moved to {} ({reason}); the plugin starts empty and orphaned CDI specs are removed",
+                path.display()
+            ),
+        ),
+    };
+    tracing::warn!(reason, note = %note, "checkpoint");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: args.driver_name.clone(),
+            instance: Some(args.node_name.clone()),
+        },
+    );
+    let node = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(args.node_name.clone()),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note),
+        action: "LoadCheckpoint".into(),
+        secondary: None,
+    };
+    if let Err(err) = recorder.publish(&event, &node).await {
+        tracing::warn!(error = %err, "posting the checkpoint Event on the node failed");
+    }
+}
+
+/// `gpu-dra inventory`: prints the discovered GPUs, or with `--slices` the ResourceSlices
+/// the plugin would publish on that node (YAML).
 pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "inventory not built yet (driver {}, slices: {})",
-        args.driver_name,
-        args.slices
-    )
+    let discovery = NvmlDiscovery::new(args.nvml_lib_path.as_deref(), SYSFS_ROOT)
+        .context("initialising NVML")?;
+    let inventory = discovery.discover().context("discovering GPUs")?;
+    if args.slices {
+        let node = args.node_name.as_deref().unwrap_or_default();
+        let slices = desired_slices(
+            &inventory,
+            &args.driver_name,
+            node,
+            "",
+            1,
+            &SliceFeatures::default(),
+        );
+        print!("{}", render_slices(&slices).context("rendering ResourceSlices")?);
+    } else {
+        print!("{}", render_inventory(&inventory));
+    }
+    Ok(())
 }
 
 /// `gpu-dra webhook`: the admission webhook is not built yet.
@@ -129,35 +255,4 @@ pub async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
         "webhook not built yet (would listen on {})",
         args.bind_address
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn placeholder_answers_every_claim() {
-        let claims = vec![
-            ClaimRef {
-                namespace: "a".into(),
-                name: "a".into(),
-                uid: "1".into(),
-            },
-            ClaimRef {
-                namespace: "b".into(),
-                name: "b".into(),
-                uid: "2".into(),
-            },
-        ];
-        let prepared = NotImplementedDriver.prepare(claims.clone()).await;
-        assert_eq!(prepared.len(), 2);
-        assert!(
-            prepared
-                .values()
-                .all(|r| r.as_ref().unwrap_err() == NOT_IMPLEMENTED)
-        );
-        let unprepared = NotImplementedDriver.unprepare(claims).await;
-        assert_eq!(unprepared.len(), 2);
-        assert!(unprepared.values().all(Result::is_ok));
-    }
 }

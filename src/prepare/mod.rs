@@ -79,7 +79,7 @@ pub struct PreparerConfig {
 pub struct Preparer<L> {
     config: PreparerConfig,
     claims: L,
-    inventory: watch::Receiver<Arc<Inventory>>,
+    inventory: watch::Receiver<Inventory>,
     proc: ProcDevices,
     sharing: SharingManager,
     checkpoint: CheckpointWriter,
@@ -91,7 +91,7 @@ impl<L: ClaimLookup> Preparer<L> {
     pub fn new(
         config: PreparerConfig,
         claims: L,
-        inventory: watch::Receiver<Arc<Inventory>>,
+        inventory: watch::Receiver<Inventory>,
         sharing: SharingManager,
         checkpoint: CheckpointWriter,
     ) -> Self {
@@ -150,10 +150,10 @@ impl<L: ClaimLookup> Preparer<L> {
                 self.release(&claim.uid).await?;
             }
             let object = self.claims.get(claim).await?;
-            let inventory = Arc::clone(&self.inventory.borrow());
+            // Planning is synchronous: the borrow of the inventory ends before any await.
             let plans = plan_claim(
                 &object,
-                &inventory,
+                &self.inventory.borrow(),
                 &self.config.driver_name,
                 &self.config.node_name,
             )?;

@@ -111,7 +111,7 @@ fn rig_with(claims: Vec<ResourceClaim>, hw: Hardware, initial: Option<Checkpoint
     for c in claims {
         fixed.insert(c);
     }
-    let (_tx, inventory) = watch::channel(Arc::new(dgx_h100()));
+    let (_tx, inventory) = watch::channel(dgx_h100());
     let config = PreparerConfig {
         driver_name: DRIVER.into(),
         node_name: NODE.into(),
