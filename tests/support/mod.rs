@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod driver;
 
 #[allow(unused_imports)]
 pub use cluster::{TestBox, shared, wait_for};
