@@ -7,13 +7,13 @@ export GOTOOLCHAIN := local
 all: build
 
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace
 
 rig:
 	$(MAKE) -C tests/cluster
 
 test: rig
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace
 	$(CARGO) test --workspace
 
 bench:

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod driver;
+pub mod examples;
 
 #[allow(unused_imports)]
 pub use cluster::{TestBox, shared, wait_for};
