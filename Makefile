@@ -21,3 +21,7 @@ bench:
 
 clean:
 	$(CARGO) clean
+
+demo: rig
+	$(CARGO) build --workspace
+	$(CARGO) run --example demo

@@ -6,24 +6,13 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
 use support::TestBox;
 use support::driver::{FakeGpus, Plugin};
-use support::examples::{PodReport, apply_file, example_files, pod_reports, render};
+use support::examples::{render, run_examples};
 
 const STEP: Duration = Duration::from_secs(120);
-const NAMESPACES: [&str; 5] = ["gpu-single", "mig-demo", "ollama", "profiles", "tgi"];
-
-async fn wait_all_running(b: &TestBox, namespaces: &[String], want: usize) -> anyhow::Result<Vec<PodReport>> {
-    b.wait(STEP, &format!("{want} example pods Running with results"), || async {
-        let reports = pod_reports(b, namespaces).await?;
-        let ready = reports.iter().filter(|r| r.phase == "Running" && r.result.is_some()).count();
-        Ok((reports.len() == want && ready == want).then_some(reports))
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenarios_with_resource_claims() {
@@ -33,29 +22,14 @@ async fn seed_scenarios_with_resource_claims() {
     let plugin_a = Plugin::start(&b, "node-a", &dgx).unwrap();
     let plugin_b = Plugin::start(&b, "node-b", &l40s).unwrap();
     let gpus = BTreeMap::from([("node-a".to_string(), &dgx), ("node-b".to_string(), &l40s)]);
-    let client = b.client().await;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    apply_file(&client, &root.join("deploy/deviceclasses.yaml")).await.unwrap();
-
-    // The TGI scenario wants the L40S: apply it first so no other claim takes that GPU.
-    let files = example_files();
-    let (tgi, rest): (Vec<_>, Vec<_>) = files.iter().partition(|f| f.ends_with("tgi-mps.yaml"));
-    let namespaces: Vec<String> = NAMESPACES.iter().map(ToString::to_string).collect();
-    let fail = |err: anyhow::Error| -> ! {
+    let reports = run_examples(&b, STEP).await.unwrap_or_else(|err| {
         panic!(
             "{err:#}\n--- plugin node-a ---\n{}\n--- plugin node-b ---\n{}\n--- box ---\n{}",
             plugin_a.log_tail(40),
             plugin_b.log_tail(40),
             b.log_tail(20)
         )
-    };
-    apply_file(&client, tgi[0]).await.unwrap();
-    wait_all_running(&b, &["tgi".to_string()], 2).await.unwrap_or_else(|e| fail(e));
-    for file in rest {
-        apply_file(&client, file).await.unwrap();
-    }
-    // gpu-single 1, mig-demo 1, ollama 3, profiles 1, tgi 2.
-    let reports = wait_all_running(&b, &namespaces, 8).await.unwrap_or_else(|e| fail(e));
+    });
     eprintln!("{}", render(&reports, &gpus));
     let by_ns = |ns: &str| reports.iter().filter(|r| r.pod.starts_with(&format!("{ns}/"))).collect::<Vec<_>>();
     let dgx_state = dgx.state();

@@ -116,7 +116,7 @@ impl Plugin {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpu-dra"));
+        let mut cmd = Command::new(target_dir().join("gpu-dra"));
         cmd.args(&self.args)
             .env("GPU_DRA_LOG_LEVEL", "info,gpu_dra=debug")
             .stdin(Stdio::null())

@@ -65,6 +65,46 @@ pub fn example_files() -> Vec<std::path::PathBuf> {
     files
 }
 
+/// Namespaces of the examples in examples/.
+pub const NAMESPACES: [&str; 5] = ["gpu-single", "mig-demo", "ollama", "profiles", "tgi"];
+/// Pods the examples create: gpu-single 1, mig-demo 1, ollama 3, profiles 1, tgi 2.
+pub const PODS: usize = 8;
+
+/// Waits until `want` pods in `namespaces` run and have container results.
+pub async fn wait_all_running(
+    b: &TestBox,
+    namespaces: &[String],
+    want: usize,
+    deadline: std::time::Duration,
+) -> anyhow::Result<Vec<PodReport>> {
+    b.wait(deadline, &format!("{want} example pods Running with results"), || async {
+        let reports = pod_reports(b, namespaces).await?;
+        let ready = reports.iter().filter(|r| r.phase == "Running" && r.result.is_some()).count();
+        Ok((reports.len() == want && ready == want).then_some(reports))
+    })
+    .await
+}
+
+/// Applies deploy/deviceclasses.yaml and every example, the TGI scenario first (it wants
+/// the L40S node's only GPU, which any other full-GPU claim could otherwise take), and
+/// waits for all example pods. Needs nodes `node-a` (dgx-h100) and `node-b` (L40S).
+pub async fn run_examples(b: &TestBox, deadline: std::time::Duration) -> anyhow::Result<Vec<PodReport>> {
+    let client = b.client().await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    apply_file(&client, &root.join("deploy/deviceclasses.yaml")).await?;
+    let files = example_files();
+    let (tgi, rest): (Vec<_>, Vec<_>) = files.iter().partition(|f| f.ends_with("tgi-mps.yaml"));
+    for file in tgi {
+        apply_file(&client, file).await?;
+    }
+    wait_all_running(b, &["tgi".to_string()], 2, deadline).await?;
+    for file in rest {
+        apply_file(&client, file).await?;
+    }
+    let namespaces: Vec<String> = NAMESPACES.iter().map(ToString::to_string).collect();
+    wait_all_running(b, &namespaces, PODS, deadline).await
+}
+
 /// What one running container got.
 #[derive(Debug, Clone)]
 pub struct PodReport {
