@@ -41,10 +41,23 @@ async fn seed_scenarios_with_resource_claims() {
     let ollama_gpu = ollama.first().unwrap();
     assert_eq!(dgx_state.gpus[ollama_gpu].timeslice, 3, "ollama GPU time slice Long");
 
-    // Dev profile: class-level config gives time slice Short on another GPU.
-    let notebook = by_ns("profiles")[0].env("NVIDIA_VISIBLE_DEVICES").unwrap();
+    // Profiles: class-level config; dev gets time slice Short, training an exclusive GPU.
+    let profile = |pod: &str| {
+        reports
+            .iter()
+            .find(|r| r.pod == format!("profiles/{pod}"))
+            .and_then(|r| r.env("NVIDIA_VISIBLE_DEVICES"))
+            .unwrap()
+    };
+    let notebook = profile("notebook");
     assert_ne!(&notebook, ollama_gpu);
     assert_eq!(dgx_state.gpus[&notebook].timeslice, 1, "dev profile time slice Short");
+    let trainer = profile("trainer");
+    assert_eq!(
+        format!("{:?}", dgx_state.gpus[&trainer].compute_mode),
+        "ExclusiveProcess",
+        "training profile: exclusive GPU"
+    );
 
     // MIG profile selected by CEL.
     let mig = by_ns("mig-demo")[0];

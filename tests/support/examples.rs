@@ -67,8 +67,8 @@ pub fn example_files() -> Vec<std::path::PathBuf> {
 
 /// Namespaces of the examples in examples/.
 pub const NAMESPACES: [&str; 5] = ["gpu-single", "mig-demo", "ollama", "profiles", "tgi"];
-/// Pods the examples create: gpu-single 1, mig-demo 1, ollama 3, profiles 1, tgi 2.
-pub const PODS: usize = 8;
+/// Pods the examples create: gpu-single 1, mig-demo 1, ollama 3, profiles 2, tgi 2.
+pub const PODS: usize = 9;
 
 /// Waits until `want` pods in `namespaces` run and have container results.
 pub async fn wait_all_running(
