@@ -36,12 +36,13 @@ async fn driver_end_to_end() {
     let mut env = Env { b, client, gpus, plugin };
     apply_device_classes(&env.client).await;
 
-    let steps: [(&str, fn(&mut Env) -> futures::future::BoxFuture<'_, anyhow::Result<()>>); 5] = [
+    let steps: [(&str, fn(&mut Env) -> futures::future::BoxFuture<'_, anyhow::Result<()>>); 6] = [
         ("slices published", |e| Box::pin(slices_are_published(e))),
         ("one GPU per pod", |e| Box::pin(pod_gets_one_gpu(e))),
         ("shared time-sliced claim", |e| Box::pin(shared_claim_is_time_sliced(e))),
         ("MIG profile by CEL", |e| Box::pin(mig_profile_by_cel(e))),
         ("plugin SIGKILL mid-stream", |e| Box::pin(plugin_killed_mid_stream(e))),
+        ("corrupt checkpoint", |e| Box::pin(corrupt_checkpoint_is_quarantined(e))),
     ];
     for (name, step) in steps {
         if let Err(err) = step(&mut env).await {
@@ -319,4 +320,41 @@ async fn plugin_killed_mid_stream(e: &mut Env) -> anyhow::Result<()> {
         cp["claims"]
     );
     Ok(())
+}
+
+async fn corrupt_checkpoint_is_quarantined(e: &mut Env) -> anyhow::Result<()> {
+    e.plugin.kill();
+    let dir = e.b.kubelet_root(NODE).join(format!("plugins/{DRIVER}"));
+    std::fs::write(dir.join("checkpoint.json"), b"{\"version\": 1, \"claims\": [truncated")?;
+    e.plugin.restart(&e.gpus)?;
+    // Reported on the node, never a crash loop.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(e.client.clone());
+    let note = e
+        .b
+        .wait(STEP, "CheckpointQuarantined event on node-a", || async {
+            e.plugin.check_alive()?;
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list
+                .items
+                .into_iter()
+                .find(|ev| ev.reason.as_deref() == Some("CheckpointQuarantined"))
+                .and_then(|ev| ev.note))
+        })
+        .await?;
+    anyhow::ensure!(note.contains("checkpoint.json.corrupt-"), "event note: {note}");
+    let moved = std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .any(|d| d.file_name().to_string_lossy().starts_with("checkpoint.json.corrupt-"));
+    anyhow::ensure!(moved, "corrupt checkpoint kept aside in {}", dir.display());
+
+    // The plugin keeps working with a fresh checkpoint.
+    let ns = e.b.create_namespace("after-quarantine").await;
+    create_template(&e.client, &ns, "one-gpu", json!({"requests": [
+        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}))
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
+    pods.create(&PostParams::default(), &pod("again", json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"})))
+        .await?;
+    wait_running(e, &pods, "again").await?;
+    delete_and_wait_gone(e, &pods, &["again".into()]).await
 }
