@@ -351,13 +351,30 @@ impl TestBox {
         name
     }
 
-    /// Like [`wait_for`], with the last log lines of every component appended on timeout.
-    pub async fn wait<T, F, Fut>(&self, deadline: Duration, what: &str, check: F) -> anyhow::Result<T>
+    /// Like [`wait_for`], but fails at once if the box has stopped (a
+    /// component crashed), and appends the last log lines of every component
+    /// to any error.
+    pub async fn wait<T, F, Fut>(&self, deadline: Duration, what: &str, mut check: F) -> anyhow::Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = anyhow::Result<Option<T>>>,
     {
-        wait_for(deadline, what, check).await.map_err(|e| e.context(self.log_tail(30)))
+        let end = Instant::now() + deadline;
+        let mut last: String;
+        loop {
+            if let Err(e) = self.check_alive() {
+                return Err(e.context(format!("while waiting for {what}\n{}", self.log_tail(30))));
+            }
+            match check().await {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => last = String::from("condition not yet true"),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() >= end {
+                bail!("timed out after {deadline:?} waiting for {what}: {last}\n{}", self.log_tail(30));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The last `lines` lines of every component log (`up`, etcd, apiserver,
