@@ -40,13 +40,21 @@ async fn example_plugin_claim_is_prepared_resolved_and_unprepared() {
     let client = b.client().await;
     let ns = b.create_namespace("prep").await;
     let driver = format!("{ns}.example.com");
-    let log = std::fs::File::create(b.state_dir().join("logs").join(format!("example-plugin-{ns}.log"))).unwrap();
+    let log = std::fs::File::create(
+        b.state_dir()
+            .join("logs")
+            .join(format!("example-plugin-{ns}.log")),
+    )
+    .unwrap();
     let _plugin = PluginProcess(
         Command::new(support::cluster::box_binary())
             .arg("example-plugin")
             .arg(format!("--kubeconfig={}", b.kubeconfig().display()))
             .arg("--node=node-a")
-            .arg(format!("--kubelet-root={}", b.kubelet_root("node-a").display()))
+            .arg(format!(
+                "--kubelet-root={}",
+                b.kubelet_root("node-a").display()
+            ))
             .arg(format!("--cdi-dir={}", b.cdi_dir("node-a").display()))
             .arg(format!("--driver-name={driver}"))
             .arg("--exit-on-stdin-close")
@@ -73,7 +81,10 @@ async fn example_plugin_claim_is_prepared_resolved_and_unprepared() {
         "spec": { "selectors": [ { "cel": { "expression": format!("device.driver == \"{driver}\"") } } ] }
     }))
     .unwrap();
-    classes.create(&PostParams::default(), &class).await.unwrap();
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
     let templates: Api<ResourceClaimTemplate> = Api::namespaced(client.clone(), &ns);
     let template: ResourceClaimTemplate = serde_json::from_value(json!({
         "metadata": { "name": "one" },
@@ -82,7 +93,10 @@ async fn example_plugin_claim_is_prepared_resolved_and_unprepared() {
         ] } } }
     }))
     .unwrap();
-    templates.create(&PostParams::default(), &template).await.unwrap();
+    templates
+        .create(&PostParams::default(), &template)
+        .await
+        .unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": { "name": "user" },
@@ -107,21 +121,46 @@ async fn example_plugin_claim_is_prepared_resolved_and_unprepared() {
         })
         .await
         .unwrap();
-    let statuses = running.status.as_ref().unwrap().container_statuses.clone().unwrap();
+    let statuses = running
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .clone()
+        .unwrap();
     assert_eq!(statuses.len(), 2);
-    assert!(statuses.iter().all(|s| s.ready && s.state.as_ref().unwrap().running.is_some()));
+    assert!(
+        statuses
+            .iter()
+            .all(|s| s.ready && s.state.as_ref().unwrap().running.is_some())
+    );
 
-    let with = b.container_result("node-a", &ns, "user", "with").expect("result for container 'with'");
+    let with = b
+        .container_result("node-a", &ns, "user", "with")
+        .expect("result for container 'with'");
     let ids = with["cdiDevices"].as_array().unwrap();
     assert_eq!(ids.len(), 1);
     let id = ids[0].as_str().unwrap();
     assert!(id.starts_with("example.box.gpu-dra.dev/claim="), "{id}");
-    let env: Vec<&str> = with["env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let env: Vec<&str> = with["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert!(env.contains(&"FROM_POD=yes"), "{env:?}");
-    assert!(env.iter().any(|e| e.starts_with("EXAMPLE_DEVICE=dev-")), "{env:?}");
-    assert_eq!(with["deviceNodes"], json!([{ "path": "/dev/null", "type": "c", "major": 1, "minor": 3 }]));
+    assert!(
+        env.iter().any(|e| e.starts_with("EXAMPLE_DEVICE=dev-")),
+        "{env:?}"
+    );
+    assert_eq!(
+        with["deviceNodes"],
+        json!([{ "path": "/dev/null", "type": "c", "major": 1, "minor": 3 }])
+    );
     assert_eq!(with["mounts"][0]["destination"], json!("/example"));
-    let without = b.container_result("node-a", &ns, "user", "without").expect("result for container 'without'");
+    let without = b
+        .container_result("node-a", &ns, "user", "without")
+        .expect("result for container 'without'");
     assert_eq!(without["cdiDevices"], json!([]));
 
     let annotation = running.metadata.annotations.unwrap()["box.gpu-dra.dev/containers"].clone();
@@ -130,7 +169,9 @@ async fn example_plugin_claim_is_prepared_resolved_and_unprepared() {
 
     // The CDI spec the plugin wrote exists while prepared ...
     let claim_uid = id.trim_start_matches("example.box.gpu-dra.dev/claim=")[..36].to_string();
-    let spec = b.cdi_dir("node-a").join(format!("example.box.gpu-dra.dev-claim_{claim_uid}.json"));
+    let spec = b
+        .cdi_dir("node-a")
+        .join(format!("example.box.gpu-dra.dev-claim_{claim_uid}.json"));
     assert!(spec.exists(), "{}", spec.display());
 
     // ... and is gone after delete: the agent unprepared, then removed the pod.
@@ -143,5 +184,8 @@ async fn example_plugin_claim_is_prepared_resolved_and_unprepared() {
     assert!(!spec.exists(), "CDI spec still present after unprepare");
     assert!(b.container_result("node-a", &ns, "user", "with").is_none());
 
-    classes.delete(&class_name, &DeleteParams::default()).await.unwrap();
+    classes
+        .delete(&class_name, &DeleteParams::default())
+        .await
+        .unwrap();
 }
