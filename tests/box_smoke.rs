@@ -9,7 +9,9 @@ mod support;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event, Pod};
-use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaim, ResourceClaimTemplate, ResourceSlice};
+use k8s_openapi::api::resource::v1::{
+    DeviceClass, ResourceClaim, ResourceClaimTemplate, ResourceSlice,
+};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
@@ -29,7 +31,10 @@ async fn scheduler_allocates_claim_controller_reserves_and_agent_reports_missing
         "spec": { "selectors": [ { "cel": { "expression": format!("device.driver == \"{driver}\"") } } ] }
     }))
     .unwrap();
-    classes.create(&PostParams::default(), &class).await.unwrap();
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
 
     let slices: Api<ResourceSlice> = Api::all(client.clone());
     let slice: ResourceSlice = serde_json::from_value(json!({
@@ -52,7 +57,10 @@ async fn scheduler_allocates_claim_controller_reserves_and_agent_reports_missing
         ] } } }
     }))
     .unwrap();
-    templates.create(&PostParams::default(), &template).await.unwrap();
+    templates
+        .create(&PostParams::default(), &template)
+        .await
+        .unwrap();
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pod: Pod = serde_json::from_value(json!({
@@ -73,7 +81,10 @@ async fn scheduler_allocates_claim_controller_reserves_and_agent_reports_missing
     let bound = b
         .wait(STEP, "pod bound to node-a", || async {
             let p = pods.get("smoke").await?;
-            Ok(p.spec.as_ref().and_then(|s| s.node_name.clone()).map(|n| (n, p)))
+            Ok(p.spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .map(|n| (n, p)))
         })
         .await
         .unwrap();
@@ -96,17 +107,36 @@ async fn scheduler_allocates_claim_controller_reserves_and_agent_reports_missing
             };
             let c = claims.get(&name).await?;
             let st = c.status.clone().unwrap_or_default();
-            let reserved = st.reserved_for.unwrap_or_default().iter().any(|r| r.uid == pod_uid);
+            let reserved = st
+                .reserved_for
+                .unwrap_or_default()
+                .iter()
+                .any(|r| r.uid == pod_uid);
             Ok((st.allocation.is_some() && reserved).then_some(c))
         })
         .await
         .unwrap();
     let owner = &claim.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", pod_uid.as_str()));
-    let results = claim.status.unwrap().allocation.unwrap().devices.unwrap().results.unwrap();
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Pod", pod_uid.as_str())
+    );
+    let results = claim
+        .status
+        .unwrap()
+        .allocation
+        .unwrap()
+        .devices
+        .unwrap()
+        .results
+        .unwrap();
     assert_eq!(results.len(), 1);
     assert_eq!(
-        (results[0].driver.as_str(), results[0].pool.as_str(), results[0].device.as_str()),
+        (
+            results[0].driver.as_str(),
+            results[0].pool.as_str(),
+            results[0].device.as_str()
+        ),
         (driver.as_str(), "node-a", "gpu-0")
     );
 
@@ -131,18 +161,27 @@ async fn scheduler_allocates_claim_controller_reserves_and_agent_reports_missing
         .wait(STEP, "ResourcesPrepared=False condition", || async {
             let p = pods.get("smoke").await?;
             let conds = p.status.and_then(|s| s.conditions).unwrap_or_default();
-            Ok(conds.into_iter().find(|c| c.type_ == "ResourcesPrepared" && c.status == "False"))
+            Ok(conds
+                .into_iter()
+                .find(|c| c.type_ == "ResourcesPrepared" && c.status == "False"))
         })
         .await
         .unwrap();
     assert!(condition.message.unwrap_or_default().contains(&want));
-    let phase = pods.get("smoke").await.unwrap().status.and_then(|s| s.phase);
+    let phase = pods
+        .get("smoke")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.phase);
     assert_eq!(phase.as_deref(), Some("Pending"));
     assert!(b.container_result("node-a", &ns, "smoke", "ctr").is_none());
 
     // Deleting the pod: the agent (nothing prepared) finishes termination and
     // removes the pod; the garbage collector removes the generated claim.
-    pods.delete("smoke", &DeleteParams::default()).await.unwrap();
+    pods.delete("smoke", &DeleteParams::default())
+        .await
+        .unwrap();
     b.wait(STEP, "pod removed by the node agent", || async {
         Ok(pods.get_opt("smoke").await?.is_none().then_some(()))
     })
@@ -155,6 +194,12 @@ async fn scheduler_allocates_claim_controller_reserves_and_agent_reports_missing
     .await
     .unwrap();
 
-    slices.delete(&slice.metadata.name.unwrap(), &DeleteParams::default()).await.unwrap();
-    classes.delete(&class_name, &DeleteParams::default()).await.unwrap();
+    slices
+        .delete(&slice.metadata.name.unwrap(), &DeleteParams::default())
+        .await
+        .unwrap();
+    classes
+        .delete(&class_name, &DeleteParams::default())
+        .await
+        .unwrap();
 }

@@ -93,13 +93,20 @@ pub fn box_binary() -> PathBuf {
 
 fn newest_source_mtime(dir: &Path) -> anyhow::Result<SystemTime> {
     let mut newest = SystemTime::UNIX_EPOCH;
-    let mut files: Vec<PathBuf> = ["go.mod", "go.sum", "Makefile"].iter().map(|f| dir.join(f)).collect();
+    let mut files: Vec<PathBuf> = ["go.mod", "go.sum", "Makefile"]
+        .iter()
+        .map(|f| dir.join(f))
+        .collect();
     let cmd_dir = dir.join("cmd").join("box");
-    for entry in std::fs::read_dir(&cmd_dir).with_context(|| format!("read {}", cmd_dir.display()))? {
+    for entry in
+        std::fs::read_dir(&cmd_dir).with_context(|| format!("read {}", cmd_dir.display()))?
+    {
         files.push(entry?.path());
     }
     for f in files {
-        let m = std::fs::metadata(&f).with_context(|| format!("stat {}", f.display()))?.modified()?;
+        let m = std::fs::metadata(&f)
+            .with_context(|| format!("stat {}", f.display()))?
+            .modified()?;
         newest = newest.max(m);
     }
     Ok(newest)
@@ -121,7 +128,10 @@ fn ensure_built() -> anyhow::Result<PathBuf> {
     };
     if stale {
         let started = Instant::now();
-        eprintln!("support::cluster: building the rig (make -C {}) ...", dir.display());
+        eprintln!(
+            "support::cluster: building the rig (make -C {}) ...",
+            dir.display()
+        );
         let out = Command::new("make")
             .arg("-C")
             .arg(&dir)
@@ -136,7 +146,10 @@ fn ensure_built() -> anyhow::Result<PathBuf> {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        eprintln!("support::cluster: rig built in {:.1}s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "support::cluster: rig built in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(bin)
 }
@@ -193,7 +206,9 @@ impl TestBox {
         if let Err(e) = b.wait_ready(ready_deadline()) {
             let tail = b.log_tail(40);
             b.stop();
-            return Err(e.context(format!("test box did not become ready; component logs:\n{tail}")));
+            return Err(e.context(format!(
+                "test box did not become ready; component logs:\n{tail}"
+            )));
         }
         eprintln!(
             "support::cluster: box ready in {:.1}s (state dir {})",
@@ -206,10 +221,10 @@ impl TestBox {
     /// Fails at once if `box up` has exited.
     fn check_alive(&self) -> anyhow::Result<()> {
         let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(child) = guard.as_mut() {
-            if let Some(status) = child.try_wait()? {
-                bail!("box up exited with {status}");
-            }
+        if let Some(child) = guard.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            bail!("box up exited with {status}");
         }
         Ok(())
     }
@@ -219,7 +234,9 @@ impl TestBox {
     fn wait_ready(&self, deadline: Duration) -> anyhow::Result<()> {
         std::thread::scope(|s| {
             s.spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
                 rt.block_on(self.wait_ready_async(deadline))
             })
             .join()
@@ -248,7 +265,10 @@ impl TestBox {
             wait_for(left(), &format!("{lease} lease held"), || async {
                 self.check_alive()?;
                 let l = leases.get_opt(lease).await?;
-                Ok(l.and_then(|l| l.spec).and_then(|s| s.holder_identity).filter(|h| !h.is_empty()).map(|_| ()))
+                Ok(l.and_then(|l| l.spec)
+                    .and_then(|s| s.holder_identity)
+                    .filter(|h| !h.is_empty())
+                    .map(|_| ()))
             })
             .await?;
         }
@@ -315,7 +335,13 @@ impl TestBox {
     /// `major`, `minor`), `mounts` (`destination`, `source`, `type`,
     /// `options`), optional `hooks`, plus `node`, `namespace`, `pod`,
     /// `podUID`, `container`. `None` while not (or no longer) prepared.
-    pub fn container_result(&self, node: &str, ns: &str, pod: &str, container: &str) -> Option<serde_json::Value> {
+    pub fn container_result(
+        &self,
+        node: &str,
+        ns: &str,
+        pod: &str,
+        container: &str,
+    ) -> Option<serde_json::Value> {
         let path = self
             .state_dir
             .join("nodes")
@@ -351,13 +377,38 @@ impl TestBox {
         name
     }
 
-    /// Like [`wait_for`], with the last log lines of every component appended on timeout.
-    pub async fn wait<T, F, Fut>(&self, deadline: Duration, what: &str, check: F) -> anyhow::Result<T>
+    /// Like [`wait_for`], but fails at once if the box has stopped (a
+    /// component crashed), and appends the last log lines of every component
+    /// to any error.
+    pub async fn wait<T, F, Fut>(
+        &self,
+        deadline: Duration,
+        what: &str,
+        mut check: F,
+    ) -> anyhow::Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = anyhow::Result<Option<T>>>,
     {
-        wait_for(deadline, what, check).await.map_err(|e| e.context(self.log_tail(30)))
+        let end = Instant::now() + deadline;
+        let mut last: String;
+        loop {
+            if let Err(e) = self.check_alive() {
+                return Err(e.context(format!("while waiting for {what}\n{}", self.log_tail(30))));
+            }
+            match check().await {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => last = String::from("condition not yet true"),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() >= end {
+                bail!(
+                    "timed out after {deadline:?} waiting for {what}: {last}\n{}",
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The last `lines` lines of every component log (`up`, etcd, apiserver,
@@ -371,11 +422,17 @@ impl TestBox {
         }
         let mut out = String::new();
         for f in files {
-            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let text = std::fs::read_to_string(&f).unwrap_or_else(|e| format!("(unreadable: {e})"));
             let all: Vec<&str> = text.lines().collect();
             let from = all.len().saturating_sub(lines);
-            out.push_str(&format!("===== {name} (last {} lines) =====\n", all.len() - from));
+            out.push_str(&format!(
+                "===== {name} (last {} lines) =====\n",
+                all.len() - from
+            ));
             for l in &all[from..] {
                 out.push_str(l);
                 out.push('\n');
@@ -388,7 +445,9 @@ impl TestBox {
     /// Falls back to closing stdin and finally SIGKILL after 30 s.
     fn stop(&self) {
         let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mut child) = guard.take() else { return };
+        let Some(mut child) = guard.take() else {
+            return;
+        };
         if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
@@ -413,10 +472,13 @@ impl TestBox {
 impl Drop for TestBox {
     fn drop(&mut self) {
         self.stop();
-        if keep_state() {
-            if let Some(state) = self.state.take() {
-                eprintln!("support::cluster: keeping box state dir {}", state.keep().display());
-            }
+        if keep_state()
+            && let Some(state) = self.state.take()
+        {
+            eprintln!(
+                "support::cluster: keeping box state dir {}",
+                state.keep().display()
+            );
         }
     }
 }

@@ -31,6 +31,7 @@ subcommands:
   controller-manager  kube-controller-manager (upstream flags)
   scheduler           kube-scheduler (upstream flags)
   node-agent          simulated kubelet nodes (plugin manager + DRA manager + CDI)
+  example-plugin      minimal DRA kubelet plugin (upstream kubeletplugin helper), rig self-test only
   version             print the Kubernetes version this binary is built from
 `
 
@@ -63,6 +64,8 @@ func main() {
 		os.Exit(runEtcd(args))
 	case "node-agent":
 		os.Exit(runNodeAgent(args))
+	case "example-plugin":
+		os.Exit(runExamplePlugin(args))
 	case "apiserver":
 		cmd := apiserver.NewAPIServerCommand()
 		cmd.SetArgs(args)

@@ -277,6 +277,8 @@ func (s *supervisor) bringUp(nodes []string, timeout time.Duration, verbosity in
 		"--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
 		"--runtime-config=resource.k8s.io/v1beta1=true,resource.k8s.io/v1beta2=true",
 		"--enable-priority-and-fairness=false",
+		// The "kubernetes" Service endpoints cannot point at loopback.
+		"--endpoint-reconciler-type=none",
 		"--profiling=false",
 		gates, v,
 	); err != nil {
