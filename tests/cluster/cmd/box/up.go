@@ -277,6 +277,9 @@ func (s *supervisor) bringUp(nodes []string, timeout time.Duration, verbosity in
 		"--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
 		"--runtime-config=resource.k8s.io/v1beta1=true,resource.k8s.io/v1beta2=true",
 		"--enable-priority-and-fairness=false",
+		// As kubeadm and kind clusters do: node daemons such as the DRA kubelet
+		// plugin's DaemonSet need privileged containers (deploy/daemonset.yaml).
+		"--allow-privileged=true",
 		"--profiling=false",
 		gates, v,
 	); err != nil {
