@@ -41,13 +41,19 @@ const STEP: Duration = Duration::from_secs(60);
 fn dry_run_only(kind: &str) -> bool {
     matches!(
         kind,
-        "DaemonSet" | "Deployment" | "Service" | "PodDisruptionBudget" | "ValidatingWebhookConfiguration"
+        "DaemonSet"
+            | "Deployment"
+            | "Service"
+            | "PodDisruptionBudget"
+            | "ValidatingWebhookConfiguration"
     )
 }
 
 /// All YAML documents of `deploy/<file>` as JSON, empty documents skipped.
 fn documents(file: &str) -> Vec<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy").join(file);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}")))
@@ -63,17 +69,25 @@ fn gvk(doc: &Value) -> GroupVersionKind {
 }
 
 /// Server-side applies one manifest object (strict validation), dry-run if asked.
-async fn apply(client: &kube::Client, doc: &Value, dry_run: bool) -> Result<DynamicObject, kube::Error> {
+async fn apply(
+    client: &kube::Client,
+    doc: &Value,
+    dry_run: bool,
+) -> Result<DynamicObject, kube::Error> {
     let (resource, caps) = pinned_kind(client, &gvk(doc)).await?;
     let name = doc["metadata"]["name"].as_str().expect("metadata.name");
     let api: Api<DynamicObject> = match caps.scope {
         Scope::Namespaced => {
-            let ns = doc["metadata"]["namespace"].as_str().expect("namespaced object names its namespace");
+            let ns = doc["metadata"]["namespace"]
+                .as_str()
+                .expect("namespaced object names its namespace");
             Api::namespaced_with(client.clone(), ns, &resource)
         }
         Scope::Cluster => Api::all_with(client.clone(), &resource),
     };
-    let mut params = PatchParams::apply(FIELD_MANAGER).force().validation_strict();
+    let mut params = PatchParams::apply(FIELD_MANAGER)
+        .force()
+        .validation_strict();
     params.dry_run = dry_run;
     api.patch(name, &params, &Patch::Apply(doc)).await
 }
@@ -105,7 +119,8 @@ async fn plugin_client(kubeconfig: &std::path::Path, node: Option<&str>) -> kube
         "system:authenticated".to_owned(),
     ]);
     if let Some(node) = node {
-        let extra = std::collections::HashMap::from([(NODE_NAME_EXTRA.to_owned(), vec![node.to_owned()])]);
+        let extra =
+            std::collections::HashMap::from([(NODE_NAME_EXTRA.to_owned(), vec![node.to_owned()])]);
         config.auth_info.impersonate_user_extra = Some(extra);
     }
     kube::Client::try_from(config).expect("client")
@@ -123,9 +138,9 @@ async fn deploy_manifests_are_accepted_and_the_node_policy_holds() {
             let name = doc["metadata"]["name"].as_str().expect("name").to_owned();
             let dry_run = dry_run_only(&kind);
             let started = std::time::Instant::now();
-            let object = apply(&client, &doc, dry_run)
-                .await
-                .unwrap_or_else(|e| panic!("{file}: {kind} {name} rejected by the API server: {e}"));
+            let object = apply(&client, &doc, dry_run).await.unwrap_or_else(|e| {
+                panic!("{file}: {kind} {name} rejected by the API server: {e}")
+            });
             eprintln!(
                 "{file}: {kind} {name} accepted ({}, {:?})",
                 if dry_run { "dry-run" } else { "applied" },
@@ -140,8 +155,14 @@ async fn deploy_manifests_are_accepted_and_the_node_policy_holds() {
         ("ServiceAccount/gpu-dra-kubelet-plugin", false),
         ("ClusterRole/gpu-dra-kubelet-plugin", false),
         ("ClusterRoleBinding/gpu-dra-kubelet-plugin", false),
-        ("ValidatingAdmissionPolicy/gpu-dra-resourceslices-own-node", false),
-        ("ValidatingAdmissionPolicyBinding/gpu-dra-resourceslices-own-node", false),
+        (
+            "ValidatingAdmissionPolicy/gpu-dra-resourceslices-own-node",
+            false,
+        ),
+        (
+            "ValidatingAdmissionPolicyBinding/gpu-dra-resourceslices-own-node",
+            false,
+        ),
         ("DeviceClass/gpu.gpu-dra.dev", false),
         ("DeviceClass/mig.gpu-dra.dev", false),
         ("DaemonSet/gpu-dra-kubelet-plugin", true),
@@ -149,7 +170,11 @@ async fn deploy_manifests_are_accepted_and_the_node_policy_holds() {
         ("Service/gpu-dra-webhook", true),
         ("ValidatingWebhookConfiguration/gpu-dra-webhook", true),
     ] {
-        assert_eq!(applied.get(object), Some(&dry_run), "{object} in {applied:?}");
+        assert_eq!(
+            applied.get(object),
+            Some(&dry_run),
+            "{object} in {applied:?}"
+        );
     }
 
     // Applying again is a no-op (idempotent SSA: same field manager, same fields).
@@ -158,18 +183,28 @@ async fn deploy_manifests_are_accepted_and_the_node_policy_holds() {
     }
 
     // The node-isolation policy: the plugin on node-a may write node-a's slices only.
-    let create = PostParams { dry_run: true, ..PostParams::default() };
-    let on_node_a: Api<ResourceSlice> = Api::all(plugin_client(b.kubeconfig(), Some("node-a")).await);
+    let create = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let on_node_a: Api<ResourceSlice> =
+        Api::all(plugin_client(b.kubeconfig(), Some("node-a")).await);
     let denial = b
-        .wait(STEP, "policy denies the node-a plugin a node-b slice", || async {
-            match on_node_a.create(&create, &slice("node-b")).await {
-                Err(kube::Error::Api(s)) if s.message.contains("gpu-dra-resourceslices-own-node") => {
-                    Ok(Some(s))
+        .wait(
+            STEP,
+            "policy denies the node-a plugin a node-b slice",
+            || async {
+                match on_node_a.create(&create, &slice("node-b")).await {
+                    Err(kube::Error::Api(s))
+                        if s.message.contains("gpu-dra-resourceslices-own-node") =>
+                    {
+                        Ok(Some(s))
+                    }
+                    Err(e) => Err(e.into()),
+                    Ok(_) => Ok(None),
                 }
-                Err(e) => Err(e.into()),
-                Ok(_) => Ok(None),
-            }
-        })
+            },
+        )
         .await
         .unwrap();
     assert_eq!(denial.code, 403, "{denial:?}");
@@ -188,11 +223,16 @@ async fn deploy_manifests_are_accepted_and_the_node_policy_holds() {
     // A token without a node name (not from a pod) is refused outright.
     let unbound: Api<ResourceSlice> = Api::all(plugin_client(b.kubeconfig(), None).await);
     match unbound.create(&create, &slice("node-a")).await {
-        Err(kube::Error::Api(s)) => assert!(s.message.contains("carries no node name"), "{}", s.message),
+        Err(kube::Error::Api(s)) => {
+            assert!(s.message.contains("carries no node name"), "{}", s.message)
+        }
         other => panic!("expected a denial, got {other:?}"),
     }
 
     // Everyone else (here: the admin) is not matched by the policy.
     let admin: Api<ResourceSlice> = Api::all(client.clone());
-    admin.create(&create, &slice("node-b")).await.expect("admin writes any slice");
+    admin
+        .create(&create, &slice("node-b"))
+        .await
+        .expect("admin writes any slice");
 }

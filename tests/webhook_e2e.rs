@@ -64,7 +64,8 @@ fn issue_pki() -> Pki {
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let params =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
     Pki {
         ca_pem: ca_cert.pem(),
@@ -100,7 +101,9 @@ fn start_webhook(dir: &Path, pki: &Pki, port: u16) -> Webhook {
         .stderr(log)
         .spawn()
         .unwrap();
-    Webhook { child: Mutex::new(child) }
+    Webhook {
+        child: Mutex::new(child),
+    }
 }
 
 fn webhook_log(dir: &Path) -> String {
@@ -161,9 +164,15 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
     let webhook = start_webhook(dir.path(), &pki, port);
     b.wait(Duration::from_secs(30), "webhook listening", || async {
         if let Some(status) = webhook.exited() {
-            anyhow::bail!("gpu-dra webhook exited with {status}:\n{}", webhook_log(dir.path()));
+            anyhow::bail!(
+                "gpu-dra webhook exited with {status}:\n{}",
+                webhook_log(dir.path())
+            );
         }
-        Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ()))
+        Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ()))
     })
     .await
     .unwrap();
@@ -187,7 +196,11 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
             "admissionReviewVersions": ["v1"],
             "timeoutSeconds": 5,
         });
-        let key = if resources == ["deviceclasses"] { "objectSelector" } else { "namespaceSelector" };
+        let key = if resources == ["deviceclasses"] {
+            "objectSelector"
+        } else {
+            "namespaceSelector"
+        };
         hook[key] = selector;
         hook
     };
@@ -204,14 +217,23 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
         hook.client_config.ca_bundle = Some(ByteString(pki.ca_pem.clone().into_bytes()));
     }
     let configs: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    configs.create(&PostParams::default(), &registration).await.unwrap();
+    configs
+        .create(&PostParams::default(), &registration)
+        .await
+        .unwrap();
 
     // Effective once a dry-run create of a known-bad claim comes back denied by it.
     let claims: Api<ResourceClaim> = Api::namespaced(client.clone(), &ns);
-    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
     let registered = Instant::now();
     b.wait(STEP, "webhook effective", || async {
-        match claims.create(&dry_run, &claim("probe", DRIVER, mps(150))).await {
+        match claims
+            .create(&dry_run, &claim("probe", DRIVER, mps(150)))
+            .await
+        {
             Err(kube::Error::Api(s)) if s.message.contains("denied the request") => Ok(Some(())),
             Err(e) => Err(e.into()),
             Ok(_) => Ok(None),
@@ -219,11 +241,18 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e:#}\nwebhook log:\n{}", webhook_log(dir.path())));
-    eprintln!("webhook effective {:?} after registration", registered.elapsed());
+    eprintln!(
+        "webhook effective {:?} after registration",
+        registered.elapsed()
+    );
 
     // A bad claim is rejected with the field path, the value and the allowed range.
     let call = Instant::now();
-    let status = rejection(claims.create(&PostParams::default(), &claim("bad", DRIVER, mps(150))).await);
+    let status = rejection(
+        claims
+            .create(&PostParams::default(), &claim("bad", DRIVER, mps(150)))
+            .await,
+    );
     eprintln!("rejected create took {:?}", call.elapsed());
     assert_eq!(status.code, 422, "{status:?}");
     assert!(
@@ -242,7 +271,11 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
         claims
             .create(
                 &PostParams::default(),
-                &claim("bad-kind", DRIVER, json!({"apiVersion": "gpu.gpu-dra.dev/v2", "kind": "TpuConfig"})),
+                &claim(
+                    "bad-kind",
+                    DRIVER,
+                    json!({"apiVersion": "gpu.gpu-dra.dev/v2", "kind": "TpuConfig"}),
+                ),
             )
             .await,
     );
@@ -252,15 +285,25 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
         "spec.devices.config[0].opaque.parameters.kind: ",
         "GpuConfig, MigDeviceConfig",
     ] {
-        assert!(status.message.contains(part), "{part} missing in {}", status.message);
+        assert!(
+            status.message.contains(part),
+            "{part} missing in {}",
+            status.message
+        );
     }
 
     // A good claim passes; so does a bad-looking config for another driver.
     let call = Instant::now();
-    claims.create(&PostParams::default(), &claim("good", DRIVER, mps(40))).await.unwrap();
+    claims
+        .create(&PostParams::default(), &claim("good", DRIVER, mps(40)))
+        .await
+        .unwrap();
     eprintln!("allowed create took {:?}", call.elapsed());
     claims
-        .create(&PostParams::default(), &claim("other-driver", "gpu.nvidia.com", mps(150)))
+        .create(
+            &PostParams::default(),
+            &claim("other-driver", "gpu.nvidia.com", mps(150)),
+        )
         .await
         .unwrap();
 
@@ -278,14 +321,27 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
         "kind": "MigDeviceConfig",
         "sharing": {"strategy": "TimeSlicing"}
     });
-    let status = rejection(templates.create(&PostParams::default(), &template("bad", mig_time_sliced)).await);
+    let status = rejection(
+        templates
+            .create(&PostParams::default(), &template("bad", mig_time_sliced))
+            .await,
+    );
     assert!(
-        status.message.contains("spec.spec.devices.config[0].opaque.parameters.sharing"),
+        status
+            .message
+            .contains("spec.spec.devices.config[0].opaque.parameters.sharing"),
         "{}",
         status.message
     );
-    assert!(status.message.contains("allowed: MPS"), "{}", status.message);
-    templates.create(&PostParams::default(), &template("good", mps(100))).await.unwrap();
+    assert!(
+        status.message.contains("allowed: MPS"),
+        "{}",
+        status.message
+    );
+    templates
+        .create(&PostParams::default(), &template("good", mps(100)))
+        .await
+        .unwrap();
 
     // DeviceClasses carrying the test's label are judged at spec.config.
     let classes: Api<DeviceClass> = Api::all(client.clone());
@@ -299,7 +355,14 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
         }))
         .unwrap()
     };
-    let status = rejection(classes.create(&PostParams::default(), &class(&format!("{ns}-bad"), mps(-5))).await);
+    let status = rejection(
+        classes
+            .create(
+                &PostParams::default(),
+                &class(&format!("{ns}-bad"), mps(-5)),
+            )
+            .await,
+    );
     assert!(
         status.message.contains(
             "admission webhook \"classes.webhook-e2e.gpu-dra.dev\" denied the request: spec.config[0].opaque.parameters.sharing.mpsConfig.defaultActiveThreadPercentage: "
@@ -308,13 +371,29 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
         status.message
     );
     let good_class = format!("{ns}-good");
-    classes.create(&PostParams::default(), &class(&good_class, mps(25))).await.unwrap();
+    classes
+        .create(&PostParams::default(), &class(&good_class, mps(25)))
+        .await
+        .unwrap();
 
     // Clean up what is cluster-wide; the namespace's objects go with the namespace.
-    configs.delete(&config_name, &DeleteParams::default()).await.unwrap();
-    classes.delete(&good_class, &DeleteParams::default()).await.unwrap();
-    namespaces.delete(&ns, &DeleteParams::default()).await.unwrap();
-    assert!(webhook.exited().is_none(), "webhook exited:\n{}", webhook_log(dir.path()));
+    configs
+        .delete(&config_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    classes
+        .delete(&good_class, &DeleteParams::default())
+        .await
+        .unwrap();
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(
+        webhook.exited().is_none(),
+        "webhook exited:\n{}",
+        webhook_log(dir.path())
+    );
     let log = webhook_log(dir.path());
     assert!(log.contains("denied"), "webhook log has no denial:\n{log}");
 }

@@ -20,9 +20,9 @@
 //! metadata updates such as finalizer removal, or it could never be deleted.
 
 use kube::core::DynamicObject;
+use kube::core::Status;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use kube::core::response::{StatusCause, StatusDetails};
-use kube::core::Status;
 use serde_json::Value;
 
 use crate::config::{FieldError, join_errors, validate_opaque};
@@ -286,7 +286,10 @@ mod tests {
             "kind": "GpuConfig",
             "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}
         });
-        let resp = create("ResourceClaim", claim("v1", vec![ours(mps(40)), ours(time_sliced)]));
+        let resp = create(
+            "ResourceClaim",
+            claim("v1", vec![ours(mps(40)), ours(time_sliced)]),
+        );
         assert!(resp.allowed, "{resp:?}");
         assert!(resp.warnings.is_none());
         let no_config = create("ResourceClaim", claim("v1", vec![]));
@@ -298,7 +301,10 @@ mod tests {
         let other_mistakes = json!({"apiVersion": "gpu.gpu-dra.dev/v9", "kind": "Gpu"});
         let resp = create(
             "ResourceClaim",
-            claim("v1", vec![ours(mps(40)), ours(mps(-1)), ours(other_mistakes)]),
+            claim(
+                "v1",
+                vec![ours(mps(40)), ours(mps(-1)), ours(other_mistakes)],
+            ),
         );
         let message = denial(&resp);
         let causes = &resp.result.details.as_ref().expect("details").causes;
@@ -312,7 +318,10 @@ mod tests {
             ]
         );
         for field in fields {
-            assert!(message.contains(&format!("{field}: ")), "{field} in {message}");
+            assert!(
+                message.contains(&format!("{field}: ")),
+                "{field} in {message}"
+            );
         }
     }
 
@@ -322,7 +331,9 @@ mod tests {
             "ResourceClaim",
             claim(
                 "v1",
-                vec![ours(json!({"apiVersion": "gpu.gpu-dra.dev/v2", "kind": "TpuConfig"}))],
+                vec![ours(
+                    json!({"apiVersion": "gpu.gpu-dra.dev/v2", "kind": "TpuConfig"}),
+                )],
             ),
         );
         let message = denial(&resp);
@@ -357,21 +368,29 @@ mod tests {
     #[test]
     fn malformed_parameters_are_denied() {
         // Not an object at all (RawExtension carrying a JSON string).
-        let message =
-            denial(&create("ResourceClaim", claim("v1", vec![ours(json!("{not json"))]))).to_owned();
+        let message = denial(&create(
+            "ResourceClaim",
+            claim("v1", vec![ours(json!("{not json"))]),
+        ))
+        .to_owned();
         assert_eq!(
             message,
             "spec.devices.config[0].opaque.parameters: parameters must be a JSON object"
         );
         // An unknown field, and a field of the wrong type.
-        let unknown = json!({"apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig", "sharng": {}});
+        let unknown =
+            json!({"apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig", "sharng": {}});
         let message = denial(&create("ResourceClaim", claim("v1", vec![ours(unknown)]))).to_owned();
         assert!(
             message.starts_with("spec.devices.config[0].opaque.parameters.sharng: unknown field"),
             "{message}"
         );
         let wrong_type = json!({"apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig", "sharing": "MPS"});
-        let message = denial(&create("ResourceClaim", claim("v1", vec![ours(wrong_type)]))).to_owned();
+        let message = denial(&create(
+            "ResourceClaim",
+            claim("v1", vec![ours(wrong_type)]),
+        ))
+        .to_owned();
         assert!(
             message.starts_with("spec.devices.config[0].opaque.parameters.sharing: "),
             "{message}"
@@ -379,17 +398,29 @@ mod tests {
         // Parameters missing altogether.
         let entry = json!({"opaque": {"driver": DRIVER}});
         let message = denial(&create("ResourceClaim", claim("v1", vec![entry]))).to_owned();
-        assert!(message.starts_with("spec.devices.config[0].opaque.parameters: required"), "{message}");
+        assert!(
+            message.starts_with("spec.devices.config[0].opaque.parameters: required"),
+            "{message}"
+        );
     }
 
     #[test]
     fn other_drivers_and_non_opaque_entries_are_ignored() {
         let foreign = json!({"opaque": {"driver": "gpu.nvidia.com", "parameters": mps(150)}});
         let no_opaque = json!({"requests": ["gpu"]});
-        let resp = create("ResourceClaim", claim("v1", vec![foreign.clone(), no_opaque]));
+        let resp = create(
+            "ResourceClaim",
+            claim("v1", vec![foreign.clone(), no_opaque]),
+        );
         assert!(resp.allowed, "{resp:?}");
         // The same entry is ours when the webhook runs with NVIDIA's driver name.
-        let req = request("v1", "ResourceClaim", "CREATE", Some(claim("v1", vec![foreign])), None);
+        let req = request(
+            "v1",
+            "ResourceClaim",
+            "CREATE",
+            Some(claim("v1", vec![foreign])),
+            None,
+        );
         assert!(!review(&req, "gpu.nvidia.com").allowed);
     }
 
@@ -456,7 +487,13 @@ mod tests {
     fn updates_are_judged_but_unchanged_invalid_config_is_let_through() {
         let bad = claim("v1", vec![ours(mps(150))]);
         let good = claim("v1", vec![ours(mps(10))]);
-        let introduce = request("v1", "ResourceClaim", "UPDATE", Some(bad.clone()), Some(good));
+        let introduce = request(
+            "v1",
+            "ResourceClaim",
+            "UPDATE",
+            Some(bad.clone()),
+            Some(good),
+        );
         assert!(!review(&introduce, DRIVER).allowed);
         let mut relabelled = bad.clone();
         relabelled["metadata"]["labels"] = json!({"x": "y"});
@@ -464,7 +501,10 @@ mod tests {
         let resp = review(&keep, DRIVER);
         assert!(resp.allowed, "{resp:?}");
         let warnings = resp.warnings.expect("warning");
-        assert!(warnings[0].contains("defaultActiveThreadPercentage"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("defaultActiveThreadPercentage"),
+            "{warnings:?}"
+        );
     }
 
     #[test]
@@ -489,7 +529,10 @@ mod tests {
         assert_eq!(wire["apiVersion"], "admission.k8s.io/v1");
         assert_eq!(wire["kind"], "AdmissionReview");
         assert_eq!(wire["response"]["allowed"], false);
-        assert_eq!(wire["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+        assert_eq!(
+            wire["response"]["uid"],
+            "705ab4f5-6393-11e8-b7cc-42010a800002"
+        );
         assert_eq!(wire["response"]["status"]["code"], 422);
     }
 }

@@ -181,7 +181,10 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<ServerConfig, WebhookError> {
 
 /// Serves the webhook until `shutdown` is cancelled, then lets open requests finish
 /// (at most 10 s). Fails at once if the TLS files are unusable or the address is taken.
-pub async fn serve(settings: &WebhookSettings, shutdown: CancellationToken) -> Result<(), WebhookError> {
+pub async fn serve(
+    settings: &WebhookSettings,
+    shutdown: CancellationToken,
+) -> Result<(), WebhookError> {
     let cert = settings.tls_cert_file.clone();
     let key = settings.tls_key_file.clone();
     let tls = RustlsConfig::from_config(Arc::new(load_tls(&cert, &key)?));
@@ -194,7 +197,8 @@ pub async fn serve(settings: &WebhookSettings, shutdown: CancellationToken) -> R
         .map_err(serve_error)?;
     let local = listener.local_addr().map_err(serve_error)?;
     let listener = listener.into_std().map_err(serve_error)?;
-    let server = axum_server::tls_rustls::from_tcp_rustls(listener, tls.clone()).map_err(serve_error)?;
+    let server =
+        axum_server::tls_rustls::from_tcp_rustls(listener, tls.clone()).map_err(serve_error)?;
     let handle: Handle<SocketAddr> = Handle::new();
     let stopper = {
         let handle = handle.clone();
@@ -242,7 +246,9 @@ async fn reload_on_change(tls: RustlsConfig, cert: PathBuf, key: PathBuf, stop: 
                 seen = now;
                 info!(cert = %cert.display(), "reloaded the serving certificate");
             }
-            Err(error) => warn!(error = %error_chain(&error), "keeping the previous serving certificate"),
+            Err(error) => {
+                warn!(error = %error_chain(&error), "keeping the previous serving certificate")
+            }
         }
     }
 }
@@ -269,16 +275,28 @@ mod tests {
     use tower::ServiceExt;
 
     async fn call(request: Request<Body>) -> (StatusCode, Bytes) {
-        let response = router("gpu.gpu-dra.dev").oneshot(request).await.expect("infallible");
+        let response = router("gpu.gpu-dra.dev")
+            .oneshot(request)
+            .await
+            .expect("infallible");
         let status = response.status();
-        let body = response.into_body().collect().await.expect("body").to_bytes();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
         (status, body)
     }
 
     #[tokio::test]
     async fn healthz_answers_plain_ok() {
-        let (status, body) =
-            call(Request::get("/healthz").body(Body::empty()).expect("request")).await;
+        let (status, body) = call(
+            Request::get("/healthz")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(&body[..], b"ok");
     }
@@ -311,13 +329,20 @@ mod tests {
         assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
         assert_eq!(answer["response"]["uid"], "u-1");
         assert_eq!(answer["response"]["allowed"], false);
-        let message = answer["response"]["status"]["message"].as_str().expect("message");
-        assert!(message.starts_with("spec.config[0].opaque.parameters.kind: "), "{message}");
+        let message = answer["response"]["status"]["message"]
+            .as_str()
+            .expect("message");
+        assert!(
+            message.starts_with("spec.config[0].opaque.parameters.kind: "),
+            "{message}"
+        );
     }
 
     #[tokio::test]
     async fn garbage_is_a_bad_request() {
-        let request = Request::post("/validate").body(Body::from("{")).expect("request");
+        let request = Request::post("/validate")
+            .body(Body::from("{"))
+            .expect("request");
         let (status, _) = call(request).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
     }
@@ -349,7 +374,10 @@ mod tests {
         std::fs::write(&key, issued.signing_key.serialize_pem()).expect("write");
         std::fs::write(&foreign, other.serialize_pem()).expect("write");
         let config = load_tls(&cert, &key).expect("valid pair");
-        assert_eq!(config.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(
+            config.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
         let error = load_tls(&cert, &foreign).expect_err("mismatched key");
         assert!(matches!(error, WebhookError::Tls { .. }), "{error}");
     }

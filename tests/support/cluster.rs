@@ -206,10 +206,10 @@ impl TestBox {
     /// Fails at once if `box up` has exited.
     fn check_alive(&self) -> anyhow::Result<()> {
         let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(child) = guard.as_mut() {
-            if let Some(status) = child.try_wait()? {
-                bail!("box up exited with {status}");
-            }
+        if let Some(child) = guard.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            bail!("box up exited with {status}");
         }
         Ok(())
     }
@@ -413,10 +413,10 @@ impl TestBox {
 impl Drop for TestBox {
     fn drop(&mut self) {
         self.stop();
-        if keep_state() {
-            if let Some(state) = self.state.take() {
-                eprintln!("support::cluster: keeping box state dir {}", state.keep().display());
-            }
+        if keep_state()
+            && let Some(state) = self.state.take()
+        {
+            eprintln!("support::cluster: keeping box state dir {}", state.keep().display());
         }
     }
 }
