@@ -394,6 +394,24 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
         "webhook exited:\n{}",
         webhook_log(dir.path())
     );
+    // SIGTERM stops it cleanly (exit status 0).
+    let pid = webhook.child.lock().unwrap().id();
+    let stopping = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = b
+        .wait(
+            Duration::from_secs(15),
+            "webhook exit after SIGTERM",
+            || async { Ok(webhook.exited()) },
+        )
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}:\n{}", webhook_log(dir.path()));
+    eprintln!("webhook stopped {:?} after SIGTERM", stopping.elapsed());
     let log = webhook_log(dir.path());
     assert!(log.contains("denied"), "webhook log has no denial:\n{log}");
 }
