@@ -225,10 +225,9 @@ fn file_times(cert: &Path, key: &Path) -> [Option<SystemTime>; 2] {
     [cert, key].map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
 }
 
-/// Re-reads the certificate and key whenever either file changes; a pair that does not
-/// load (e.g. caught between the two writes) is reported and retried on the next check.
+/// Re-reads the certificate and key whenever either file changes (checked every 30 s).
 async fn reload_on_change(tls: RustlsConfig, cert: PathBuf, key: PathBuf, stop: CancellationToken) {
-    let mut seen = file_times(&cert, &key);
+    let mut watch = CertWatch::new(cert, key);
     let mut ticks = tokio::time::interval(CERT_CHECK_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -236,19 +235,57 @@ async fn reload_on_change(tls: RustlsConfig, cert: PathBuf, key: PathBuf, stop: 
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let now = file_times(&cert, &key);
-        if now == seen {
-            continue;
-        }
-        match load_tls(&cert, &key) {
-            Ok(config) => {
-                tls.reload_from_config(Arc::new(config));
-                seen = now;
-                info!(cert = %cert.display(), "reloaded the serving certificate");
+        match watch.check(&tls) {
+            Reload::Unchanged => {}
+            Reload::Reloaded => {
+                info!(cert = %watch.cert.display(), "reloaded the serving certificate")
             }
-            Err(error) => {
+            Reload::Failed(error) => {
                 warn!(error = %error_chain(&error), "keeping the previous serving certificate")
             }
+        }
+    }
+}
+
+/// Outcome of one [`CertWatch::check`].
+#[derive(Debug)]
+enum Reload {
+    /// Neither file changed since the last successful load.
+    Unchanged,
+    /// The pair was re-read and is now served to new connections.
+    Reloaded,
+    /// The files changed but do not load (e.g. caught between the two writes); the
+    /// previous pair stays in use and the next check tries again.
+    Failed(WebhookError),
+}
+
+/// The certificate and key files and their modification times at the last load.
+struct CertWatch {
+    cert: PathBuf,
+    key: PathBuf,
+    seen: [Option<SystemTime>; 2],
+}
+
+impl CertWatch {
+    /// Starts watching with the files' current times (the pair already loaded).
+    fn new(cert: PathBuf, key: PathBuf) -> Self {
+        let seen = file_times(&cert, &key);
+        Self { cert, key, seen }
+    }
+
+    /// Reloads `tls` from the files if either changed since the last successful load.
+    fn check(&mut self, tls: &RustlsConfig) -> Reload {
+        let now = file_times(&self.cert, &self.key);
+        if now == self.seen {
+            return Reload::Unchanged;
+        }
+        match load_tls(&self.cert, &self.key) {
+            Ok(config) => {
+                tls.reload_from_config(Arc::new(config));
+                self.seen = now;
+                Reload::Reloaded
+            }
+            Err(error) => Reload::Failed(error),
         }
     }
 }
@@ -359,6 +396,53 @@ mod tests {
         let missing = dir.path().join("missing.crt");
         let error = load_tls(&missing, &key).expect_err("missing file");
         assert!(error.to_string().contains("missing.crt"), "{error}");
+    }
+
+    /// Writes a fresh self-signed pair for localhost, both files stamped with `stamp`.
+    fn write_pair(cert: &Path, key: &Path, stamp: SystemTime) {
+        let issued =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        std::fs::write(cert, issued.cert.pem()).expect("write");
+        std::fs::write(key, issued.signing_key.serialize_pem()).expect("write");
+        for path in [cert, key] {
+            let file = std::fs::File::options()
+                .write(true)
+                .open(path)
+                .expect("open");
+            file.set_modified(stamp).expect("set mtime");
+        }
+    }
+
+    #[test]
+    fn changed_files_are_reloaded_and_a_broken_pair_keeps_the_old_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = dir.path().join("tls.crt");
+        let key = dir.path().join("tls.key");
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        write_pair(&cert, &key, t0);
+        let tls = RustlsConfig::from_config(Arc::new(load_tls(&cert, &key).expect("pair")));
+        let mut watch = CertWatch::new(cert.clone(), key.clone());
+        let first = tls.get_inner();
+        assert!(matches!(watch.check(&tls), Reload::Unchanged));
+        assert!(Arc::ptr_eq(&first, &tls.get_inner()));
+
+        // Half-written rotation: a new certificate with the old key does not load.
+        let issued =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        std::fs::write(&cert, issued.cert.pem()).expect("write");
+        assert!(matches!(
+            watch.check(&tls),
+            Reload::Failed(WebhookError::Tls { .. })
+        ));
+        assert!(Arc::ptr_eq(&first, &tls.get_inner()));
+
+        // The completed rotation is picked up, once.
+        write_pair(&cert, &key, t0 + Duration::from_secs(60));
+        assert!(matches!(watch.check(&tls), Reload::Reloaded));
+        let second = tls.get_inner();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert!(matches!(watch.check(&tls), Reload::Unchanged));
+        assert!(Arc::ptr_eq(&second, &tls.get_inner()));
     }
 
     #[test]
