@@ -375,6 +375,31 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
         .create(&PostParams::default(), &class(&good_class, mps(25)))
         .await
         .unwrap();
+    // UPDATE is judged too: turning the good class bad is rejected, the class unchanged.
+    let status = rejection(
+        classes
+            .patch(
+                &good_class,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"config": [
+                    {"opaque": {"driver": DRIVER, "parameters": mps(101)}}
+                ]}})),
+            )
+            .await,
+    );
+    assert!(
+        status.message.contains(
+            "spec.config[0].opaque.parameters.sharing.mpsConfig.defaultActiveThreadPercentage: "
+        ),
+        "{}",
+        status.message
+    );
+    let kept = classes.get(&good_class).await.unwrap();
+    let kept = serde_json::to_value(kept.spec).unwrap();
+    assert_eq!(
+        kept["config"][0]["opaque"]["parameters"]["sharing"]["mpsConfig"]["defaultActiveThreadPercentage"],
+        25
+    );
 
     // Clean up what is cluster-wide; the namespace's objects go with the namespace.
     configs
