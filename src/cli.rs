@@ -136,6 +136,10 @@ pub struct InventoryArgs {
 /// Flags of `gpu-dra webhook`.
 #[derive(Clone, Debug, Args)]
 pub struct WebhookArgs {
+    /// DRA driver name whose opaque config is validated; config entries of other
+    /// drivers are let through untouched.
+    #[arg(long, env = "GPU_DRA_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME, value_parser = parse_driver_name)]
+    pub driver_name: String,
     /// Address and port the HTTPS server listens on.
     #[arg(long, env = "GPU_DRA_BIND_ADDRESS", default_value = "0.0.0.0:8443")]
     pub bind_address: std::net::SocketAddr,

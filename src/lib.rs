@@ -19,3 +19,4 @@ pub mod proto;
 pub mod run;
 pub mod sharing;
 pub mod slices;
+pub mod webhook;

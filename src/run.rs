@@ -249,10 +249,18 @@ pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `gpu-dra webhook`: the admission webhook is not built yet.
+/// `gpu-dra webhook`: serves the validating admission webhook until SIGTERM/SIGINT.
 pub async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "webhook not built yet (would listen on {})",
-        args.bind_address
-    )
+    let shutdown = shutdown_on_signal()?;
+    let settings = crate::webhook::WebhookSettings {
+        bind_address: args.bind_address,
+        tls_cert_file: args.tls_cert_file,
+        tls_key_file: args.tls_key_file,
+        driver_name: args.driver_name,
+    };
+    crate::webhook::serve(&settings, shutdown)
+        .await
+        .context("admission webhook")?;
+    info!("admission webhook stopped");
+    Ok(())
 }

@@ -279,6 +279,9 @@ func (s *supervisor) bringUp(nodes []string, timeout time.Duration, verbosity in
 		"--enable-priority-and-fairness=false",
 		// The "kubernetes" Service endpoints cannot point at loopback.
 		"--endpoint-reconciler-type=none",
+		// As kubeadm and kind clusters do: node daemons such as the DRA kubelet
+		// plugin's DaemonSet need privileged containers (deploy/daemonset.yaml).
+		"--allow-privileged=true",
 		"--profiling=false",
 		gates, v,
 	); err != nil {
