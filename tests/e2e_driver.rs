@@ -20,6 +20,9 @@ use support::driver::{DRIVER, FakeGpus, Plugin};
 const NODE: &str = "node-a";
 const STEP: Duration = Duration::from_secs(90);
 
+/// One scenario of the end-to-end run.
+type Step = fn(&mut Env) -> futures::future::BoxFuture<'_, anyhow::Result<()>>;
+
 struct Env {
     b: &'static TestBox,
     client: kube::Client,
@@ -36,7 +39,7 @@ async fn driver_end_to_end() {
     let mut env = Env { b, client, gpus, plugin };
     apply_device_classes(&env.client).await;
 
-    let steps: [(&str, fn(&mut Env) -> futures::future::BoxFuture<'_, anyhow::Result<()>>); 6] = [
+    let steps: [(&str, Step); 6] = [
         ("slices published", |e| Box::pin(slices_are_published(e))),
         ("one GPU per pod", |e| Box::pin(pod_gets_one_gpu(e))),
         ("shared time-sliced claim", |e| Box::pin(shared_claim_is_time_sliced(e))),

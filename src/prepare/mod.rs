@@ -48,9 +48,10 @@ pub enum PrepareError {
     /// The claim does not fit this node (devices, configs).
     #[error(transparent)]
     Plan(#[from] PlanError),
-    /// Applying or releasing the sharing policy failed (NVML, nvidia-smi, MPS).
+    /// Applying or releasing the sharing policy failed (NVML, nvidia-smi, MPS). Boxed:
+    /// the variant is large and rare.
     #[error(transparent)]
-    Sharing(#[from] SharingError),
+    Sharing(#[from] Box<SharingError>),
     /// Device node facts could not be read from the host.
     #[error(transparent)]
     DeviceNodes(#[from] DevNodeError),
@@ -201,7 +202,8 @@ impl<L: ClaimLookup> Preparer<L> {
             let more = self
                 .sharing
                 .apply(&group.gpu_uuids, &claim.uid, group.policy)
-                .await?;
+                .await
+                .map_err(Box::new)?;
             edits.env.extend(more.env);
             edits.mounts.extend(more.mounts);
         }
@@ -263,7 +265,7 @@ impl<L: ClaimLookup> Preparer<L> {
     /// Undoes everything of a claim: sharing policy and MPS daemon, CDI spec, checkpoint
     /// entry — in that order, so a failure leaves the entry for a retry.
     async fn release(&self, uid: &str) -> Result<(), PrepareError> {
-        self.sharing.release(uid).await?;
+        self.sharing.release(uid).await.map_err(Box::new)?;
         cdi::remove_spec(&self.config.cdi_root, uid)?;
         if self.checkpoint.snapshot().claims.contains_key(uid) {
             let uid = uid.to_owned();
