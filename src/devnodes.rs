@@ -227,8 +227,16 @@ mod tests {
         assert_eq!(
             nodes,
             vec![
-                DeviceNode { path: "/dev/nvidia-caps/nvidia-cap30".into(), major: 236, minor: 30 },
-                DeviceNode { path: "/dev/nvidia-caps/nvidia-cap31".into(), major: 236, minor: 31 },
+                DeviceNode {
+                    path: "/dev/nvidia-caps/nvidia-cap30".into(),
+                    major: 236,
+                    minor: 30
+                },
+                DeviceNode {
+                    path: "/dev/nvidia-caps/nvidia-cap31".into(),
+                    major: 236,
+                    minor: 31
+                },
             ]
         );
         let control = proc.control_nodes().unwrap();
@@ -242,7 +250,11 @@ mod tests {
     #[test]
     fn missing_uvm_major_is_reported_with_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("devices"), "Character devices:\n195 nvidia\n").unwrap();
+        std::fs::write(
+            dir.path().join("devices"),
+            "Character devices:\n195 nvidia\n",
+        )
+        .unwrap();
         let err = ProcDevices::new(dir.path()).control_nodes().unwrap_err();
         assert!(err.to_string().contains("nvidia-uvm"), "{err}");
     }

@@ -25,7 +25,9 @@ use crate::inventory::{
 };
 use crate::plugin::{NodeDriver, PluginServer, PluginServerConfig, SHUTDOWN_GRACE};
 use crate::prepare::{Preparer, PreparerConfig};
-use crate::sharing::{MpsSettings, MpsSupervisor, NvidiaSmiTimeSlice, NvmlComputeControl, SharingManager};
+use crate::sharing::{
+    MpsSettings, MpsSupervisor, NvidiaSmiTimeSlice, NvmlComputeControl, SharingManager,
+};
 use crate::slices::desired::{SliceFeatures, desired_slices};
 use crate::slices::reconcile::{PublishStatus, Reconciler};
 
@@ -182,10 +184,17 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
 
 /// Logs how the checkpoint was loaded; a quarantined or previous-boot checkpoint is also
 /// reported as a Warning Event on this node, so `kubectl describe node` shows it.
-async fn report_checkpoint_outcome(client: &kube::Client, args: &PluginArgs, outcome: &LoadOutcome) {
+async fn report_checkpoint_outcome(
+    client: &kube::Client,
+    args: &PluginArgs,
+    outcome: &LoadOutcome,
+) {
     let (reason, note) = match outcome {
         LoadOutcome::Fresh | LoadOutcome::Loaded => return,
-        LoadOutcome::PreviousBoot { previous_boot_id, stale_claims } => (
+        LoadOutcome::PreviousBoot {
+            previous_boot_id,
+            stale_claims,
+        } => (
             "CheckpointFromPreviousBoot",
             format!(
                 "checkpoint of boot {previous_boot_id} dropped: {} prepared claim(s) did not survive the reboot and will be prepared again",
@@ -242,7 +251,10 @@ pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
             1,
             &SliceFeatures::default(),
         );
-        print!("{}", render_slices(&slices).context("rendering ResourceSlices")?);
+        print!(
+            "{}",
+            render_slices(&slices).context("rendering ResourceSlices")?
+        );
     } else {
         print!("{}", render_inventory(&inventory));
     }

@@ -36,16 +36,27 @@ async fn driver_end_to_end() {
     let client = b.client().await;
     let gpus = FakeGpus::new("dgx-h100-static-mig").unwrap();
     let plugin = Plugin::start(b, NODE, &gpus).unwrap();
-    let mut env = Env { b, client, gpus, plugin };
+    let mut env = Env {
+        b,
+        client,
+        gpus,
+        plugin,
+    };
     apply_device_classes(&env.client).await;
 
     let steps: [(&str, Step); 6] = [
         ("slices published", |e| Box::pin(slices_are_published(e))),
         ("one GPU per pod", |e| Box::pin(pod_gets_one_gpu(e))),
-        ("shared time-sliced claim", |e| Box::pin(shared_claim_is_time_sliced(e))),
+        ("shared time-sliced claim", |e| {
+            Box::pin(shared_claim_is_time_sliced(e))
+        }),
         ("MIG profile by CEL", |e| Box::pin(mig_profile_by_cel(e))),
-        ("plugin SIGKILL mid-stream", |e| Box::pin(plugin_killed_mid_stream(e))),
-        ("corrupt checkpoint", |e| Box::pin(corrupt_checkpoint_is_quarantined(e))),
+        ("plugin SIGKILL mid-stream", |e| {
+            Box::pin(plugin_killed_mid_stream(e))
+        }),
+        ("corrupt checkpoint", |e| {
+            Box::pin(corrupt_checkpoint_is_quarantined(e))
+        }),
     ];
     for (name, step) in steps {
         if let Err(err) = step(&mut env).await {
@@ -59,13 +70,21 @@ async fn driver_end_to_end() {
 }
 
 async fn apply_device_classes(client: &kube::Client) {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/deviceclasses.yaml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/deviceclasses.yaml"
+    ))
+    .unwrap();
     let classes: Api<DeviceClass> = Api::all(client.clone());
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let class: DeviceClass = serde::Deserialize::deserialize(doc).unwrap();
         let name = class.metadata.name.clone().unwrap();
         classes
-            .patch(&name, &PatchParams::apply("e2e").force(), &Patch::Apply(&class))
+            .patch(
+                &name,
+                &PatchParams::apply("e2e").force(),
+                &Patch::Apply(&class),
+            )
             .await
             .unwrap();
     }
@@ -74,9 +93,8 @@ async fn apply_device_classes(client: &kube::Client) {
 async fn slices_are_published(e: &mut Env) -> anyhow::Result<()> {
     let slices: Api<ResourceSlice> = Api::all(e.client.clone());
     let lp = ListParams::default().fields(&format!("spec.nodeName={NODE},spec.driver={DRIVER}"));
-    let names = e
-        .b
-        .wait(STEP, "ResourceSlices of node-a", || async {
+    let names =
+        e.b.wait(STEP, "ResourceSlices of node-a", || async {
             e.plugin.check_alive()?;
             let list = slices.list(&lp).await?;
             let names: BTreeSet<String> = list
@@ -91,7 +109,10 @@ async fn slices_are_published(e: &mut Env) -> anyhow::Result<()> {
     let full: Vec<&String> = names.iter().filter(|n| !n.contains("-mig-")).collect();
     anyhow::ensure!(full.len() == 6, "full GPUs published: {full:?}");
     anyhow::ensure!(names.len() == 12, "devices published: {names:?}");
-    anyhow::ensure!(!names.contains("gpu-0") && names.contains("gpu-2"), "{names:?}");
+    anyhow::ensure!(
+        !names.contains("gpu-0") && names.contains("gpu-2"),
+        "{names:?}"
+    );
     Ok(())
 }
 
@@ -108,14 +129,22 @@ fn pod(name: &str, claim: Value) -> Pod {
 }
 
 async fn wait_running(e: &Env, pods: &Api<Pod>, name: &str) -> anyhow::Result<Value> {
-    e.b.wait(STEP, &format!("pod {name} Running with a container result"), || async {
-        let p = pods.get(name).await?;
-        let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-        let ns = p.metadata.namespace.clone().unwrap_or_default();
-        Ok((phase == "Running")
-            .then(|| e.b.container_result(NODE, &ns, name, "ctr"))
-            .flatten())
-    })
+    e.b.wait(
+        STEP,
+        &format!("pod {name} Running with a container result"),
+        || async {
+            let p = pods.get(name).await?;
+            let phase = p
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
+            let ns = p.metadata.namespace.clone().unwrap_or_default();
+            Ok((phase == "Running")
+                .then(|| e.b.container_result(NODE, &ns, name, "ctr"))
+                .flatten())
+        },
+    )
     .await
 }
 
@@ -130,7 +159,11 @@ fn env_of(result: &Value, key: &str) -> Option<String> {
 fn device_paths(result: &Value) -> Vec<String> {
     result["deviceNodes"]
         .as_array()
-        .map(|a| a.iter().filter_map(|d| d["path"].as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d["path"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -195,32 +228,61 @@ fn cdi_specs(e: &Env) -> BTreeSet<String> {
 
 async fn pod_gets_one_gpu(e: &mut Env) -> anyhow::Result<()> {
     let ns = e.b.create_namespace("one-gpu").await;
-    create_template(&e.client, &ns, "one-gpu", json!({"requests": [
-        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}))
+    create_template(
+        &e.client,
+        &ns,
+        "one-gpu",
+        json!({"requests": [
+        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}),
+    )
     .await?;
     let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
-    pods.create(&PostParams::default(), &pod("job", json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"})))
-        .await?;
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "job",
+            json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"}),
+        ),
+    )
+    .await?;
     let result = wait_running(e, &pods, "job").await?;
     let claim = claim_of_pod(&pods, "job").await?;
     let (device, uuid) = allocated(e, &ns, &claim).await?;
     let minor = device.strip_prefix("gpu-").unwrap_or_default();
     let paths = device_paths(&result);
-    anyhow::ensure!(paths.contains(&format!("/dev/nvidia{minor}")), "device nodes {paths:?}");
-    anyhow::ensure!(paths.contains(&"/dev/nvidiactl".to_string()), "device nodes {paths:?}");
+    anyhow::ensure!(
+        paths.contains(&format!("/dev/nvidia{minor}")),
+        "device nodes {paths:?}"
+    );
+    anyhow::ensure!(
+        paths.contains(&"/dev/nvidiactl".to_string()),
+        "device nodes {paths:?}"
+    );
     anyhow::ensure!(
         env_of(&result, "NVIDIA_VISIBLE_DEVICES").as_deref() == Some(uuid.as_str()),
         "env {:?}",
         result["env"]
     );
     delete_and_wait_gone(e, &pods, &["job".into()]).await?;
-    anyhow::ensure!(cdi_specs(e).is_empty(), "CDI specs left: {:?}", cdi_specs(e));
+    anyhow::ensure!(
+        cdi_specs(e).is_empty(),
+        "CDI specs left: {:?}",
+        cdi_specs(e)
+    );
     Ok(())
 }
 
-async fn create_template(client: &kube::Client, ns: &str, name: &str, devices: Value) -> anyhow::Result<()> {
-    let api: Api<k8s_openapi::api::resource::v1::ResourceClaimTemplate> = Api::namespaced(client.clone(), ns);
-    let t = serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"spec": {"devices": devices}}}))?;
+async fn create_template(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    devices: Value,
+) -> anyhow::Result<()> {
+    let api: Api<k8s_openapi::api::resource::v1::ResourceClaimTemplate> =
+        Api::namespaced(client.clone(), ns);
+    let t = serde_json::from_value(
+        json!({"metadata": {"name": name}, "spec": {"spec": {"devices": devices}}}),
+    )?;
     api.create(&PostParams::default(), &t).await?;
     Ok(())
 }
@@ -241,8 +303,14 @@ async fn shared_claim_is_time_sliced(e: &mut Env) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
     let names: Vec<String> = (0..3).map(|i| format!("ollama-{i}")).collect();
     for name in &names {
-        pods.create(&PostParams::default(), &pod(name, json!({"name": "gpu", "resourceClaimName": "shared-gpu"})))
-            .await?;
+        pods.create(
+            &PostParams::default(),
+            &pod(
+                name,
+                json!({"name": "gpu", "resourceClaimName": "shared-gpu"}),
+            ),
+        )
+        .await?;
     }
     let mut seen = BTreeSet::new();
     for name in &names {
@@ -250,9 +318,15 @@ async fn shared_claim_is_time_sliced(e: &mut Env) -> anyhow::Result<()> {
         seen.insert(env_of(&result, "NVIDIA_VISIBLE_DEVICES").unwrap_or_default());
     }
     let (_, uuid) = allocated(e, &ns, "shared-gpu").await?;
-    anyhow::ensure!(seen == BTreeSet::from([uuid.clone()]), "pods saw {seen:?}, claim has {uuid}");
+    anyhow::ensure!(
+        seen == BTreeSet::from([uuid.clone()]),
+        "pods saw {seen:?}, claim has {uuid}"
+    );
     let slice = e.gpus.state().gpus.get(&uuid).map(|g| g.timeslice);
-    anyhow::ensure!(slice == Some(3), "time slice of {uuid}: {slice:?} (want 3 = Long)");
+    anyhow::ensure!(
+        slice == Some(3),
+        "time slice of {uuid}: {slice:?} (want 3 = Long)"
+    );
 
     delete_and_wait_gone(e, &pods, &names).await?;
     // The claim is unprepared with its last pod: the GPU is back to the default.
@@ -260,7 +334,11 @@ async fn shared_claim_is_time_sliced(e: &mut Env) -> anyhow::Result<()> {
         Ok((e.gpus.state().gpus.get(&uuid).map(|g| g.timeslice) == Some(0)).then_some(()))
     })
     .await?;
-    anyhow::ensure!(cdi_specs(e).is_empty(), "CDI specs left: {:?}", cdi_specs(e));
+    anyhow::ensure!(
+        cdi_specs(e).is_empty(),
+        "CDI specs left: {:?}",
+        cdi_specs(e)
+    );
     Ok(())
 }
 
@@ -271,14 +349,24 @@ async fn mig_profile_by_cel(e: &mut Env) -> anyhow::Result<()> {
         "selectors": [{"cel": {"expression": "device.attributes['gpu.gpu-dra.dev'].profile == '1g.10gb'"}}]}}]}))
     .await?;
     let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
-    pods.create(&PostParams::default(), &pod("small", json!({"name": "gpu", "resourceClaimTemplateName": "small"})))
-        .await?;
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "small",
+            json!({"name": "gpu", "resourceClaimTemplateName": "small"}),
+        ),
+    )
+    .await?;
     let result = wait_running(e, &pods, "small").await?;
     let claim = claim_of_pod(&pods, "small").await?;
     let (device, uuid) = allocated(e, &ns, &claim).await?;
     anyhow::ensure!(device.contains("-mig-1g10gb-"), "allocated {device}");
     anyhow::ensure!(uuid.starts_with("MIG-"), "uuid {uuid}");
-    anyhow::ensure!(env_of(&result, "NVIDIA_VISIBLE_DEVICES") == Some(uuid), "env {:?}", result["env"]);
+    anyhow::ensure!(
+        env_of(&result, "NVIDIA_VISIBLE_DEVICES") == Some(uuid),
+        "env {:?}",
+        result["env"]
+    );
     let caps: Vec<String> = device_paths(&result)
         .into_iter()
         .filter(|p| p.starts_with("/dev/nvidia-caps/"))
@@ -290,14 +378,25 @@ async fn mig_profile_by_cel(e: &mut Env) -> anyhow::Result<()> {
 
 async fn plugin_killed_mid_stream(e: &mut Env) -> anyhow::Result<()> {
     let ns = e.b.create_namespace("crash").await;
-    create_template(&e.client, &ns, "one-gpu", json!({"requests": [
-        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}))
+    create_template(
+        &e.client,
+        &ns,
+        "one-gpu",
+        json!({"requests": [
+        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}),
+    )
     .await?;
     let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
     let names: Vec<String> = (0..6).map(|i| format!("stream-{i}")).collect();
     for name in &names {
-        pods.create(&PostParams::default(), &pod(name, json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"})))
-            .await?;
+        pods.create(
+            &PostParams::default(),
+            &pod(
+                name,
+                json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"}),
+            ),
+        )
+        .await?;
     }
     // Kill as soon as the first pod is prepared: the others are in flight or queued.
     wait_running(e, &pods, &names[0]).await?;
@@ -311,11 +410,24 @@ async fn plugin_killed_mid_stream(e: &mut Env) -> anyhow::Result<()> {
         let claim = claim_of_pod(&pods, name).await?;
         devices.insert(allocated(e, &ns, &claim).await?.0);
     }
-    anyhow::ensure!(devices.len() == names.len(), "each pod has its own GPU: {devices:?}");
-    anyhow::ensure!(cdi_specs(e).len() == names.len(), "one CDI spec per claim: {:?}", cdi_specs(e));
+    anyhow::ensure!(
+        devices.len() == names.len(),
+        "each pod has its own GPU: {devices:?}"
+    );
+    anyhow::ensure!(
+        cdi_specs(e).len() == names.len(),
+        "one CDI spec per claim: {:?}",
+        cdi_specs(e)
+    );
     delete_and_wait_gone(e, &pods, &names).await?;
-    anyhow::ensure!(cdi_specs(e).is_empty(), "orphaned CDI specs: {:?}", cdi_specs(e));
-    let checkpoint = e.b.kubelet_root(NODE).join(format!("plugins/{DRIVER}/checkpoint.json"));
+    anyhow::ensure!(
+        cdi_specs(e).is_empty(),
+        "orphaned CDI specs: {:?}",
+        cdi_specs(e)
+    );
+    let checkpoint =
+        e.b.kubelet_root(NODE)
+            .join(format!("plugins/{DRIVER}/checkpoint.json"));
     let cp: Value = serde_json::from_slice(&std::fs::read(&checkpoint)?)?;
     anyhow::ensure!(
         cp["claims"].as_object().is_none_or(|c| c.is_empty()),
@@ -328,13 +440,15 @@ async fn plugin_killed_mid_stream(e: &mut Env) -> anyhow::Result<()> {
 async fn corrupt_checkpoint_is_quarantined(e: &mut Env) -> anyhow::Result<()> {
     e.plugin.kill();
     let dir = e.b.kubelet_root(NODE).join(format!("plugins/{DRIVER}"));
-    std::fs::write(dir.join("checkpoint.json"), b"{\"version\": 1, \"claims\": [truncated")?;
+    std::fs::write(
+        dir.join("checkpoint.json"),
+        b"{\"version\": 1, \"claims\": [truncated",
+    )?;
     e.plugin.restart(&e.gpus)?;
     // Reported on the node, never a crash loop.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(e.client.clone());
-    let note = e
-        .b
-        .wait(STEP, "CheckpointQuarantined event on node-a", || async {
+    let note =
+        e.b.wait(STEP, "CheckpointQuarantined event on node-a", || async {
             e.plugin.check_alive()?;
             let list = events.list(&ListParams::default()).await?;
             Ok(list
@@ -344,20 +458,36 @@ async fn corrupt_checkpoint_is_quarantined(e: &mut Env) -> anyhow::Result<()> {
                 .and_then(|ev| ev.note))
         })
         .await?;
-    anyhow::ensure!(note.contains("checkpoint.json.corrupt-"), "event note: {note}");
-    let moved = std::fs::read_dir(&dir)?
-        .filter_map(Result::ok)
-        .any(|d| d.file_name().to_string_lossy().starts_with("checkpoint.json.corrupt-"));
+    anyhow::ensure!(
+        note.contains("checkpoint.json.corrupt-"),
+        "event note: {note}"
+    );
+    let moved = std::fs::read_dir(&dir)?.filter_map(Result::ok).any(|d| {
+        d.file_name()
+            .to_string_lossy()
+            .starts_with("checkpoint.json.corrupt-")
+    });
     anyhow::ensure!(moved, "corrupt checkpoint kept aside in {}", dir.display());
 
     // The plugin keeps working with a fresh checkpoint.
     let ns = e.b.create_namespace("after-quarantine").await;
-    create_template(&e.client, &ns, "one-gpu", json!({"requests": [
-        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}))
+    create_template(
+        &e.client,
+        &ns,
+        "one-gpu",
+        json!({"requests": [
+        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}),
+    )
     .await?;
     let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
-    pods.create(&PostParams::default(), &pod("again", json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"})))
-        .await?;
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "again",
+            json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"}),
+        ),
+    )
+    .await?;
     wait_running(e, &pods, "again").await?;
     delete_and_wait_gone(e, &pods, &["again".into()]).await
 }

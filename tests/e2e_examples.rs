@@ -31,15 +31,26 @@ async fn seed_scenarios_with_resource_claims() {
         )
     });
     eprintln!("{}", render(&reports, &gpus));
-    let by_ns = |ns: &str| reports.iter().filter(|r| r.pod.starts_with(&format!("{ns}/"))).collect::<Vec<_>>();
+    let by_ns = |ns: &str| {
+        reports
+            .iter()
+            .filter(|r| r.pod.starts_with(&format!("{ns}/")))
+            .collect::<Vec<_>>()
+    };
     let dgx_state = dgx.state();
     let l40s_state = l40s.state();
 
     // Ollama: three replicas on one GPU, time slice Long.
-    let ollama: BTreeSet<String> = by_ns("ollama").iter().filter_map(|r| r.env("NVIDIA_VISIBLE_DEVICES")).collect();
+    let ollama: BTreeSet<String> = by_ns("ollama")
+        .iter()
+        .filter_map(|r| r.env("NVIDIA_VISIBLE_DEVICES"))
+        .collect();
     assert_eq!(ollama.len(), 1, "ollama replicas share one GPU: {ollama:?}");
     let ollama_gpu = ollama.first().unwrap();
-    assert_eq!(dgx_state.gpus[ollama_gpu].timeslice, 3, "ollama GPU time slice Long");
+    assert_eq!(
+        dgx_state.gpus[ollama_gpu].timeslice, 3,
+        "ollama GPU time slice Long"
+    );
 
     // Profiles: class-level config; dev gets time slice Short, training an exclusive GPU.
     let profile = |pod: &str| {
@@ -51,7 +62,10 @@ async fn seed_scenarios_with_resource_claims() {
     };
     let notebook = profile("notebook");
     assert_ne!(&notebook, ollama_gpu);
-    assert_eq!(dgx_state.gpus[&notebook].timeslice, 1, "dev profile time slice Short");
+    assert_eq!(
+        dgx_state.gpus[&notebook].timeslice, 1,
+        "dev profile time slice Short"
+    );
     let trainer = profile("trainer");
     assert_eq!(
         format!("{:?}", dgx_state.gpus[&trainer].compute_mode),
@@ -61,12 +75,19 @@ async fn seed_scenarios_with_resource_claims() {
 
     // MIG profile selected by CEL.
     let mig = by_ns("mig-demo")[0];
-    assert!(mig.env("NVIDIA_VISIBLE_DEVICES").unwrap().starts_with("MIG-"));
+    assert!(
+        mig.env("NVIDIA_VISIBLE_DEVICES")
+            .unwrap()
+            .starts_with("MIG-")
+    );
 
     // TGI: both servers on the L40S, MPS with the claim's limits.
     let tgi_reports = by_ns("tgi");
     assert!(tgi_reports.iter().all(|r| r.node == "node-b"));
-    let tgi_gpu: BTreeSet<String> = tgi_reports.iter().filter_map(|r| r.env("NVIDIA_VISIBLE_DEVICES")).collect();
+    let tgi_gpu: BTreeSet<String> = tgi_reports
+        .iter()
+        .filter_map(|r| r.env("NVIDIA_VISIBLE_DEVICES"))
+        .collect();
     assert_eq!(tgi_gpu.len(), 1);
     let l40s_uuid = tgi_gpu.first().unwrap();
     assert_eq!(
@@ -74,8 +95,13 @@ async fn seed_scenarios_with_resource_claims() {
         "ExclusiveProcess",
         "MPS needs EXCLUSIVE_PROCESS"
     );
-    let pipe = tgi_reports[0].env("CUDA_MPS_PIPE_DIRECTORY").expect("MPS pipe dir injected");
-    assert_eq!(tgi_reports[1].env("CUDA_MPS_PIPE_DIRECTORY").as_deref(), Some(pipe.as_str()));
+    let pipe = tgi_reports[0]
+        .env("CUDA_MPS_PIPE_DIRECTORY")
+        .expect("MPS pipe dir injected");
+    assert_eq!(
+        tgi_reports[1].env("CUDA_MPS_PIPE_DIRECTORY").as_deref(),
+        Some(pipe.as_str())
+    );
     let daemon = l40s_state
         .mps_daemons
         .values()
@@ -83,5 +109,9 @@ async fn seed_scenarios_with_resource_claims() {
         .expect("an MPS control daemon runs for the claim");
     assert_eq!(daemon.default_active_thread_percentage, Some(50.0));
     let limits: Vec<&String> = daemon.default_device_pinned_mem_limits.values().collect();
-    assert_eq!(limits, vec!["18432M"], "18Gi pinned memory limit per client");
+    assert_eq!(
+        limits,
+        vec!["18432M"],
+        "18Gi pinned memory limit per client"
+    );
 }

@@ -11,11 +11,18 @@ use support::driver::{FakeGpus, target_dir};
 fn inventory(gpus: &FakeGpus, args: &[&str]) -> String {
     let mut cmd = Command::new(target_dir().join("gpu-dra"));
     cmd.arg("inventory")
-        .arg(format!("--nvml-lib-path={}", target_dir().join("libnvidia_ml.so").display()))
+        .arg(format!(
+            "--nvml-lib-path={}",
+            target_dir().join("libnvidia_ml.so").display()
+        ))
         .args(args);
     gpus.apply_env(&mut cmd);
     let out = cmd.output().expect("gpu-dra runs");
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -25,9 +32,16 @@ fn lists_the_dgx_h100_preset() {
     let text = inventory(&gpus, &[]);
     assert!(text.starts_with("Driver "), "{text}");
     for minor in 0..8 {
-        assert!(text.contains(&format!("gpu-{minor} ")), "gpu-{minor} missing:\n{text}");
+        assert!(
+            text.contains(&format!("gpu-{minor} ")),
+            "gpu-{minor} missing:\n{text}"
+        );
     }
-    assert_eq!(text.matches("NVIDIA H100 80GB HBM3").count(), 9, "8 GPUs + profile table:\n{text}");
+    assert_eq!(
+        text.matches("NVIDIA H100 80GB HBM3").count(),
+        9,
+        "8 GPUs + profile table:\n{text}"
+    );
 }
 
 #[test]
@@ -41,7 +55,12 @@ fn prints_the_slices_it_would_publish() {
     let spec = &slices[0].spec;
     assert_eq!(spec.driver, "gpu.gpu-dra.dev");
     assert_eq!(spec.node_name.as_deref(), Some("node-a"));
-    let names: Vec<&str> = spec.devices.iter().flatten().map(|d| d.name.as_str()).collect();
+    let names: Vec<&str> = spec
+        .devices
+        .iter()
+        .flatten()
+        .map(|d| d.name.as_str())
+        .collect();
     assert_eq!(names.len(), 12, "{names:?}");
     assert!(names.contains(&"gpu-0-mig-3g40gb-9-0"), "{names:?}");
 }

@@ -62,7 +62,10 @@ where
     let mut preface = [0u8; 24];
     from.read_exact(&mut preface).await?;
     if &preface != PREFACE {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not an HTTP/2 client preface"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not an HTTP/2 client preface",
+        ));
     }
     to.write_all(&preface).await?;
     let mut headers = HeaderRewriter::new();
@@ -95,9 +98,11 @@ where
             }
         }
         if matches!(kind, FRAME_HEADERS | FRAME_CONTINUATION) && flags & FLAG_END_HEADERS != 0 {
-            let (stream, end_stream, block) = pending.take().ok_or_else(|| invalid("no header block"))?;
+            let (stream, end_stream, block) =
+                pending.take().ok_or_else(|| invalid("no header block"))?;
             let rewritten = headers.rewrite(&block)?;
-            to.write_all(&header_frames(&rewritten, stream, end_stream)).await?;
+            to.write_all(&header_frames(&rewritten, stream, end_stream))
+                .await?;
         }
         to.flush().await?;
     }
@@ -113,14 +118,22 @@ fn header_fragment(payload: &[u8], flags: u8) -> io::Result<&[u8]> {
     let mut start = 0;
     let mut end = payload.len();
     if flags & FLAG_PADDED != 0 {
-        let pad = usize::from(*payload.first().ok_or_else(|| invalid("empty padded HEADERS"))?);
+        let pad = usize::from(
+            *payload
+                .first()
+                .ok_or_else(|| invalid("empty padded HEADERS"))?,
+        );
         start = 1;
-        end = end.checked_sub(pad).ok_or_else(|| invalid("HEADERS padding too long"))?;
+        end = end
+            .checked_sub(pad)
+            .ok_or_else(|| invalid("HEADERS padding too long"))?;
     }
     if flags & FLAG_PRIORITY != 0 {
         start += 5;
     }
-    payload.get(start..end).ok_or_else(|| invalid("HEADERS frame too short"))
+    payload
+        .get(start..end)
+        .ok_or_else(|| invalid("HEADERS frame too short"))
 }
 
 /// HEADERS (plus CONTINUATION when needed) frames carrying `block` on `stream`.
@@ -196,7 +209,10 @@ mod tests {
         vec![
             (b":method".to_vec(), b"POST".to_vec()),
             (b":scheme".to_vec(), b"http".to_vec()),
-            (b":path".to_vec(), b"/pluginregistration.Registration/GetInfo".to_vec()),
+            (
+                b":path".to_vec(),
+                b"/pluginregistration.Registration/GetInfo".to_vec(),
+            ),
             (b":authority".to_vec(), authority.to_vec()),
             (b"content-type".to_vec(), b"application/grpc".to_vec()),
         ]
@@ -223,7 +239,11 @@ mod tests {
 
     #[test]
     fn garbage_block_is_an_error() {
-        assert!(HeaderRewriter::new().rewrite(&[0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(
+            HeaderRewriter::new()
+                .rewrite(&[0xff, 0xff, 0xff, 0xff, 0xff])
+                .is_err()
+        );
     }
 
     #[test]
@@ -237,7 +257,10 @@ mod tests {
         let frames = header_frames(&vec![7u8; MAX_FRAME + 10], 3, FLAG_END_STREAM);
         assert_eq!(frames.len(), MAX_FRAME + 10 + 18);
         assert_eq!(frames[3], FRAME_HEADERS);
-        assert_eq!(frames[4], FLAG_END_STREAM, "first frame does not end the headers");
+        assert_eq!(
+            frames[4], FLAG_END_STREAM,
+            "first frame does not end the headers"
+        );
         let second = 9 + MAX_FRAME;
         assert_eq!(frames[second + 3], FRAME_CONTINUATION);
         assert_eq!(frames[second + 4], FLAG_END_HEADERS);

@@ -145,7 +145,9 @@ async fn serve_both<D: NodeDriver>(
     let listen = |socket: &UnixSocket| {
         socket
             .tokio_listener()
-            .map(|l| UnixListenerStream::new(l).map(|conn| conn.map(|c| Fronted(authority::front(c)))))
+            .map(|l| {
+                UnixListenerStream::new(l).map(|conn| conn.map(|c| Fronted(authority::front(c))))
+            })
             .map_err(|source| ServerError::Listen {
                 path: socket.path().to_owned(),
                 source,

@@ -33,7 +33,9 @@ pub struct FakeGpus {
 impl FakeGpus {
     /// Copies `tests/fake-nvml/topologies/<name>.yaml` into a fresh temp dir.
     pub fn new(topology: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("gpu-dra-fake-gpus-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("gpu-dra-fake-gpus-")
+            .tempdir()?;
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fake-nvml/topologies")
             .join(format!("{topology}.yaml"));
@@ -130,7 +132,12 @@ impl Plugin {
 
     /// SIGKILLs the plugin (no clean shutdown: sockets and state stay as they are).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(mut child) = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -163,7 +170,12 @@ impl Plugin {
 
 impl Drop for Plugin {
     fn drop(&mut self) {
-        if let Some(child) = self.child.get_mut().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        if let Some(child) = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
             // SIGTERM first so the plugin removes its sockets; the box goes away anyway.
             let _ = Command::new("kill")
                 .arg("-TERM")

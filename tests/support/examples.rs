@@ -22,8 +22,12 @@ use super::driver::FakeGpus;
 const MANAGER: &str = "gpu-dra-examples";
 
 /// Server-side applies every document of `file`; returns `(kind, namespace/name)` of each.
-pub async fn apply_file(client: &kube::Client, file: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+pub async fn apply_file(
+    client: &kube::Client,
+    file: &Path,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let discovery = Discovery::new(client.clone()).run().await?;
     let mut applied = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {
@@ -32,7 +36,10 @@ pub async fn apply_file(client: &kube::Client, file: &Path) -> anyhow::Result<Ve
             continue;
         }
         let obj: DynamicObject = serde_json::from_value(value.clone())?;
-        let types = obj.types.clone().context("object without apiVersion/kind")?;
+        let types = obj
+            .types
+            .clone()
+            .context("object without apiVersion/kind")?;
         let gvk = kube::api::GroupVersionKind::try_from(&types)?;
         let (resource, caps) = discovery
             .resolve_gvk(&gvk)
@@ -43,9 +50,13 @@ pub async fn apply_file(client: &kube::Client, file: &Path) -> anyhow::Result<Ve
             (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
             (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
         };
-        api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&value))
-            .await
-            .with_context(|| format!("applying {} {name} from {}", types.kind, file.display()))?;
+        api.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&value),
+        )
+        .await
+        .with_context(|| format!("applying {} {name} from {}", types.kind, file.display()))?;
         let ns = obj.metadata.namespace.unwrap_or_default();
         applied.push((types.kind, format!("{ns}/{name}")));
     }
@@ -77,18 +88,28 @@ pub async fn wait_all_running(
     want: usize,
     deadline: std::time::Duration,
 ) -> anyhow::Result<Vec<PodReport>> {
-    b.wait(deadline, &format!("{want} example pods Running with results"), || async {
-        let reports = pod_reports(b, namespaces).await?;
-        let ready = reports.iter().filter(|r| r.phase == "Running" && r.result.is_some()).count();
-        Ok((reports.len() == want && ready == want).then_some(reports))
-    })
+    b.wait(
+        deadline,
+        &format!("{want} example pods Running with results"),
+        || async {
+            let reports = pod_reports(b, namespaces).await?;
+            let ready = reports
+                .iter()
+                .filter(|r| r.phase == "Running" && r.result.is_some())
+                .count();
+            Ok((reports.len() == want && ready == want).then_some(reports))
+        },
+    )
     .await
 }
 
 /// Applies deploy/deviceclasses.yaml and every example, the TGI scenario first (it wants
 /// the L40S node's only GPU, which any other full-GPU claim could otherwise take), and
 /// waits for all example pods. Needs nodes `node-a` (dgx-h100) and `node-b` (L40S).
-pub async fn run_examples(b: &TestBox, deadline: std::time::Duration) -> anyhow::Result<Vec<PodReport>> {
+pub async fn run_examples(
+    b: &TestBox,
+    deadline: std::time::Duration,
+) -> anyhow::Result<Vec<PodReport>> {
     let client = b.client().await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     apply_file(&client, &root.join("deploy/deviceclasses.yaml")).await?;
@@ -137,14 +158,22 @@ pub async fn pod_reports(b: &TestBox, namespaces: &[String]) -> anyhow::Result<V
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         for pod in pods.list(&ListParams::default()).await?.items {
             let name = pod.metadata.name.clone().unwrap_or_default();
-            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            let node = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default();
             let container = pod
                 .spec
                 .as_ref()
                 .and_then(|s| s.containers.first())
                 .map(|c| c.name.clone())
                 .unwrap_or_default();
-            let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+            let phase = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
             let result = (!node.is_empty())
                 .then(|| b.container_result(&node, ns, &name, &container))
                 .flatten();
@@ -169,19 +198,38 @@ pub fn render(reports: &[PodReport], gpus: &BTreeMap<String, &FakeGpus>) -> Stri
             let _ = writeln!(out, "    not prepared yet");
             continue;
         };
-        let ids: Vec<&str> = result["cdiDevices"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let ids: Vec<&str> = result["cdiDevices"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         let _ = writeln!(out, "    CDI devices : {}", ids.join(", "));
-        let nodes: Vec<&str> = result["deviceNodes"].as_array().map(|a| a.iter().filter_map(|d| d["path"].as_str()).collect()).unwrap_or_default();
+        let nodes: Vec<&str> = result["deviceNodes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d["path"].as_str()).collect())
+            .unwrap_or_default();
         let _ = writeln!(out, "    device nodes: {}", nodes.join(" "));
-        for (k, v) in result["env"].as_array().into_iter().flatten().filter_map(Value::as_str).filter_map(|kv| kv.split_once('=')) {
+        for (k, v) in result["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter_map(|kv| kv.split_once('='))
+        {
             if k.starts_with("NVIDIA_") || k.starts_with("CUDA_") {
                 let _ = writeln!(out, "    env         : {k}={v}");
             }
         }
         for m in result["mounts"].as_array().into_iter().flatten() {
-            let _ = writeln!(out, "    mount       : {} -> {}", m["source"].as_str().unwrap_or(""), m["destination"].as_str().unwrap_or(""));
+            let _ = writeln!(
+                out,
+                "    mount       : {} -> {}",
+                m["source"].as_str().unwrap_or(""),
+                m["destination"].as_str().unwrap_or("")
+            );
         }
-        let Some(fake) = gpus.get(&r.node) else { continue };
+        let Some(fake) = gpus.get(&r.node) else {
+            continue;
+        };
         let state = fake.state();
         let visible = r.env("NVIDIA_VISIBLE_DEVICES").unwrap_or_default();
         for uuid in visible.split(',').filter(|u| !u.is_empty()) {
@@ -190,12 +238,18 @@ pub fn render(reports: &[PodReport], gpus: &BTreeMap<String, &FakeGpus>) -> Stri
                     out,
                     "    GPU {uuid}: compute mode {:?}, time slice {}",
                     gpu.compute_mode,
-                    ["Default", "Short", "Medium", "Long"].get(gpu.timeslice as usize).copied().unwrap_or("?")
+                    ["Default", "Short", "Medium", "Long"]
+                        .get(gpu.timeslice as usize)
+                        .copied()
+                        .unwrap_or("?")
                 );
             }
         }
         if let Some(pipe) = r.env("CUDA_MPS_PIPE_DIRECTORY") {
-            let host_pipe = result["mounts"].as_array().into_iter().flatten()
+            let host_pipe = result["mounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
                 .find(|m| m["destination"] == pipe.as_str())
                 .and_then(|m| m["source"].as_str())
                 .unwrap_or_default()
@@ -204,7 +258,9 @@ pub fn render(reports: &[PodReport], gpus: &BTreeMap<String, &FakeGpus>) -> Stri
                 let _ = writeln!(
                     out,
                     "    MPS daemon  : running {}, active thread % {:?}, pinned memory limits {:?}",
-                    d.running, d.default_active_thread_percentage, d.default_device_pinned_mem_limits
+                    d.running,
+                    d.default_active_thread_percentage,
+                    d.default_device_pinned_mem_limits
                 );
             }
         }
