@@ -228,23 +228,8 @@ fn cdi_specs(e: &Env) -> BTreeSet<String> {
 
 async fn pod_gets_one_gpu(e: &mut Env) -> anyhow::Result<()> {
     let ns = e.b.create_namespace("one-gpu").await;
-    create_template(
-        &e.client,
-        &ns,
-        "one-gpu",
-        json!({"requests": [
-        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}),
-    )
-    .await?;
-    let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
-    pods.create(
-        &PostParams::default(),
-        &pod(
-            "job",
-            json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"}),
-        ),
-    )
-    .await?;
+    let pods = one_gpu_pods(e, &ns).await?;
+    create_one_gpu_pods(&pods, &["job".to_string()]).await?;
     let result = wait_running(e, &pods, "job").await?;
     let claim = claim_of_pod(&pods, "job").await?;
     let (device, uuid) = allocated(e, &ns, &claim).await?;
@@ -378,26 +363,9 @@ async fn mig_profile_by_cel(e: &mut Env) -> anyhow::Result<()> {
 
 async fn plugin_killed_mid_stream(e: &mut Env) -> anyhow::Result<()> {
     let ns = e.b.create_namespace("crash").await;
-    create_template(
-        &e.client,
-        &ns,
-        "one-gpu",
-        json!({"requests": [
-        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}),
-    )
-    .await?;
-    let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
+    let pods = one_gpu_pods(e, &ns).await?;
     let names: Vec<String> = (0..6).map(|i| format!("stream-{i}")).collect();
-    for name in &names {
-        pods.create(
-            &PostParams::default(),
-            &pod(
-                name,
-                json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"}),
-            ),
-        )
-        .await?;
-    }
+    create_one_gpu_pods(&pods, &names).await?;
     // Kill as soon as the first pod is prepared: the others are in flight or queued.
     wait_running(e, &pods, &names[0]).await?;
     e.plugin.kill();
@@ -471,23 +439,31 @@ async fn corrupt_checkpoint_is_quarantined(e: &mut Env) -> anyhow::Result<()> {
 
     // The plugin keeps working with a fresh checkpoint.
     let ns = e.b.create_namespace("after-quarantine").await;
-    create_template(
-        &e.client,
-        &ns,
-        "one-gpu",
-        json!({"requests": [
-        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}),
-    )
-    .await?;
-    let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
-    pods.create(
-        &PostParams::default(),
-        &pod(
-            "again",
-            json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"}),
-        ),
-    )
-    .await?;
+    let pods = one_gpu_pods(e, &ns).await?;
+    create_one_gpu_pods(&pods, &["again".to_string()]).await?;
     wait_running(e, &pods, "again").await?;
     delete_and_wait_gone(e, &pods, &["again".into()]).await
+}
+
+/// Creates the `one-gpu` ResourceClaimTemplate (one full GPU) in `ns` and returns the
+/// namespace's pod API.
+async fn one_gpu_pods(e: &Env, ns: &str) -> anyhow::Result<Api<Pod>> {
+    create_template(
+        &e.client,
+        ns,
+        "one-gpu",
+        json!({"requests": [{"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}),
+    )
+    .await?;
+    Ok(Api::namespaced(e.client.clone(), ns))
+}
+
+/// Creates one pod per name, each with its own claim from the `one-gpu` template.
+async fn create_one_gpu_pods(pods: &Api<Pod>, names: &[String]) -> anyhow::Result<()> {
+    for name in names {
+        let claim = json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"});
+        pods.create(&PostParams::default(), &pod(name, claim))
+            .await?;
+    }
+    Ok(())
 }
