@@ -352,39 +352,48 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Runs `op` for every claim concurrently and answers each claim UID with its result;
+/// errors become one line naming the claim (the gRPC edge logs them once).
+async fn each_claim<T, F, Fut>(
+    op_name: &'static str,
+    claims: Vec<ClaimRef>,
+    op: F,
+) -> BTreeMap<String, Result<T, String>>
+where
+    F: Fn(ClaimRef) -> Fut,
+    Fut: Future<Output = (ClaimRef, Result<T, PrepareError>)>,
+{
+    let calls = claims.into_iter().map(|claim| {
+        let span = info_span!("claim", op = op_name, claim.uid = %claim.uid, claim.namespace = %claim.namespace, claim.name = %claim.name);
+        op(claim).instrument(span)
+    });
+    join_all(calls)
+        .await
+        .into_iter()
+        .map(|(claim, result)| {
+            let result = result.map_err(|err| format!("claim {claim}: {}", error_chain(&err)));
+            (claim.uid, result)
+        })
+        .collect()
+}
+
 impl<L: ClaimLookup> NodeDriver for Preparer<L> {
     async fn prepare(
         &self,
         claims: Vec<ClaimRef>,
     ) -> BTreeMap<String, Result<Vec<PreparedDevice>, String>> {
-        let calls = claims.into_iter().map(|claim| {
-            let span = info_span!("prepare", claim.uid = %claim.uid, claim.namespace = %claim.namespace, claim.name = %claim.name);
-            async move {
-                let result = self.prepare_claim(&claim).await.map_err(|err| {
-                    let text = format!("claim {claim}: {}", error_chain(&err));
-                    warn!(error = %text, "prepare failed");
-                    text
-                });
-                (claim.uid, result)
-            }
-            .instrument(span)
-        });
-        join_all(calls).await.into_iter().collect()
+        each_claim("prepare", claims, |claim| async move {
+            let result = self.prepare_claim(&claim).await;
+            (claim, result)
+        })
+        .await
     }
 
     async fn unprepare(&self, claims: Vec<ClaimRef>) -> BTreeMap<String, Result<(), String>> {
-        let calls = claims.into_iter().map(|claim| {
-            let span = info_span!("unprepare", claim.uid = %claim.uid, claim.namespace = %claim.namespace, claim.name = %claim.name);
-            async move {
-                let result = self.unprepare_claim(&claim).await.map_err(|err| {
-                    let text = format!("claim {claim}: {}", error_chain(&err));
-                    warn!(error = %text, "unprepare failed");
-                    text
-                });
-                (claim.uid, result)
-            }
-            .instrument(span)
-        });
-        join_all(calls).await.into_iter().collect()
+        each_claim("unprepare", claims, |claim| async move {
+            let result = self.unprepare_claim(&claim).await;
+            (claim, result)
+        })
+        .await
     }
 }
