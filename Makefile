@@ -7,13 +7,13 @@ export GOTOOLCHAIN := local
 all: build
 
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace
 
 rig:
 	$(MAKE) -C tests/cluster
 
 test: rig
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace
 	$(CARGO) test --workspace
 
 # Warm-plugin latency benchmark (benches/prepare.rs); needs the fake NVML's cdylib and tools.
@@ -23,3 +23,7 @@ bench:
 
 clean:
 	$(CARGO) clean
+
+demo: rig
+	$(CARGO) build --workspace
+	$(CARGO) run --example demo

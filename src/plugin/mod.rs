@@ -7,6 +7,7 @@
 //! for requests that cannot be answered at all; per-claim failures travel as per-claim
 //! error strings, as the kubelet expects (every claim in a request gets an entry).
 
+mod authority;
 mod dra;
 mod driver;
 mod registration;

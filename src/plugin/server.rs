@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+use super::authority;
 use super::dra::{DraV1, DraV1beta1};
 use super::driver::NodeDriver;
 use super::registration::{RegistrationService, RegistrationState};
@@ -139,10 +141,11 @@ async fn serve_both<D: NodeDriver>(
     registration_socket: &UnixSocket,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    // Every accepted connection goes through the authority front (see `authority`).
     let listen = |socket: &UnixSocket| {
         socket
             .tokio_listener()
-            .map(UnixListenerStream::new)
+            .map(|l| UnixListenerStream::new(l).map(|conn| conn.map(|c| Fronted(authority::front(c)))))
             .map_err(|source| ServerError::Listen {
                 path: socket.path().to_owned(),
                 source,
@@ -201,5 +204,48 @@ async fn serve_both<D: NodeDriver>(
                 }
             }
         }
+    }
+}
+
+/// A connection behind the authority front, as tonic's server takes it.
+struct Fronted(tokio::io::DuplexStream);
+
+impl tonic::transport::server::Connected for Fronted {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for Fronted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Fronted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

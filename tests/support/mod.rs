@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod driver;
+pub mod examples;
 
 #[allow(unused_imports)]
 pub use cluster::{TestBox, shared, wait_for};

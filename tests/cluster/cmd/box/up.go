@@ -295,7 +295,7 @@ func (s *supervisor) bringUp(nodes []string, timeout time.Duration, verbosity in
 		"--kubeconfig="+s.lay.kubeconfig,
 		"--secure-port=0",
 		"--leader-elect=true",
-		"--controllers=resourceclaim-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,device-taint-eviction-controller",
+		"--controllers=resourceclaim-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller,device-taint-eviction-controller,deployment-controller,replicaset-controller",
 		"--use-service-account-credentials=false",
 		gates, v,
 	); err != nil {

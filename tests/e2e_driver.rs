@@ -1,0 +1,322 @@
+//! End-to-end tests of the driver on the tests/cluster box (issue 4, item 10): the real
+//! API server, scheduler, resource-claim controller and the kubelet's DRA manager, our
+//! plugin as a child process, and the fake NVML (dgx-h100, two GPUs in MIG mode holding
+//! static instances). One box and one plugin for the whole binary; the scenarios run in
+//! order because they share the node's GPUs.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaim, ResourceSlice};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use support::TestBox;
+use support::driver::{DRIVER, FakeGpus, Plugin};
+
+const NODE: &str = "node-a";
+const STEP: Duration = Duration::from_secs(90);
+
+struct Env {
+    b: &'static TestBox,
+    client: kube::Client,
+    gpus: FakeGpus,
+    plugin: Plugin,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn driver_end_to_end() {
+    let b = support::shared();
+    let client = b.client().await;
+    let gpus = FakeGpus::new("dgx-h100-static-mig").unwrap();
+    let plugin = Plugin::start(b, NODE, &gpus).unwrap();
+    let mut env = Env { b, client, gpus, plugin };
+    apply_device_classes(&env.client).await;
+
+    let steps: [(&str, fn(&mut Env) -> futures::future::BoxFuture<'_, anyhow::Result<()>>); 5] = [
+        ("slices published", |e| Box::pin(slices_are_published(e))),
+        ("one GPU per pod", |e| Box::pin(pod_gets_one_gpu(e))),
+        ("shared time-sliced claim", |e| Box::pin(shared_claim_is_time_sliced(e))),
+        ("MIG profile by CEL", |e| Box::pin(mig_profile_by_cel(e))),
+        ("plugin SIGKILL mid-stream", |e| Box::pin(plugin_killed_mid_stream(e))),
+    ];
+    for (name, step) in steps {
+        if let Err(err) = step(&mut env).await {
+            panic!(
+                "step '{name}' failed: {err:#}\n--- plugin log ---\n{}\n--- box logs ---\n{}",
+                env.plugin.log_tail(60),
+                env.b.log_tail(30)
+            );
+        }
+    }
+}
+
+async fn apply_device_classes(client: &kube::Client) {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/deviceclasses.yaml")).unwrap();
+    let classes: Api<DeviceClass> = Api::all(client.clone());
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let class: DeviceClass = serde::Deserialize::deserialize(doc).unwrap();
+        let name = class.metadata.name.clone().unwrap();
+        classes
+            .patch(&name, &PatchParams::apply("e2e").force(), &Patch::Apply(&class))
+            .await
+            .unwrap();
+    }
+}
+
+async fn slices_are_published(e: &mut Env) -> anyhow::Result<()> {
+    let slices: Api<ResourceSlice> = Api::all(e.client.clone());
+    let lp = ListParams::default().fields(&format!("spec.nodeName={NODE},spec.driver={DRIVER}"));
+    let names = e
+        .b
+        .wait(STEP, "ResourceSlices of node-a", || async {
+            e.plugin.check_alive()?;
+            let list = slices.list(&lp).await?;
+            let names: BTreeSet<String> = list
+                .items
+                .iter()
+                .flat_map(|s| s.spec.devices.iter().flatten().map(|d| d.name.clone()))
+                .collect();
+            Ok((!names.is_empty()).then_some(names))
+        })
+        .await?;
+    // dgx-h100-static-mig: GPUs 0 and 1 in MIG mode (6 MIG devices), 6 full GPUs.
+    let full: Vec<&String> = names.iter().filter(|n| !n.contains("-mig-")).collect();
+    anyhow::ensure!(full.len() == 6, "full GPUs published: {full:?}");
+    anyhow::ensure!(names.len() == 12, "devices published: {names:?}");
+    anyhow::ensure!(!names.contains("gpu-0") && names.contains("gpu-2"), "{names:?}");
+    Ok(())
+}
+
+fn pod(name: &str, claim: Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "resourceClaims": [claim],
+            "containers": [{"name": "ctr", "image": "registry.example/cuda:none",
+                            "resources": {"claims": [{"name": "gpu"}]}}]
+        }
+    }))
+    .unwrap()
+}
+
+async fn wait_running(e: &Env, pods: &Api<Pod>, name: &str) -> anyhow::Result<Value> {
+    e.b.wait(STEP, &format!("pod {name} Running with a container result"), || async {
+        let p = pods.get(name).await?;
+        let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        let ns = p.metadata.namespace.clone().unwrap_or_default();
+        Ok((phase == "Running")
+            .then(|| e.b.container_result(NODE, &ns, name, "ctr"))
+            .flatten())
+    })
+    .await
+}
+
+fn env_of(result: &Value, key: &str) -> Option<String> {
+    result["env"]
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_owned))
+}
+
+fn device_paths(result: &Value) -> Vec<String> {
+    result["deviceNodes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["path"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// The device allocated to a claim and the device's `uuid` attribute in our slices.
+async fn allocated(e: &Env, ns: &str, claim: &str) -> anyhow::Result<(String, String)> {
+    let claims: Api<ResourceClaim> = Api::namespaced(e.client.clone(), ns);
+    let c = claims.get(claim).await?;
+    let device = c
+        .status
+        .and_then(|s| s.allocation)
+        .and_then(|a| a.devices)
+        .and_then(|d| d.results)
+        .and_then(|r| r.into_iter().next())
+        .map(|r| r.device)
+        .ok_or_else(|| anyhow::anyhow!("claim {ns}/{claim} not allocated"))?;
+    let slices: Api<ResourceSlice> = Api::all(e.client.clone());
+    let lp = ListParams::default().fields(&format!("spec.nodeName={NODE},spec.driver={DRIVER}"));
+    let uuid = slices
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .flat_map(|s| s.spec.devices.unwrap_or_default())
+        .find(|d| d.name == device)
+        .and_then(|d| d.attributes?.get("uuid")?.string.clone())
+        .ok_or_else(|| anyhow::anyhow!("device {device} has no uuid attribute"))?;
+    Ok((device, uuid))
+}
+
+async fn claim_of_pod(pods: &Api<Pod>, pod: &str) -> anyhow::Result<String> {
+    let p = pods.get(pod).await?;
+    p.status
+        .and_then(|s| s.resource_claim_statuses)
+        .and_then(|s| s.into_iter().next())
+        .and_then(|s| s.resource_claim_name)
+        .ok_or_else(|| anyhow::anyhow!("pod {pod} has no generated claim"))
+}
+
+async fn delete_and_wait_gone(e: &Env, pods: &Api<Pod>, names: &[String]) -> anyhow::Result<()> {
+    for name in names {
+        pods.delete(name, &DeleteParams::default()).await?;
+    }
+    for name in names {
+        e.b.wait(STEP, &format!("pod {name} gone (unprepared)"), || async {
+            Ok(pods.get_opt(name).await?.is_none().then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+fn cdi_specs(e: &Env) -> BTreeSet<String> {
+    std::fs::read_dir(e.b.cdi_dir(NODE))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|d| d.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("gpu-dra.dev-claim_"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn pod_gets_one_gpu(e: &mut Env) -> anyhow::Result<()> {
+    let ns = e.b.create_namespace("one-gpu").await;
+    create_template(&e.client, &ns, "one-gpu", json!({"requests": [
+        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}))
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
+    pods.create(&PostParams::default(), &pod("job", json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"})))
+        .await?;
+    let result = wait_running(e, &pods, "job").await?;
+    let claim = claim_of_pod(&pods, "job").await?;
+    let (device, uuid) = allocated(e, &ns, &claim).await?;
+    let minor = device.strip_prefix("gpu-").unwrap_or_default();
+    let paths = device_paths(&result);
+    anyhow::ensure!(paths.contains(&format!("/dev/nvidia{minor}")), "device nodes {paths:?}");
+    anyhow::ensure!(paths.contains(&"/dev/nvidiactl".to_string()), "device nodes {paths:?}");
+    anyhow::ensure!(
+        env_of(&result, "NVIDIA_VISIBLE_DEVICES").as_deref() == Some(uuid.as_str()),
+        "env {:?}",
+        result["env"]
+    );
+    delete_and_wait_gone(e, &pods, &["job".into()]).await?;
+    anyhow::ensure!(cdi_specs(e).is_empty(), "CDI specs left: {:?}", cdi_specs(e));
+    Ok(())
+}
+
+async fn create_template(client: &kube::Client, ns: &str, name: &str, devices: Value) -> anyhow::Result<()> {
+    let api: Api<k8s_openapi::api::resource::v1::ResourceClaimTemplate> = Api::namespaced(client.clone(), ns);
+    let t = serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"spec": {"devices": devices}}}))?;
+    api.create(&PostParams::default(), &t).await?;
+    Ok(())
+}
+
+async fn shared_claim_is_time_sliced(e: &mut Env) -> anyhow::Result<()> {
+    let ns = e.b.create_namespace("timeslice").await;
+    let claims: Api<ResourceClaim> = Api::namespaced(e.client.clone(), &ns);
+    let claim: ResourceClaim = serde_json::from_value(json!({
+        "metadata": {"name": "shared-gpu"},
+        "spec": {"devices": {
+            "requests": [{"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}],
+            "config": [{"requests": ["gpu"], "opaque": {"driver": DRIVER, "parameters": {
+                "apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig",
+                "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}}}}]
+        }}
+    }))?;
+    claims.create(&PostParams::default(), &claim).await?;
+    let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
+    let names: Vec<String> = (0..3).map(|i| format!("ollama-{i}")).collect();
+    for name in &names {
+        pods.create(&PostParams::default(), &pod(name, json!({"name": "gpu", "resourceClaimName": "shared-gpu"})))
+            .await?;
+    }
+    let mut seen = BTreeSet::new();
+    for name in &names {
+        let result = wait_running(e, &pods, name).await?;
+        seen.insert(env_of(&result, "NVIDIA_VISIBLE_DEVICES").unwrap_or_default());
+    }
+    let (_, uuid) = allocated(e, &ns, "shared-gpu").await?;
+    anyhow::ensure!(seen == BTreeSet::from([uuid.clone()]), "pods saw {seen:?}, claim has {uuid}");
+    let slice = e.gpus.state().gpus.get(&uuid).map(|g| g.timeslice);
+    anyhow::ensure!(slice == Some(3), "time slice of {uuid}: {slice:?} (want 3 = Long)");
+
+    delete_and_wait_gone(e, &pods, &names).await?;
+    // The claim is unprepared with its last pod: the GPU is back to the default.
+    e.b.wait(STEP, "time slice restored to Default", || async {
+        Ok((e.gpus.state().gpus.get(&uuid).map(|g| g.timeslice) == Some(0)).then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(cdi_specs(e).is_empty(), "CDI specs left: {:?}", cdi_specs(e));
+    Ok(())
+}
+
+async fn mig_profile_by_cel(e: &mut Env) -> anyhow::Result<()> {
+    let ns = e.b.create_namespace("mig").await;
+    create_template(&e.client, &ns, "small", json!({"requests": [{"name": "gpu", "exactly": {
+        "deviceClassName": "mig.gpu-dra.dev",
+        "selectors": [{"cel": {"expression": "device.attributes['gpu.gpu-dra.dev'].profile == '1g.10gb'"}}]}}]}))
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
+    pods.create(&PostParams::default(), &pod("small", json!({"name": "gpu", "resourceClaimTemplateName": "small"})))
+        .await?;
+    let result = wait_running(e, &pods, "small").await?;
+    let claim = claim_of_pod(&pods, "small").await?;
+    let (device, uuid) = allocated(e, &ns, &claim).await?;
+    anyhow::ensure!(device.contains("-mig-1g10gb-"), "allocated {device}");
+    anyhow::ensure!(uuid.starts_with("MIG-"), "uuid {uuid}");
+    anyhow::ensure!(env_of(&result, "NVIDIA_VISIBLE_DEVICES") == Some(uuid), "env {:?}", result["env"]);
+    let caps: Vec<String> = device_paths(&result)
+        .into_iter()
+        .filter(|p| p.starts_with("/dev/nvidia-caps/"))
+        .collect();
+    anyhow::ensure!(caps.len() == 2, "MIG capability nodes: {caps:?}");
+    delete_and_wait_gone(e, &pods, &["small".into()]).await?;
+    Ok(())
+}
+
+async fn plugin_killed_mid_stream(e: &mut Env) -> anyhow::Result<()> {
+    let ns = e.b.create_namespace("crash").await;
+    create_template(&e.client, &ns, "one-gpu", json!({"requests": [
+        {"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}]}))
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
+    let names: Vec<String> = (0..6).map(|i| format!("stream-{i}")).collect();
+    for name in &names {
+        pods.create(&PostParams::default(), &pod(name, json!({"name": "gpu", "resourceClaimTemplateName": "one-gpu"})))
+            .await?;
+    }
+    // Kill as soon as the first pod is prepared: the others are in flight or queued.
+    wait_running(e, &pods, &names[0]).await?;
+    e.plugin.kill();
+    e.plugin.restart(&e.gpus)?;
+    for name in &names {
+        wait_running(e, &pods, name).await?;
+    }
+    let mut devices = BTreeSet::new();
+    for name in &names {
+        let claim = claim_of_pod(&pods, name).await?;
+        devices.insert(allocated(e, &ns, &claim).await?.0);
+    }
+    anyhow::ensure!(devices.len() == names.len(), "each pod has its own GPU: {devices:?}");
+    anyhow::ensure!(cdi_specs(e).len() == names.len(), "one CDI spec per claim: {:?}", cdi_specs(e));
+    delete_and_wait_gone(e, &pods, &names).await?;
+    anyhow::ensure!(cdi_specs(e).is_empty(), "orphaned CDI specs: {:?}", cdi_specs(e));
+    let checkpoint = e.b.kubelet_root(NODE).join(format!("plugins/{DRIVER}/checkpoint.json"));
+    let cp: Value = serde_json::from_slice(&std::fs::read(&checkpoint)?)?;
+    anyhow::ensure!(
+        cp["claims"].as_object().is_none_or(|c| c.is_empty()),
+        "checkpoint still holds claims: {}",
+        cp["claims"]
+    );
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! The seed scenarios of examples/ on the box (issue 5, item 7): a dgx-h100 node (two GPUs
+//! in MIG mode with static instances) and an L40S node, one plugin each. Applies
+//! deploy/deviceclasses.yaml and every example, then checks what each pod got and the
+//! compute policy the fake GPUs read back. `make demo` runs the same scenarios.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use support::TestBox;
+use support::driver::{FakeGpus, Plugin};
+use support::examples::{render, run_examples};
+
+const STEP: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenarios_with_resource_claims() {
+    let b = TestBox::start(&["node-a", "node-b"]).unwrap();
+    let dgx = FakeGpus::new("dgx-h100-static-mig").unwrap();
+    let l40s = FakeGpus::new("l40s-single").unwrap();
+    let plugin_a = Plugin::start(&b, "node-a", &dgx).unwrap();
+    let plugin_b = Plugin::start(&b, "node-b", &l40s).unwrap();
+    let gpus = BTreeMap::from([("node-a".to_string(), &dgx), ("node-b".to_string(), &l40s)]);
+    let reports = run_examples(&b, STEP).await.unwrap_or_else(|err| {
+        panic!(
+            "{err:#}\n--- plugin node-a ---\n{}\n--- plugin node-b ---\n{}\n--- box ---\n{}",
+            plugin_a.log_tail(40),
+            plugin_b.log_tail(40),
+            b.log_tail(20)
+        )
+    });
+    eprintln!("{}", render(&reports, &gpus));
+    let by_ns = |ns: &str| reports.iter().filter(|r| r.pod.starts_with(&format!("{ns}/"))).collect::<Vec<_>>();
+    let dgx_state = dgx.state();
+    let l40s_state = l40s.state();
+
+    // Ollama: three replicas on one GPU, time slice Long.
+    let ollama: BTreeSet<String> = by_ns("ollama").iter().filter_map(|r| r.env("NVIDIA_VISIBLE_DEVICES")).collect();
+    assert_eq!(ollama.len(), 1, "ollama replicas share one GPU: {ollama:?}");
+    let ollama_gpu = ollama.first().unwrap();
+    assert_eq!(dgx_state.gpus[ollama_gpu].timeslice, 3, "ollama GPU time slice Long");
+
+    // Dev profile: class-level config gives time slice Short on another GPU.
+    let notebook = by_ns("profiles")[0].env("NVIDIA_VISIBLE_DEVICES").unwrap();
+    assert_ne!(&notebook, ollama_gpu);
+    assert_eq!(dgx_state.gpus[&notebook].timeslice, 1, "dev profile time slice Short");
+
+    // MIG profile selected by CEL.
+    let mig = by_ns("mig-demo")[0];
+    assert!(mig.env("NVIDIA_VISIBLE_DEVICES").unwrap().starts_with("MIG-"));
+
+    // TGI: both servers on the L40S, MPS with the claim's limits.
+    let tgi_reports = by_ns("tgi");
+    assert!(tgi_reports.iter().all(|r| r.node == "node-b"));
+    let tgi_gpu: BTreeSet<String> = tgi_reports.iter().filter_map(|r| r.env("NVIDIA_VISIBLE_DEVICES")).collect();
+    assert_eq!(tgi_gpu.len(), 1);
+    let l40s_uuid = tgi_gpu.first().unwrap();
+    assert_eq!(
+        format!("{:?}", l40s_state.gpus[l40s_uuid].compute_mode),
+        "ExclusiveProcess",
+        "MPS needs EXCLUSIVE_PROCESS"
+    );
+    let pipe = tgi_reports[0].env("CUDA_MPS_PIPE_DIRECTORY").expect("MPS pipe dir injected");
+    assert_eq!(tgi_reports[1].env("CUDA_MPS_PIPE_DIRECTORY").as_deref(), Some(pipe.as_str()));
+    let daemon = l40s_state
+        .mps_daemons
+        .values()
+        .find(|d| d.running)
+        .expect("an MPS control daemon runs for the claim");
+    assert_eq!(daemon.default_active_thread_percentage, Some(50.0));
+    let limits: Vec<&String> = daemon.default_device_pinned_mem_limits.values().collect();
+    assert_eq!(limits, vec!["18432M"], "18Gi pinned memory limit per client");
+}
