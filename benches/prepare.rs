@@ -227,43 +227,87 @@ fn run_bench() -> anyhow::Result<ExitCode> {
         let plugin = Plugin::start(&server_rt, &storage, &lib, &smi, &mps, &claims)?;
         let started = start.elapsed();
         let served = client_rt.block_on(first_get_info(&plugin.registration_socket))?;
-        report.startup.push((storage.label, started, started + served));
+        report
+            .startup
+            .push((storage.label, started, started + served));
         let mut client = client_rt
             .block_on(channel(&plugin.dra_socket))
             .map(v1::dra_plugin_client::DraPluginClient::new)?;
 
         // Floor: an empty request (gRPC over the Unix socket and the dispatch, no claim).
         let floor = client_rt.block_on(empty_rpcs(&mut client, 200))?;
-        report.rows.push(Row::latency(storage.label, "empty NodePrepareResources (gRPC floor)", &floor));
+        report.rows.push(Row::latency(
+            storage.label,
+            "empty NodePrepareResources (gRPC floor)",
+            &floor,
+        ));
 
         // (a) one claim per call, no sharing config; warm-up first.
         eprintln!("   (a) {iterations} x prepare+unprepare of one claim");
-        client_rt.block_on(one_claim_loop(&mut client, &claims.plain[..20.min(iterations)]))?;
+        client_rt.block_on(one_claim_loop(
+            &mut client,
+            &claims.plain[..20.min(iterations)],
+        ))?;
         let (prep, unprep) = client_rt.block_on(one_claim_loop(&mut client, &claims.plain))?;
-        report.rows.push(Row::latency(storage.label, "(a) prepare, 1 claim", &prep));
-        report.rows.push(Row::latency(storage.label, "(a) unprepare, 1 claim", &unprep));
+        report
+            .rows
+            .push(Row::latency(storage.label, "(a) prepare, 1 claim", &prep));
+        report.rows.push(Row::latency(
+            storage.label,
+            "(a) unprepare, 1 claim",
+            &unprep,
+        ));
 
         // (b) 64 concurrent RPCs of one claim each, `rounds` times.
         eprintln!("   (b) {rounds} x {CONCURRENT} concurrent RPCs");
         let writes_before = plugin.preparer.checkpoint().writes();
         let b = client_rt.block_on(concurrent_rounds(&client, &claims.concurrent, rounds))?;
         let b_writes = plugin.preparer.checkpoint().writes() - writes_before;
-        report.rows.push(Row::latency(storage.label, "(b) prepare, 64 concurrent RPCs (per RPC)", &b.prepare));
-        report.rows.push(Row::latency(storage.label, "(b) prepare, 64 concurrent: batch wall", &b.prepare_wall));
-        report.rows.push(Row::latency(storage.label, "(b) unprepare, 64 concurrent RPCs (per RPC)", &b.unprepare));
-        report.rows.push(Row::latency(storage.label, "(b) unprepare, 64 concurrent: batch wall", &b.unprepare_wall));
-        report.batched_writes.push((storage.label, b_writes, rounds * CONCURRENT * 2));
+        report.rows.push(Row::latency(
+            storage.label,
+            "(b) prepare, 64 concurrent RPCs (per RPC)",
+            &b.prepare,
+        ));
+        report.rows.push(Row::latency(
+            storage.label,
+            "(b) prepare, 64 concurrent: batch wall",
+            &b.prepare_wall,
+        ));
+        report.rows.push(Row::latency(
+            storage.label,
+            "(b) unprepare, 64 concurrent RPCs (per RPC)",
+            &b.unprepare,
+        ));
+        report.rows.push(Row::latency(
+            storage.label,
+            "(b) unprepare, 64 concurrent: batch wall",
+            &b.unprepare_wall,
+        ));
+        report
+            .batched_writes
+            .push((storage.label, b_writes, rounds * CONCURRENT * 2));
 
         // (c) a time-sliced claim: nvidia-smi compute-policy -l, --set-timeslice 3, and on
         // unprepare --set-timeslice 0.
         eprintln!("   (c) {ts_iterations} x time-sliced claim");
-        let (ts_prep, ts_unprep) = client_rt.block_on(one_claim_loop(&mut client, &claims.time_sliced))?;
-        report.rows.push(Row::latency(storage.label, "(c) prepare, 1 time-sliced claim (nvidia-smi x2)", &ts_prep));
-        report.rows.push(Row::latency(storage.label, "(c) unprepare, 1 time-sliced claim (nvidia-smi x1)", &ts_unprep));
+        let (ts_prep, ts_unprep) =
+            client_rt.block_on(one_claim_loop(&mut client, &claims.time_sliced))?;
+        report.rows.push(Row::latency(
+            storage.label,
+            "(c) prepare, 1 time-sliced claim (nvidia-smi x2)",
+            &ts_prep,
+        ));
+        report.rows.push(Row::latency(
+            storage.label,
+            "(c) unprepare, 1 time-sliced claim (nvidia-smi x1)",
+            &ts_unprep,
+        ));
 
         // Building blocks measured on the same directory.
         if storage.plugin_parent == storage.cdi_parent {
-            report.blocks.extend(file_blocks(storage.label, &plugin.state_dir)?);
+            report
+                .blocks
+                .extend(file_blocks(storage.label, &plugin.state_dir)?);
         }
         if !spawn_measured {
             report.blocks.extend(spawn_blocks(&smi)?);
@@ -307,7 +351,9 @@ impl Claims {
             }
         };
         let plain: Vec<_> = (0..plain).map(|i| make("plain", i, json!([]))).collect();
-        let concurrent: Vec<_> = (0..CONCURRENT).map(|i| make("conc", i, json!([]))).collect();
+        let concurrent: Vec<_> = (0..CONCURRENT)
+            .map(|i| make("conc", i, json!([])))
+            .collect();
         let ts_config = json!([{"source": "FromClaim", "opaque": {"driver": DRIVER, "parameters": {
             "apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig",
             "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}}}}]);
@@ -398,7 +444,10 @@ impl Plugin {
             .context("NVML discovery through the fake library")?;
         let inventory = discovery.discover().context("discovering the fake GPUs")?;
         if inventory.gpus.len() != GPUS {
-            bail!("fake topology has {} GPUs, expected {GPUS}", inventory.gpus.len());
+            bail!(
+                "fake topology has {} GPUs, expected {GPUS}",
+                inventory.gpus.len()
+            );
         }
         let (_inventory_tx, inventory_rx) = watch::channel(inventory);
 
@@ -647,8 +696,14 @@ fn file_blocks(label: &str, dir: &Path) -> anyhow::Result<Vec<(String, Vec<Durat
     Ok(vec![
         (format!("{l}: fsync of a 1.5 KB file"), fsync_file),
         (format!("{l}: fsync of the directory"), fsync_dir),
-        (format!("{l}: write_atomic 1.5 KB (temp+fsync+rename+dir fsync)"), atomic),
-        (format!("{l}: unlink + dir fsync (spec removal)"), unlink_dirsync),
+        (
+            format!("{l}: write_atomic 1.5 KB (temp+fsync+rename+dir fsync)"),
+            atomic,
+        ),
+        (
+            format!("{l}: unlink + dir fsync (spec removal)"),
+            unlink_dirsync,
+        ),
     ])
 }
 
@@ -663,7 +718,10 @@ fn spawn_blocks(smi: &Path) -> anyhow::Result<Vec<(String, Vec<Duration>)>> {
             .output()?;
         spawn.push(t.elapsed());
         if !out.status.success() {
-            bail!("nvidia-smi compute-policy -l failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "nvidia-smi compute-policy -l failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     let mut true_spawn = Vec::new();
@@ -673,7 +731,10 @@ fn spawn_blocks(smi: &Path) -> anyhow::Result<Vec<(String, Vec<Duration>)>> {
         true_spawn.push(t.elapsed());
     }
     Ok(vec![
-        ("fake `nvidia-smi compute-policy -i 0 -l` (spawn + run)".into(), spawn),
+        (
+            "fake `nvidia-smi compute-policy -i 0 -l` (spawn + run)".into(),
+            spawn,
+        ),
         ("spawn + wait `/bin/true`".into(), true_spawn),
     ])
 }
@@ -788,7 +849,10 @@ struct Report {
 impl Report {
     fn render(&self, iterations: usize, rounds: usize, ts: usize) -> String {
         let mut o = String::new();
-        let _ = writeln!(o, "\n## NodePrepareResources on a warm plugin (fake NVML, dgx-h100)\n");
+        let _ = writeln!(
+            o,
+            "\n## NodePrepareResources on a warm plugin (fake NVML, dgx-h100)\n"
+        );
         let _ = writeln!(
             o,
             "(a) {iterations} sequential calls of one claim; (b) {rounds} batches of {CONCURRENT} concurrent RPCs, one claim each; (c) {ts} time-sliced claims. Latency measured at the gRPC client, in ms.\n"
@@ -799,7 +863,12 @@ impl Report {
             let _ = writeln!(
                 o,
                 "| {} | {} | {} | {} | {} | {} |",
-                r.storage, r.what, r.n, ms(r.p50), ms(r.p99), ms(r.max)
+                r.storage,
+                r.what,
+                r.n,
+                ms(r.p50),
+                ms(r.p99),
+                ms(r.max)
             );
         }
         let _ = writeln!(o, "\n### Building blocks (ms)\n");
@@ -807,7 +876,15 @@ impl Report {
         let _ = writeln!(o, "|---|---:|---:|---:|---:|");
         for (what, samples) in &self.blocks {
             let r = Row::latency("", what, samples);
-            let _ = writeln!(o, "| {} | {} | {} | {} | {} |", r.what, r.n, ms(r.p50), ms(r.p99), ms(r.max));
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} |",
+                r.what,
+                r.n,
+                ms(r.p50),
+                ms(r.p99),
+                ms(r.max)
+            );
         }
         let _ = writeln!(o, "\n### Other figures\n");
         for (label, writes, updates) in &self.batched_writes {
@@ -832,7 +909,10 @@ impl Report {
             self.rss_at_start.get("VmRSS").map_or("?", String::as_str)
         );
         let _ = writeln!(o, "\n### desired_slices (pure, per call; ms)\n");
-        let _ = writeln!(o, "| inventory | devices | slices | JSON bytes | p50 | p99 |");
+        let _ = writeln!(
+            o,
+            "| inventory | devices | slices | JSON bytes | p50 | p99 |"
+        );
         let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|");
         for (label, devices, slices, bytes, times) in &self.slices {
             let r = Row::latency("", label, times);
