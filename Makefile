@@ -16,8 +16,10 @@ test: rig
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
 
+# Warm-plugin latency benchmark (benches/prepare.rs); needs the fake NVML's cdylib and tools.
 bench:
-	$(CARGO) bench
+	$(CARGO) build -p fake-nvml
+	$(CARGO) bench --bench prepare
 
 clean:
 	$(CARGO) clean
