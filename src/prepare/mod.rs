@@ -208,7 +208,8 @@ impl<L: ClaimLookup> Preparer<L> {
             edits.mounts.extend(more.mounts);
         }
         let spec = self.cdi_spec(&claim.uid, plans, edits)?;
-        cdi::write_spec(&self.config.cdi_root, &claim.uid, &spec)?;
+        let (root, uid) = (self.config.cdi_root.clone(), claim.uid.clone());
+        blocking(move || cdi::write_spec(&root, &uid, &spec)).await?;
         Ok(())
     }
 
@@ -266,7 +267,8 @@ impl<L: ClaimLookup> Preparer<L> {
     /// entry — in that order, so a failure leaves the entry for a retry.
     async fn release(&self, uid: &str) -> Result<(), PrepareError> {
         self.sharing.release(uid).await.map_err(Box::new)?;
-        cdi::remove_spec(&self.config.cdi_root, uid)?;
+        let (root, owned_uid) = (self.config.cdi_root.clone(), uid.to_owned());
+        blocking(move || cdi::remove_spec(&root, &owned_uid)).await?;
         if self.checkpoint.snapshot().claims.contains_key(uid) {
             let uid = uid.to_owned();
             self.checkpoint
@@ -276,6 +278,17 @@ impl<L: ClaimLookup> Preparer<L> {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Runs file I/O that fsyncs on the blocking pool, so concurrent claims do not queue
+/// behind one another's fsync on the runtime's few worker threads.
+async fn blocking<T: Send + 'static>(
+    io: impl FnOnce() -> Result<T, cdi::CdiWriteError> + Send + 'static,
+) -> Result<T, cdi::CdiWriteError> {
+    match tokio::task::spawn_blocking(io).await {
+        Ok(result) => result,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
     }
 }
 
