@@ -20,7 +20,7 @@ async fn seed_scenarios_with_resource_claims() {
     let dgx = FakeGpus::new("dgx-h100-static-mig").unwrap();
     let l40s = FakeGpus::new("l40s-single").unwrap();
     let plugin_a = Plugin::start(&b, "node-a", &dgx).unwrap();
-    let plugin_b = Plugin::start(&b, "node-b", &l40s).unwrap();
+    let mut plugin_b = Plugin::start(&b, "node-b", &l40s).unwrap();
     let gpus = BTreeMap::from([("node-a".to_string(), &dgx), ("node-b".to_string(), &l40s)]);
     let reports = run_examples(&b, STEP).await.unwrap_or_else(|err| {
         panic!(
@@ -114,4 +114,50 @@ async fn seed_scenarios_with_resource_claims() {
         vec!["18432M"],
         "18Gi pinned memory limit per client"
     );
+
+    let daemon_pid = daemon.pid;
+
+    // A plugin restart re-adopts the claim's MPS daemon from the checkpoint.
+    plugin_b.kill();
+    plugin_b.restart(&l40s).unwrap();
+    b.wait(STEP, "plugin on node-b serving again", || async {
+        plugin_b.check_alive()?;
+        Ok(plugin_b
+            .log_tail(200)
+            .contains("recovered prepared claims from the checkpoint kept=1")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    let state = l40s.state();
+    let running: Vec<u32> = state
+        .mps_daemons
+        .values()
+        .filter(|d| d.running)
+        .map(|d| d.pid)
+        .collect();
+    assert_eq!(
+        running,
+        vec![daemon_pid],
+        "the same daemon keeps serving the claim"
+    );
+
+    // Deleting both TGI pods unprepares the claim: daemon stopped, compute mode restored.
+    let client = b.client().await;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, "tgi");
+    for pod in ["tgi-llama", "tgi-mistral"] {
+        pods.delete(pod, &Default::default()).await.unwrap();
+    }
+    b.wait(
+        STEP,
+        "MPS daemon stopped and compute mode Default",
+        || async {
+            let state = l40s.state();
+            let stopped = state.mps_daemons.values().all(|d| !d.running);
+            let default = format!("{:?}", state.gpus[l40s_uuid].compute_mode) == "Default";
+            Ok((stopped && default).then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|err| panic!("{err:#}\n--- plugin node-b ---\n{}", plugin_b.log_tail(40)));
 }
