@@ -44,8 +44,11 @@ async fn driver_end_to_end() {
     };
     apply_device_classes(&env.client).await;
 
-    let steps: [(&str, Step); 6] = [
+    let steps: [(&str, Step); 7] = [
         ("slices published", |e| Box::pin(slices_are_published(e))),
+        ("deleted slices repaired", |e| {
+            Box::pin(deleted_slices_are_repaired(e))
+        }),
         ("one GPU per pod", |e| Box::pin(pod_gets_one_gpu(e))),
         ("shared time-sliced claim", |e| {
             Box::pin(shared_claim_is_time_sliced(e))
@@ -465,5 +468,28 @@ async fn create_one_gpu_pods(pods: &Api<Pod>, names: &[String]) -> anyhow::Resul
         pods.create(&PostParams::default(), &pod(name, claim))
             .await?;
     }
+    Ok(())
+}
+
+async fn deleted_slices_are_repaired(e: &mut Env) -> anyhow::Result<()> {
+    // What the kubelet does at its start and after 30 s without a connected plugin.
+    let slices: Api<ResourceSlice> = Api::all(e.client.clone());
+    let lp = ListParams::default().fields(&format!("spec.nodeName={NODE},spec.driver={DRIVER}"));
+    let before = slices.list(&lp).await?.items.len();
+    anyhow::ensure!(before > 0, "no slices to delete");
+    slices
+        .delete_collection(&DeleteParams::default(), &lp)
+        .await?;
+    e.b.wait(STEP, "ResourceSlices re-published", || async {
+        e.plugin.check_alive()?;
+        let list = slices.list(&lp).await?;
+        let devices: usize = list
+            .items
+            .iter()
+            .map(|s| s.spec.devices.as_ref().map_or(0, Vec::len))
+            .sum();
+        Ok((list.items.len() == before && devices == 12).then_some(()))
+    })
+    .await?;
     Ok(())
 }
