@@ -5,4 +5,5 @@
 //! the pool generation rules; names and attributes follow design/COMPAT.md.
 
 pub mod desired;
+pub mod plan;
 pub mod reconcile;
