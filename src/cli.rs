@@ -84,12 +84,10 @@ pub struct PluginArgs {
         default_value = "nvidia-cuda-mps-control"
     )]
     pub mps_control_path: PathBuf,
-    /// Host /proc as seen by the plugin (boot id, process checks).
+    /// Host /proc as seen by the plugin: device major numbers (`devices`) and MIG
+    /// capability minors (`driver/nvidia/capabilities`) for the CDI device nodes.
     #[arg(long, env = "GPU_DRA_PROC_ROOT", default_value = "/proc", value_parser = parse_absolute)]
     pub proc_root: PathBuf,
-    /// Host /dev as seen by the plugin (GPU and MIG capability device nodes).
-    #[arg(long, env = "GPU_DRA_DEV_ROOT", default_value = "/dev", value_parser = parse_absolute)]
-    pub dev_root: PathBuf,
 }
 
 impl PluginArgs {
