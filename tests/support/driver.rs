@@ -177,10 +177,9 @@ impl Drop for Plugin {
             .as_mut()
         {
             // SIGTERM first so the plugin removes its sockets; the box goes away anyway.
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
             let _ = child.wait();
         }
     }
