@@ -169,22 +169,24 @@ impl<L: ClaimLookup> Preparer<L> {
                     })
                     .await?;
             }
-            match self.apply(claim, &plans, groups).await {
-                Ok(()) => {}
-                Err(err) => {
-                    if let Err(undo) = self.release(&claim.uid).await {
-                        warn!(claim.uid = %claim.uid, error = %undo, "rolling back a failed prepare failed; retried at the next prepare or unprepare");
-                    }
-                    return Err(err);
-                }
-            }
             let (uid, completed) = entry(claim, ClaimState::PrepareCompleted, records);
             let answer = answer(&completed);
-            self.checkpoint
-                .update(move |cp| {
-                    cp.claims.insert(uid, completed);
-                })
-                .await?;
+            let done = async {
+                self.apply(claim, &plans, groups).await?;
+                self.checkpoint
+                    .update(move |cp| {
+                        cp.claims.insert(uid, completed);
+                    })
+                    .await?;
+                Ok(())
+            };
+            if let Err(err) = done.await {
+                // Nothing of a failed prepare stays: policy, MPS daemon, spec, entry.
+                if let Err(undo) = self.release(&claim.uid).await {
+                    warn!(claim.uid = %claim.uid, error = %undo, "rolling back a failed prepare failed; retried at the next prepare or unprepare");
+                }
+                return Err(err);
+            }
             Ok(answer)
         })
         .await

@@ -424,3 +424,24 @@ async fn many_concurrent_claims_share_checkpoint_writes() {
         r.preparer.checkpoint().writes()
     );
 }
+
+#[tokio::test]
+async fn failed_checkpoint_write_rolls_the_claim_back() {
+    let r = rig(vec![claim("a", &[("gpu", "gpu-3")], json!([]))]);
+    // A directory where the checkpoint file goes: every checkpoint write fails.
+    let blocker = r.dir.path().join("plugin/checkpoint.json");
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let out = r.preparer.prepare(vec![cref("a")]).await;
+    let err = out["uid-a"].as_ref().unwrap_err();
+    assert!(err.contains("checkpoint"), "{err}");
+    assert!(
+        spec_json(&r, "uid-a").is_none(),
+        "the CDI spec is rolled back"
+    );
+
+    // Once the disk is usable again the kubelet's retry succeeds.
+    std::fs::remove_dir_all(&blocker).unwrap();
+    let out = r.preparer.prepare(vec![cref("a")]).await;
+    assert!(out["uid-a"].is_ok(), "{out:?}");
+    assert!(spec_json(&r, "uid-a").is_some());
+}
