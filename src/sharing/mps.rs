@@ -457,6 +457,8 @@ impl MpsSupervisor {
                     log_dir: dirs.log.clone(),
                 });
             }
+            // The daemon signals readiness only by creating its control pipe; no event
+            // API exists for it, so poll with a short, growing delay under the deadline.
             tokio::time::sleep(delay.min(deadline - now)).await;
             delay = (delay * 2).min(Duration::from_millis(20));
         }

@@ -161,6 +161,8 @@ impl Reconciler {
         let mut dirty = true;
         let mut inventory_open = true;
         let mut backoff = MIN_BACKOFF;
+        // The retry backoff timer, reset after each failed pass; a select! arm, not a
+        // synchronisation sleep.
         let retry = tokio::time::sleep(Duration::ZERO);
         let mut retry = std::pin::pin!(retry);
         let mut retry_pending = false;
