@@ -78,6 +78,27 @@ pub struct DeviceFacts<'a> {
     pub index_in_claim: Option<usize>,
 }
 
+/// Reads the type field `name` (`apiVersion` or `kind`) with `parse`; a missing, non-string
+/// or unknown value adds an error naming the `allowed` values.
+fn type_field<T>(
+    obj: &serde_json::Map<String, Value>,
+    name: &str,
+    parse: impl Fn(&str) -> Option<T>,
+    allowed: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<T> {
+    let message = match obj.get(name) {
+        Some(Value::String(s)) => match parse(s) {
+            Some(value) => return Some(value),
+            None => format!("unsupported value {s:?}; allowed: {allowed}"),
+        },
+        Some(_) => "must be a string".to_owned(),
+        None => format!("required; allowed: {allowed}"),
+    };
+    errors.push(FieldError::new(name, message));
+    None
+}
+
 /// Decodes and validates opaque `parameters` (strict: unknown fields are errors).
 ///
 /// Accepts `apiVersion` [`ApiVersion::ALL`] and `kind` `GpuConfig` / `MigDeviceConfig`.
@@ -91,50 +112,15 @@ pub fn validate_opaque(params: &Value) -> Result<Config, Vec<FieldError>> {
         )]);
     };
     let mut errors = Vec::new();
-    let api_version = match obj.get("apiVersion") {
-        Some(Value::String(s)) => ApiVersion::parse(s).or_else(|| {
-            errors.push(FieldError::new(
-                "apiVersion",
-                format!(
-                    "unsupported value {s:?}; allowed: {}",
-                    allowed_api_versions()
-                ),
-            ));
-            None
-        }),
-        Some(_) => {
-            errors.push(FieldError::new("apiVersion", "must be a string"));
-            None
-        }
-        None => {
-            errors.push(FieldError::new(
-                "apiVersion",
-                format!("required; allowed: {}", allowed_api_versions()),
-            ));
-            None
-        }
-    };
-    let allowed_kinds = || format!("{}, {}", Kind::GpuConfig, Kind::MigDeviceConfig);
-    let kind = match obj.get("kind") {
-        Some(Value::String(s)) => Kind::parse(s).or_else(|| {
-            errors.push(FieldError::new(
-                "kind",
-                format!("unsupported value {s:?}; allowed: {}", allowed_kinds()),
-            ));
-            None
-        }),
-        Some(_) => {
-            errors.push(FieldError::new("kind", "must be a string"));
-            None
-        }
-        None => {
-            errors.push(FieldError::new(
-                "kind",
-                format!("required; allowed: {}", allowed_kinds()),
-            ));
-            None
-        }
-    };
+    let api_version = type_field(
+        obj,
+        "apiVersion",
+        ApiVersion::parse,
+        &allowed_api_versions(),
+        &mut errors,
+    );
+    let allowed_kinds = format!("{}, {}", Kind::GpuConfig, Kind::MigDeviceConfig);
+    let kind = type_field(obj, "kind", Kind::parse, &allowed_kinds, &mut errors);
     let (Some(api_version), Some(kind)) = (api_version, kind) else {
         return Err(errors);
     };
