@@ -94,6 +94,19 @@ pub struct MpsRecovery {
     pub failed: Vec<(String, SharingError)>,
 }
 
+/// Builds [`SharingError::Control`] for `claim_uid` on `gpu` from an action and its error.
+fn control_error<'a>(
+    claim_uid: &'a str,
+    gpu: &'a str,
+) -> impl Fn(&str, ControlError) -> SharingError + 'a {
+    move |action, source| SharingError::Control {
+        claim_uid: claim_uid.to_owned(),
+        gpu_uuid: gpu.to_owned(),
+        action: action.to_owned(),
+        source,
+    }
+}
+
 /// Applies and releases claims' compute policies on physical GPUs.
 pub struct SharingManager {
     compute: Arc<dyn ComputeControl>,
@@ -261,12 +274,7 @@ impl SharingManager {
         gpu: &str,
         action: &Action,
     ) -> Result<(), SharingError> {
-        let control_error = |action: &str, source| SharingError::Control {
-            claim_uid: claim_uid.to_owned(),
-            gpu_uuid: gpu.to_owned(),
-            action: action.to_owned(),
-            source,
-        };
+        let control_error = control_error(claim_uid, gpu);
         match action {
             Action::Nothing => Ok(()),
             Action::Restore(p) => self.restore_gpu(claim_uid, gpu, p).await,
@@ -306,12 +314,7 @@ impl SharingManager {
         gpu: &str,
         policy: &Policy,
     ) -> Result<(), SharingError> {
-        let control_error = |action: &str, source| SharingError::Control {
-            claim_uid: claim_uid.to_owned(),
-            gpu_uuid: gpu.to_owned(),
-            action: action.to_owned(),
-            source,
-        };
+        let control_error = control_error(claim_uid, gpu);
         match policy {
             Policy::TimeSlicing { .. } => self
                 .time_slice
