@@ -85,7 +85,8 @@ pub struct PreparedDeviceRecord {
     pub pool: String,
     /// DRA device name (`gpu-0`, `gpu-1-mig-1g10gb-19-0`).
     pub device: String,
-    /// Requests this device was allocated for (as in the allocation result, `req[/sub]`).
+    /// Base request names this device was allocated for, as answered to the kubelet
+    /// (`req` for a sub-request `req/sub`).
     pub request_names: Vec<String>,
     /// UUID of the physical GPU (the parent GPU for a MIG device): the unit of policy.
     pub gpu_uuid: String,
@@ -94,10 +95,13 @@ pub struct PreparedDeviceRecord {
     pub mig_uuid: Option<String>,
     /// Qualified CDI device ids returned to the kubelet.
     pub cdi_device_ids: Vec<String>,
-    /// Applied sharing policy in its wire shape (`config::Sharing::to_wire_json`); `None`
-    /// when the claim asked for none.
+    /// Applied sharing policy (`sharing::Policy` as JSON); `None` when the claim asked for
+    /// none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sharing: Option<Value>,
+    /// Share id of the allocation result (consumable capacity), answered back unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_id: Option<String>,
 }
 
 /// FNV-1a 64 of `bytes`, as `fnv1a64:<16 hex digits>`.
@@ -174,6 +178,7 @@ mod tests {
                     mig_uuid: None,
                     cdi_device_ids: vec!["gpu-dra.dev/claim=uid-1-gpu-0".into()],
                     sharing: Some(json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}})),
+                    share_id: None,
                 }],
                 extra: BTreeMap::new(),
             },

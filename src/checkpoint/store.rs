@@ -283,6 +283,7 @@ mod tests {
                 mig_uuid: Some("MIG-m".into()),
                 cdi_device_ids: vec!["gpu-dra.dev/claim=u-gpu-1-mig-1g10gb-19-0".into()],
                 sharing: None,
+                share_id: None,
             }],
             extra: [("mps".to_string(), serde_json::json!({"pid": 42}))].into(),
         }

@@ -309,6 +309,7 @@ fn records(claim: &ClaimRef, plans: &[DevicePlan]) -> Vec<PreparedDeviceRecord> 
             mig_uuid: p.mig.as_ref().map(|m| m.uuid.clone()),
             cdi_device_ids: vec![cdi::cdi_device_id(&claim.uid, &p.allocated.device)],
             sharing: p.policy.as_ref().and_then(|p| serde_json::to_value(p).ok()),
+            share_id: p.allocated.share_id.clone(),
         })
         .collect()
 }
@@ -339,7 +340,7 @@ fn answer(entry: &ClaimEntry) -> Vec<PreparedDevice> {
             pool_name: d.pool.clone(),
             device_name: d.device.clone(),
             cdi_device_ids: d.cdi_device_ids.clone(),
-            share_id: None,
+            share_id: d.share_id.clone(),
         })
         .collect()
 }

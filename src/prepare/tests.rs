@@ -378,6 +378,7 @@ async fn recovery_rolls_back_started_claims_and_removes_orphan_specs() {
                     mig_uuid: None,
                     cdi_device_ids: vec![cdi::cdi_device_id(uid, "gpu-0")],
                     sharing: Some(policy.clone()),
+                    share_id: None,
                 }],
                 extra: BTreeMap::new(),
             },
@@ -444,4 +445,27 @@ async fn failed_checkpoint_write_rolls_the_claim_back() {
     let out = r.preparer.prepare(vec![cref("a")]).await;
     assert!(out["uid-a"].is_ok(), "{out:?}");
     assert!(spec_json(&r, "uid-a").is_some());
+}
+
+#[tokio::test]
+async fn share_id_of_the_allocation_is_answered_back() {
+    let mut c = claim("s", &[("gpu", "gpu-5")], json!([]));
+    let results = c
+        .status
+        .as_mut()
+        .and_then(|s| s.allocation.as_mut())
+        .and_then(|a| a.devices.as_mut())
+        .and_then(|d| d.results.as_mut())
+        .unwrap();
+    results[0].share_id = Some("7f3c2a10-0000-4000-8000-000000000001".into());
+    let r = rig(vec![c]);
+    let out = r.preparer.prepare(vec![cref("s")]).await;
+    let devices = out["uid-s"].as_ref().unwrap();
+    assert_eq!(
+        devices[0].share_id.as_deref(),
+        Some("7f3c2a10-0000-4000-8000-000000000001")
+    );
+    // Answered from the checkpoint the second time, still with the share id.
+    let again = r.preparer.prepare(vec![cref("s")]).await;
+    assert_eq!(again["uid-s"].as_ref().unwrap(), devices);
 }
