@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH, LoadOutcome};
 use crate::claims::ClaimSource;
 use crate::cli::{InventoryArgs, PluginArgs, WebhookArgs};
-use crate::health::{HealthSnapshot, HealthState, spawn_nvml_watcher, unix_now};
+use crate::health::{HealthSnapshot, HealthState, start_nvml_watcher, unix_now};
 use crate::inventory::{
     Discover, NvmlDiscovery, refresh_inventory, render_inventory, render_slices,
 };
@@ -192,11 +192,12 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     ));
 
     let health_rx = health.subscribe();
-    let health_watch = spawn_nvml_watcher(
+    let health_watch = start_nvml_watcher(
         args.nvml_lib_path.as_deref(),
         Arc::clone(&health),
         shutdown.clone(),
-    );
+    )
+    .await;
     tokio::spawn(follow_inventory(
         inventory_rx_for_health,
         health,

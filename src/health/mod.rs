@@ -12,7 +12,7 @@ pub mod xid;
 
 pub use state::{DeviceHealth, Health, HealthSnapshot, HealthState, unix_now};
 pub use watcher::{
-    NvmlXidSource, WAIT_TIMEOUT, WatchError, XidEvent, XidSource, run_xid_loop, spawn_nvml_watcher,
-    spawn_xid_watcher,
+    NvmlXidSource, WAIT_TIMEOUT, WatchError, XidEvent, XidSource, run_xid_loop, spawn_xid_watcher,
+    start_nvml_watcher,
 };
 pub use xid::{MAX_MESSAGE_LEN, XidVerdict, classify};

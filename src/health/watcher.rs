@@ -132,28 +132,34 @@ pub fn spawn_xid_watcher<S: XidSource + Send + 'static>(
 }
 
 /// Watches XIDs through NVML loaded from `lib_path` (default: the loader's
-/// `libnvidia-ml.so.1`) on a blocking thread until `stop`. If NVML or the event
-/// registration fails, the devices are marked unknown and the error is returned.
-pub fn spawn_nvml_watcher(
+/// `libnvidia-ml.so.1`) on a blocking thread until `stop`. Returns once the event set is
+/// registered (so no XID raised after this returns is missed) or has failed; on failure
+/// the devices are marked unknown and the task ends with the error.
+pub async fn start_nvml_watcher(
     lib_path: Option<&Path>,
     state: Arc<HealthState>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Result<(), WatchError>> {
     let lib_path: Option<PathBuf> = lib_path.map(Path::to_owned);
-    tokio::task::spawn_blocking(move || {
-        let result = watch_nvml(lib_path.as_deref(), &state, &stop);
+    let (registered, ready) = tokio::sync::oneshot::channel();
+    let task = tokio::task::spawn_blocking(move || {
+        let result = watch_nvml(lib_path.as_deref(), &state, &stop, registered);
         if let Err(err) = &result {
             error!(error = %err, "GPU health watch stopped");
             state.watch_failed(&err.to_string(), unix_now());
         }
         result
-    })
+    });
+    // Dropped unsent when setting up failed: either way the watch is settled.
+    let _ = ready.await;
+    task
 }
 
 fn watch_nvml(
     lib_path: Option<&Path>,
     state: &HealthState,
     stop: &CancellationToken,
+    registered: tokio::sync::oneshot::Sender<()>,
 ) -> Result<(), WatchError> {
     let init = match lib_path {
         Some(path) => Nvml::builder().lib_path(path.as_os_str()).init(),
@@ -168,6 +174,7 @@ fn watch_nvml(
     })?;
     let mut source = NvmlXidSource::new(&nvml)?;
     info!(gpus = source.gpus, "watching GPUs for XID critical errors");
+    let _ = registered.send(());
     run_xid_loop(&mut source, state, stop)
 }
 
