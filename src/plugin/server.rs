@@ -1,4 +1,5 @@
-//! Runs the registration and DRA services on their Unix sockets until shutdown.
+//! Runs the registration, DRA and (optionally) DRA health services on their Unix sockets
+//! until shutdown.
 //!
 //! Owns the socket lifecycle order the kubelet relies on: the DRA socket exists before
 //! the registration socket appears (the kubelet dials the endpoint right after
