@@ -1,7 +1,8 @@
 //! The DRA health service of the real `gpu-dra kubelet-plugin` on the tests/cluster box
 //! (KEP-4680): a tonic client of our own on the plugin's dra.sock sees every published
 //! device healthy, then, after the fake NVML raises XID 79 on one GPU, that GPU's
-//! devices (here its MIG devices) UNHEALTHY with a message naming XID 79.
+//! devices (here its MIG devices) UNHEALTHY with a message naming XID 79; the box's
+//! kubelet opens its own health stream too.
 
 mod support;
 
@@ -124,4 +125,16 @@ async fn xid_79_makes_the_gpu_unhealthy() {
         assert!(message.contains("XID 79"), "{name}: {message}");
     }
     plugin.check_alive().unwrap();
+
+    // The box's kubelet (ResourceHealthStatus gate on) opens its own stream after
+    // registering the plugin: the plugin logs one line per stream.
+    support::wait_for(STEP, "the kubelet's health stream", || {
+        let streams = plugin
+            .log_tail(2000)
+            .matches("kubelet watches device health")
+            .count();
+        async move { Ok((streams >= 2).then_some(())) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n--- plugin log ---\n{}", plugin.log_tail(40)));
 }
