@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH, LoadOutcome};
 use crate::claims::ClaimSource;
 use crate::cli::{InventoryArgs, PluginArgs, WebhookArgs};
+use crate::health::{HealthSnapshot, HealthState, start_nvml_watcher, unix_now};
 use crate::inventory::{
     Discover, NvmlDiscovery, refresh_inventory, render_inventory, render_slices,
 };
@@ -82,14 +83,19 @@ pub fn plugin_server_config(args: &PluginArgs) -> PluginServerConfig {
     }
 }
 
-/// Runs the node plugin with `driver` until SIGTERM/SIGINT; sockets are removed on exit.
+/// Runs the node plugin with `driver` (and the health service over `health`, if given)
+/// until SIGTERM/SIGINT; sockets are removed on exit.
 pub async fn serve_plugin<D: NodeDriver>(
     args: &PluginArgs,
     driver: Arc<D>,
+    health: Option<watch::Receiver<HealthSnapshot>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let server = PluginServer::bind(plugin_server_config(args), driver)
+    let mut server = PluginServer::bind(plugin_server_config(args), driver)
         .context("starting the kubelet plugin sockets")?;
+    if let Some(health) = health {
+        server = server.with_health(health);
+    }
     server
         .serve(shutdown)
         .await
@@ -112,7 +118,13 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     );
     let inventory = discovery.discover().context("discovering GPUs")?;
     info!(gpus = inventory.gpus.len(), driver_version = %inventory.driver_version, "discovered GPUs");
+    let health = Arc::new(HealthState::new(
+        args.node_name.clone(),
+        inventory.clone(),
+        unix_now(),
+    ));
     let (inventory_tx, inventory_rx) = watch::channel(inventory);
+    let inventory_rx_for_health = inventory_rx.clone();
     let client = kube_client(args.kubeconfig.as_deref()).await?;
 
     let plugin_dir = args.plugin_data_dir();
@@ -179,7 +191,48 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         refresh_stop.cancelled_owned(),
     ));
 
-    serve_plugin(&args, Arc::new(preparer), shutdown).await
+    let health_rx = health.subscribe();
+    let health_watch = start_nvml_watcher(
+        args.nvml_lib_path.as_deref(),
+        Arc::clone(&health),
+        shutdown.clone(),
+    )
+    .await;
+    tokio::spawn(follow_inventory(
+        inventory_rx_for_health,
+        health,
+        shutdown.clone(),
+    ));
+
+    let served = serve_plugin(&args, Arc::new(preparer), Some(health_rx), shutdown.clone()).await;
+    // The server returns on shutdown or failure; either way the health watch stops.
+    shutdown.cancel();
+    match health_watch.await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "GPU health watch had stopped"),
+        Err(err) => tracing::warn!(error = %err, "GPU health watch task failed"),
+    }
+    served
+}
+
+/// Keeps the health list's devices in step with the inventory until `stop`.
+async fn follow_inventory(
+    mut inventory: watch::Receiver<crate::inventory::Inventory>,
+    health: Arc<HealthState>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = inventory.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        let current = inventory.borrow_and_update().clone();
+        health.set_inventory(current);
+    }
 }
 
 /// Logs how the checkpoint was loaded; a quarantined or previous-boot checkpoint is also

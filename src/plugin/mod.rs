@@ -1,4 +1,5 @@
-//! Kubelet plugin endpoint: the registration socket and the DRA node service.
+//! Kubelet plugin endpoint: the registration socket, the DRA node service and the DRA
+//! resource health service (KEP-4680).
 //!
 //! Owns the two Unix sockets the kubelet talks to (KUBELET-PROTOCOL.md sections 1-2)
 //! and the translation between the kubelet's gRPC messages and the [`NodeDriver`]
@@ -10,14 +11,17 @@
 mod authority;
 mod dra;
 mod driver;
+mod health;
 mod registration;
 mod server;
 mod socket;
 
 pub use dra::{DraV1, DraV1beta1, MISSING_ANSWER};
 pub use driver::{ClaimRef, NodeDriver, PreparedDevice};
+pub use health::{HEALTH_CHECK_TIMEOUT_SECONDS, HealthService, RESEND_INTERVAL, response};
 pub use registration::{
-    DRA_PLUGIN_TYPE, RegistrationService, RegistrationState, SUPPORTED_VERSIONS,
+    DRA_PLUGIN_TYPE, HEALTH_SERVICE_VERSION, RegistrationService, RegistrationState,
+    SUPPORTED_VERSIONS,
 };
 pub use server::{PluginServer, PluginServerConfig, SHUTDOWN_GRACE, ServerError};
 pub use socket::{SocketError, UnixSocket};

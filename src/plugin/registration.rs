@@ -19,8 +19,13 @@ use crate::proto::pluginregistration::{
 /// Plugin type the kubelet's plugin watcher routes to its DRA manager.
 pub const DRA_PLUGIN_TYPE: &str = "DRAPlugin";
 
-/// DRA services we serve, in preference order (v1: kubelet 1.34+, v1beta1: 1.32+).
-pub const SUPPORTED_VERSIONS: [&str; 2] = ["v1.DRAPlugin", "v1beta1.DRAPlugin"];
+/// The health service's entry in `supported_versions` (KEP-4680, kubelet 1.34+).
+pub const HEALTH_SERVICE_VERSION: &str = "v1alpha1.DRAResourceHealth";
+
+/// Services we serve, in preference order (v1: kubelet 1.34+, v1beta1: 1.32+), then the
+/// health service; [`HEALTH_SERVICE_VERSION`] is answered only while it is served.
+pub const SUPPORTED_VERSIONS: [&str; 3] =
+    ["v1.DRAPlugin", "v1beta1.DRAPlugin", HEALTH_SERVICE_VERSION];
 
 /// Registration state as last reported by the kubelet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +45,7 @@ pub enum RegistrationState {
 pub struct RegistrationService {
     driver_name: String,
     endpoint: PathBuf,
+    health_served: bool,
     state: watch::Sender<RegistrationState>,
 }
 
@@ -51,8 +57,16 @@ impl RegistrationService {
         Self {
             driver_name: driver_name.into(),
             endpoint: endpoint.into(),
+            health_served: false,
             state,
         }
+    }
+
+    /// Also lists [`HEALTH_SERVICE_VERSION`]: call only when the health service is served
+    /// on the endpoint.
+    pub fn with_health_service(mut self) -> Self {
+        self.health_served = true;
+        self
     }
 
     /// A receiver of the registration state; starts at [`RegistrationState::Pending`].
@@ -66,7 +80,11 @@ impl RegistrationService {
             r#type: DRA_PLUGIN_TYPE.to_owned(),
             name: self.driver_name.clone(),
             endpoint: self.endpoint.to_string_lossy().into_owned(),
-            supported_versions: SUPPORTED_VERSIONS.iter().map(|v| (*v).to_owned()).collect(),
+            supported_versions: SUPPORTED_VERSIONS
+                .iter()
+                .filter(|v| self.health_served || **v != HEALTH_SERVICE_VERSION)
+                .map(|v| (*v).to_owned())
+                .collect(),
         }
     }
 }
@@ -104,6 +122,24 @@ impl Registration for RegistrationService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_version_listed_only_when_served() {
+        let plain = RegistrationService::new("gpu.gpu-dra.dev", "/x/dra.sock");
+        assert_eq!(
+            plain.plugin_info().supported_versions,
+            ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+        );
+        let health = plain.with_health_service();
+        assert_eq!(
+            health.plugin_info().supported_versions,
+            [
+                "v1.DRAPlugin",
+                "v1beta1.DRAPlugin",
+                "v1alpha1.DRAResourceHealth"
+            ]
+        );
+    }
 
     #[tokio::test]
     async fn notify_updates_watch_channel() {

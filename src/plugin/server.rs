@@ -1,4 +1,5 @@
-//! Runs the registration and DRA services on their Unix sockets until shutdown.
+//! Runs the registration, DRA and (optionally) DRA health services on their Unix sockets
+//! until shutdown.
 //!
 //! Owns the socket lifecycle order the kubelet relies on: the DRA socket exists before
 //! the registration socket appears (the kubelet dials the endpoint right after
@@ -19,10 +20,13 @@ use tracing::{info, warn};
 use super::authority;
 use super::dra::{DraV1, DraV1beta1};
 use super::driver::NodeDriver;
+use super::health::{HealthService, RESEND_INTERVAL};
 use super::registration::{RegistrationService, RegistrationState};
 use super::socket::{SocketError, UnixSocket};
+use crate::health::HealthSnapshot;
 use crate::proto::dra_v1::dra_plugin_server::DraPluginServer as DraV1Server;
 use crate::proto::dra_v1beta1::dra_plugin_server::DraPluginServer as DraV1beta1Server;
+use crate::proto::health_v1alpha1::dra_resource_health_server::DraResourceHealthServer;
 use crate::proto::pluginregistration::registration_server::RegistrationServer;
 
 /// Default time in-flight RPCs get to finish after shutdown is requested.
@@ -72,6 +76,7 @@ pub struct PluginServer<D> {
     config: PluginServerConfig,
     driver: Arc<D>,
     registration: RegistrationService,
+    health: Option<watch::Receiver<HealthSnapshot>>,
     dra_socket: UnixSocket,
     registration_socket: UnixSocket,
 }
@@ -96,9 +101,20 @@ impl<D: NodeDriver> PluginServer<D> {
             config,
             driver,
             registration,
+            health: None,
             dra_socket,
             registration_socket,
         })
+    }
+
+    /// Also serves the DRA resource health service (`v1alpha1.DRAResourceHealth`) from
+    /// `health` on the DRA socket, and lists it in GetInfo. Call before
+    /// [`PluginServer::serve`].
+    #[must_use]
+    pub fn with_health(mut self, health: watch::Receiver<HealthSnapshot>) -> Self {
+        self.registration = self.registration.with_health_service();
+        self.health = Some(health);
+        self
     }
 
     /// The kubelet's registration verdict, updated on NotifyRegistrationStatus.
@@ -113,6 +129,7 @@ impl<D: NodeDriver> PluginServer<D> {
             config,
             driver,
             registration,
+            health,
             dra_socket,
             registration_socket,
         } = self;
@@ -120,6 +137,7 @@ impl<D: NodeDriver> PluginServer<D> {
             &config,
             driver,
             registration,
+            health,
             &dra_socket,
             &registration_socket,
             shutdown,
@@ -137,6 +155,7 @@ async fn serve_both<D: NodeDriver>(
     config: &PluginServerConfig,
     driver: Arc<D>,
     registration: RegistrationService,
+    health: Option<watch::Receiver<HealthSnapshot>>,
     dra_socket: &UnixSocket,
     registration_socket: &UnixSocket,
     shutdown: CancellationToken,
@@ -161,6 +180,10 @@ async fn serve_both<D: NodeDriver>(
     let dra = Server::builder()
         .add_service(DraV1Server::new(DraV1::new(Arc::clone(&driver))))
         .add_service(DraV1beta1Server::new(DraV1beta1::new(driver)))
+        .add_optional_service(health.map(|health| {
+            // Health streams never finish on their own: end them with the server.
+            DraResourceHealthServer::new(HealthService::new(health, RESEND_INTERVAL, stop.clone()))
+        }))
         .serve_with_incoming_shutdown(dra_incoming, stop.clone().cancelled_owned());
     let registration = Server::builder()
         .add_service(RegistrationServer::new(registration))

@@ -339,3 +339,163 @@ async fn stale_sockets_are_replaced() {
         .unwrap();
     assert!(!config.registration_socket.exists());
 }
+
+/// XID events fed through a channel (the test double at the NVML seam).
+struct ChannelXids(std::sync::mpsc::Receiver<crate::health::XidEvent>);
+
+impl crate::health::XidSource for ChannelXids {
+    fn wait(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<crate::health::XidEvent>, crate::health::WatchError> {
+        Ok(self.0.recv_timeout(timeout).ok())
+    }
+}
+
+#[tokio::test]
+async fn health_stream_reports_xid_on_gpu_and_its_mig_devices() {
+    use crate::health::{HealthState, XidEvent, spawn_xid_watcher};
+    use crate::inventory::fixtures;
+    use crate::proto::health_v1alpha1 as health;
+
+    let inventory = fixtures::dgx_h100();
+    let mig_gpu = inventory
+        .gpus
+        .iter()
+        .find(|g| g.mig.enabled && !g.mig_devices.is_empty())
+        .unwrap()
+        .clone();
+    let mut expected_unhealthy: Vec<String> = mig_gpu
+        .mig_devices
+        .iter()
+        .map(|m| m.device_name())
+        .collect();
+    expected_unhealthy.sort();
+    let device_count = HealthState::new("node-1", inventory.clone(), 0)
+        .snapshot()
+        .devices
+        .len();
+    let state = Arc::new(HealthState::new("node-1", inventory, 100));
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("kubelet");
+    let config = PluginServerConfig {
+        driver_name: "gpu.gpu-dra.dev".into(),
+        registration_socket: root.join("plugins_registry/gpu.gpu-dra.dev-reg.sock"),
+        dra_socket: root.join("plugins/gpu.gpu-dra.dev/dra.sock"),
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let server = PluginServer::bind(config.clone(), Arc::new(FakeDriver::default()))
+        .unwrap()
+        .with_health(state.subscribe());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.serve(shutdown.clone()));
+    let (xids, events) = std::sync::mpsc::channel();
+    let watcher = spawn_xid_watcher(ChannelXids(events), Arc::clone(&state), shutdown.clone());
+
+    let mut registration = reg::registration_client::RegistrationClient::new(
+        channel(&config.registration_socket).await,
+    );
+    let info = registration
+        .get_info(reg::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.supported_versions,
+        [
+            "v1.DRAPlugin",
+            "v1beta1.DRAPlugin",
+            "v1alpha1.DRAResourceHealth"
+        ]
+    );
+
+    let mut client = health::dra_resource_health_client::DraResourceHealthClient::new(
+        channel(&config.dra_socket).await,
+    );
+    let mut stream = client
+        .node_watch_resources(health::NodeWatchResourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.devices.len(), device_count);
+    for d in &first.devices {
+        assert_eq!(d.health, health::HealthStatus::Healthy as i32);
+        assert_eq!(d.device.as_ref().unwrap().pool_name, "node-1");
+        assert_eq!(d.health_check_timeout_seconds, 60);
+        assert!(d.last_updated_time >= 100);
+        assert!(d.message.is_empty());
+    }
+
+    xids.send(XidEvent {
+        gpu_uuid: mig_gpu.uuid.clone(),
+        xid: 79,
+    })
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let unhealthy = loop {
+        let message = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("UNHEALTHY within the deadline")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            message.devices.len(),
+            device_count,
+            "always the complete list"
+        );
+        let mut unhealthy: Vec<(String, String)> = message
+            .devices
+            .iter()
+            .filter(|d| d.health == health::HealthStatus::Unhealthy as i32)
+            .map(|d| (d.device.clone().unwrap().device_name, d.message.clone()))
+            .collect();
+        if !unhealthy.is_empty() {
+            unhealthy.sort();
+            break unhealthy;
+        }
+    };
+    let names: Vec<String> = unhealthy.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(names, expected_unhealthy);
+    assert!(unhealthy.iter().all(|(_, m)| m.starts_with("XID 79 (")));
+
+    // Shutdown ends the open stream and stops the watcher.
+    shutdown.cancel();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = stream.message().await {}
+    });
+    end.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn plain_server_does_not_list_health() {
+    let running = start();
+    let mut client = reg::registration_client::RegistrationClient::new(
+        channel(&running.config.registration_socket).await,
+    );
+    let info = client
+        .get_info(reg::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.supported_versions,
+        ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+    );
+    stop(running).await;
+}
