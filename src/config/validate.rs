@@ -247,6 +247,16 @@ fn allowed_api_versions() -> String {
     ApiVersion::ALL.map(ApiVersion::as_str).join(", ")
 }
 
+/// The allowed names from serde's "expected one of `a`, `b` or `c`" tail, as `a, b, c`.
+fn allowed_from_serde(expected: &str) -> String {
+    expected
+        .trim_start_matches(", ")
+        .trim_start_matches("expected one of ")
+        .trim_start_matches("expected ")
+        .replace('`', "")
+        .replace(" or ", ", ")
+}
+
 /// Decodes with `deny_unknown_fields` wire types, turning serde's first error into a
 /// [`FieldError`] whose path includes the offending field.
 fn decode_strict<T: DeserializeOwned>(body: &Value) -> Result<T, FieldError> {
@@ -273,12 +283,7 @@ fn describe_serde_error(parent: &str, message: &str) -> FieldError {
     if let Some(rest) = message.strip_prefix("unknown field `")
         && let Some((field, expected)) = rest.split_once('`')
     {
-        let allowed = expected
-            .trim_start_matches(", ")
-            .trim_start_matches("expected one of ")
-            .trim_start_matches("expected ")
-            .replace('`', "")
-            .replace(" or ", ", ");
+        let allowed = allowed_from_serde(expected);
         let allowed = if allowed == "there are no fields" {
             "none".to_string()
         } else {
@@ -300,12 +305,7 @@ fn describe_serde_error(parent: &str, message: &str) -> FieldError {
     if let Some(rest) = message.strip_prefix("unknown variant `")
         && let Some((value, expected)) = rest.split_once('`')
     {
-        let allowed = expected
-            .trim_start_matches(", ")
-            .trim_start_matches("expected one of ")
-            .trim_start_matches("expected ")
-            .replace('`', "")
-            .replace(" or ", ", ");
+        let allowed = allowed_from_serde(expected);
         return FieldError::new(
             parent,
             format!("unsupported value {value:?}; allowed: {allowed}"),
