@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/pluginregistration/v1/api.proto",
         "proto/dra/v1/api.proto",
         "proto/dra/v1beta1/api.proto",
+        "proto/health/v1/api.proto",
         "proto/health/v1alpha1/api.proto",
     ];
     println!("cargo:rerun-if-changed=proto");

@@ -20,6 +20,11 @@ pub mod dra_v1beta1 {
     tonic::include_proto!("k8s.io.kubelet.pkg.apis.dra.v1beta1");
 }
 
+/// DRA resource health service v1 (package `v1`, KEP-4680, kubelet 1.37+).
+pub mod health_v1 {
+    tonic::include_proto!("v1");
+}
+
 /// DRA resource health service v1alpha1 (package `v1alpha1`, KEP-4680, kubelet 1.34+).
 pub mod health_v1alpha1 {
     tonic::include_proto!("v1alpha1");

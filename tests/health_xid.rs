@@ -1,5 +1,5 @@
 //! The DRA health service of the real `gpu-dra kubelet-plugin` on the tests/cluster box
-//! (KEP-4680): a tonic client of our own on the plugin's dra.sock sees every published
+//! (KEP-4680, `v1`, as a 1.37 kubelet watches it): a tonic client of our own on the plugin's dra.sock sees every published
 //! device healthy, then, after the fake NVML raises XID 79 on one GPU, that GPU's
 //! devices (here its MIG devices) UNHEALTHY with a message naming XID 79; the box's
 //! kubelet opens its own health stream too.
@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use gpu_dra::proto::health_v1alpha1::{
+use gpu_dra::proto::health_v1::{
     HealthStatus, NodeWatchResourcesRequest, NodeWatchResourcesResponse,
     dra_resource_health_client::DraResourceHealthClient,
 };

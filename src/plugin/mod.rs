@@ -18,10 +18,12 @@ mod socket;
 
 pub use dra::{DraV1, DraV1beta1, MISSING_ANSWER};
 pub use driver::{ClaimRef, NodeDriver, PreparedDevice};
-pub use health::{HEALTH_CHECK_TIMEOUT_SECONDS, HealthService, RESEND_INTERVAL, response};
+pub use health::{
+    HEALTH_CHECK_TIMEOUT_SECONDS, HealthService, RESEND_INTERVAL, response, response_v1alpha1,
+};
 pub use registration::{
-    DRA_PLUGIN_TYPE, HEALTH_SERVICE_VERSION, RegistrationService, RegistrationState,
-    SUPPORTED_VERSIONS,
+    DRA_PLUGIN_TYPE, DRA_SERVICE_VERSIONS, HEALTH_SERVICE_VERSIONS, RegistrationService,
+    RegistrationState,
 };
 pub use server::{PluginServer, PluginServerConfig, SHUTDOWN_GRACE, ServerError};
 pub use socket::{SocketError, UnixSocket};

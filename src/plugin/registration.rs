@@ -19,13 +19,15 @@ use crate::proto::pluginregistration::{
 /// Plugin type the kubelet's plugin watcher routes to its DRA manager.
 pub const DRA_PLUGIN_TYPE: &str = "DRAPlugin";
 
-/// The health service's entry in `supported_versions` (KEP-4680, kubelet 1.34+).
-pub const HEALTH_SERVICE_VERSION: &str = "v1alpha1.DRAResourceHealth";
+/// The health service's entries in `supported_versions`, newest first (KEP-4680): a 1.37+
+/// kubelet picks the first it knows (`v1`), 1.34-1.36 kubelets know only `v1alpha1`.
+/// The kubelet opens a health stream only for a version listed here.
+pub const HEALTH_SERVICE_VERSIONS: [&str; 2] =
+    ["v1.DRAResourceHealth", "v1alpha1.DRAResourceHealth"];
 
-/// Services we serve, in preference order (v1: kubelet 1.34+, v1beta1: 1.32+), then the
-/// health service; [`HEALTH_SERVICE_VERSION`] is answered only while it is served.
-pub const SUPPORTED_VERSIONS: [&str; 3] =
-    ["v1.DRAPlugin", "v1beta1.DRAPlugin", HEALTH_SERVICE_VERSION];
+/// The DRA node services we serve, in preference order (v1: kubelet 1.34+, v1beta1:
+/// 1.32+). Kubelets older than 1.34 refuse a plugin whose list has no service they know.
+pub const DRA_SERVICE_VERSIONS: [&str; 2] = ["v1.DRAPlugin", "v1beta1.DRAPlugin"];
 
 /// Registration state as last reported by the kubelet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +64,7 @@ impl RegistrationService {
         }
     }
 
-    /// Also lists [`HEALTH_SERVICE_VERSION`]: call only when the health service is served
+    /// Also lists [`HEALTH_SERVICE_VERSIONS`]: call only when the health service is served
     /// on the endpoint.
     pub fn with_health_service(mut self) -> Self {
         self.health_served = true;
@@ -80,9 +82,9 @@ impl RegistrationService {
             r#type: DRA_PLUGIN_TYPE.to_owned(),
             name: self.driver_name.clone(),
             endpoint: self.endpoint.to_string_lossy().into_owned(),
-            supported_versions: SUPPORTED_VERSIONS
+            supported_versions: DRA_SERVICE_VERSIONS
                 .iter()
-                .filter(|v| self.health_served || **v != HEALTH_SERVICE_VERSION)
+                .chain(HEALTH_SERVICE_VERSIONS.iter().filter(|_| self.health_served))
                 .map(|v| (*v).to_owned())
                 .collect(),
         }
@@ -108,7 +110,9 @@ impl Registration for RegistrationService {
             error!(
                 driver = %self.driver_name,
                 error = %status.error,
-                "kubelet rejected the plugin registration"
+                served = ?DRA_SERVICE_VERSIONS,
+                "kubelet rejected the plugin registration; this plugin serves the DRA node \
+                 service v1 and v1beta1 and needs a kubelet 1.34 or newer with DRA enabled"
             );
             RegistrationState::Rejected {
                 error: status.error,
@@ -136,6 +140,7 @@ mod tests {
             [
                 "v1.DRAPlugin",
                 "v1beta1.DRAPlugin",
+                "v1.DRAResourceHealth",
                 "v1alpha1.DRAResourceHealth"
             ]
         );

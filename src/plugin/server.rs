@@ -26,7 +26,8 @@ use super::socket::{SocketError, UnixSocket};
 use crate::health::HealthSnapshot;
 use crate::proto::dra_v1::dra_plugin_server::DraPluginServer as DraV1Server;
 use crate::proto::dra_v1beta1::dra_plugin_server::DraPluginServer as DraV1beta1Server;
-use crate::proto::health_v1alpha1::dra_resource_health_server::DraResourceHealthServer;
+use crate::proto::health_v1::dra_resource_health_server::DraResourceHealthServer as HealthV1Server;
+use crate::proto::health_v1alpha1::dra_resource_health_server::DraResourceHealthServer as HealthV1alpha1Server;
 use crate::proto::pluginregistration::registration_server::RegistrationServer;
 
 /// Default time in-flight RPCs get to finish after shutdown is requested.
@@ -107,7 +108,7 @@ impl<D: NodeDriver> PluginServer<D> {
         })
     }
 
-    /// Also serves the DRA resource health service (`v1alpha1.DRAResourceHealth`) from
+    /// Also serves the DRA resource health service (`v1` and `v1alpha1`) from
     /// `health` on the DRA socket, and lists it in GetInfo. Call before
     /// [`PluginServer::serve`].
     #[must_use]
@@ -180,9 +181,12 @@ async fn serve_both<D: NodeDriver>(
     let dra = Server::builder()
         .add_service(DraV1Server::new(DraV1::new(Arc::clone(&driver))))
         .add_service(DraV1beta1Server::new(DraV1beta1::new(driver)))
+        // Health streams never finish on their own: end them with the server.
+        .add_optional_service(health.as_ref().map(|health| {
+            HealthV1Server::new(HealthService::new(health.clone(), RESEND_INTERVAL, stop.clone()))
+        }))
         .add_optional_service(health.map(|health| {
-            // Health streams never finish on their own: end them with the server.
-            DraResourceHealthServer::new(HealthService::new(health, RESEND_INTERVAL, stop.clone()))
+            HealthV1alpha1Server::new(HealthService::new(health, RESEND_INTERVAL, stop.clone()))
         }))
         .serve_with_incoming_shutdown(dra_incoming, stop.clone().cancelled_owned());
     let registration = Server::builder()

@@ -356,7 +356,8 @@ impl crate::health::XidSource for ChannelXids {
 async fn health_stream_reports_xid_on_gpu_and_its_mig_devices() {
     use crate::health::{HealthState, XidEvent, spawn_xid_watcher};
     use crate::inventory::fixtures;
-    use crate::proto::health_v1alpha1 as health;
+    use crate::proto::health_v1 as health;
+    use crate::proto::health_v1alpha1 as health_v1alpha1;
 
     let inventory = fixtures::dgx_h100();
     let mig_gpu = inventory
@@ -406,9 +407,29 @@ async fn health_stream_reports_xid_on_gpu_and_its_mig_devices() {
         [
             "v1.DRAPlugin",
             "v1beta1.DRAPlugin",
+            "v1.DRAResourceHealth",
             "v1alpha1.DRAResourceHealth"
         ]
     );
+
+    // A 1.34-1.36 kubelet watches through v1alpha1 and gets the same complete list.
+    let mut old_client =
+        health_v1alpha1::dra_resource_health_client::DraResourceHealthClient::new(
+            channel(&config.dra_socket).await,
+        );
+    let old_first = old_client
+        .node_watch_resources(health_v1alpha1::NodeWatchResourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old_first.devices.len(), device_count);
+    assert!(old_first.devices.iter().all(|d| d.health
+        == health_v1alpha1::HealthStatus::Healthy as i32
+        && d.health_check_timeout_seconds == 60));
 
     let mut client = health::dra_resource_health_client::DraResourceHealthClient::new(
         channel(&config.dra_socket).await,
