@@ -80,6 +80,7 @@ func runExamplePlugin(args []string) int {
 		kubeletplugin.NodeUID(n.UID),
 		kubeletplugin.RegistrarDirectoryPath(filepath.Join(*kubeletRoot, "plugins_registry")),
 		kubeletplugin.PluginDataDirectoryPath(dataDir),
+		kubeletplugin.HealthService(false),
 	)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "example-plugin: start: %v\n", err)
@@ -165,4 +166,9 @@ func (p *examplePlugin) UnprepareResourceClaims(_ context.Context, claims []kube
 
 func (p *examplePlugin) HandleError(ctx context.Context, err error, msg string) {
 	klog.FromContext(ctx).Error(err, msg)
+}
+
+// WatchHealthStatus: the example plugin reports no device health (1.37 helper API).
+func (p *examplePlugin) WatchHealthStatus(context.Context, chan<- kubeletplugin.DeviceHealthReport) error {
+	return kubeletplugin.ErrHealthNotSupported
 }

@@ -88,19 +88,15 @@ func main() {
 	}
 }
 
-// featureGates is the --feature-gates value shared by every component: all
-// DRA beta gates of the pinned release (several were alpha before 1.36:
-// consumable capacity, partitionable devices, device taints, extended
-// resource, resource health status, binding conditions) switched on
-// explicitly, including the off-by-default beta DRADeviceTaintRules.
+// featureGates is the --feature-gates value shared by every component: the DRA
+// beta gates of the pinned release (1.37.2) switched on explicitly, including
+// DRASchedulerFilterTimeout (beta, off by default in 1.37). Device taints, taint
+// rules, extended resources and claim device status are GA in 1.37 and on by
+// default, so they are not listed.
 var featureGates = []string{
 	"DRAConsumableCapacity=true",
 	"DRADeviceBindingConditions=true",
-	"DRADeviceTaintRules=true",
-	"DRADeviceTaints=true",
-	"DRAExtendedResource=true",
 	"DRAPartitionableDevices=true",
-	"DRAResourceClaimDeviceStatus=true",
 	"DRAResourceClaimGranularStatusAuthorization=true",
 	"DRASchedulerFilterTimeout=true",
 	"ResourceHealthStatus=true",
