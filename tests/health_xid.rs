@@ -126,12 +126,13 @@ async fn xid_79_makes_the_gpu_unhealthy() {
     }
     plugin.check_alive().unwrap();
 
-    // The box's kubelet (ResourceHealthStatus gate on) opens its own stream after
-    // registering the plugin: the plugin logs one line per stream.
+    // The box's 1.37 kubelet (ResourceHealthStatus gate on) opens its own stream after
+    // registering the plugin, choosing v1 from the versions offered: the plugin logs
+    // one line per stream with the API version.
     support::wait_for(STEP, "the kubelet's health stream", || {
         let streams = plugin
             .log_tail(2000)
-            .matches("kubelet watches device health")
+            .matches(r#"kubelet watches device health api="v1""#)
             .count();
         async move { Ok((streams >= 2).then_some(())) }
     })

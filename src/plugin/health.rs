@@ -52,9 +52,13 @@ impl HealthService {
         }
     }
 
-    /// The stream of complete lists one `NodeWatchResources` call gets (v1 messages).
-    fn watch(&self) -> impl Stream<Item = NodeWatchResourcesResponse> + Send + 'static {
-        info!("kubelet watches device health");
+    /// The stream of complete lists one `NodeWatchResources` call of API `version` gets
+    /// (as v1 messages).
+    fn watch(
+        &self,
+        version: &'static str,
+    ) -> impl Stream<Item = NodeWatchResourcesResponse> + Send + 'static {
+        info!(api = version, "kubelet watches device health");
         let mut health = self.health.clone();
         let stop = self.stop.clone();
         let resend = self.resend;
@@ -132,7 +136,7 @@ impl DraResourceHealthV1 for HealthService {
         &self,
         _: Request<crate::proto::health_v1::NodeWatchResourcesRequest>,
     ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
-        Ok(Response::new(Box::pin(self.watch().map(Ok))))
+        Ok(Response::new(Box::pin(self.watch("v1").map(Ok))))
     }
 }
 
@@ -145,7 +149,7 @@ impl v1alpha1::dra_resource_health_server::DraResourceHealth for HealthService {
         _: Request<v1alpha1::NodeWatchResourcesRequest>,
     ) -> Result<Response<Self::NodeWatchResourcesStream>, Status> {
         Ok(Response::new(Box::pin(
-            self.watch().map(|r| Ok(response_v1alpha1(r))),
+            self.watch("v1alpha1").map(|r| Ok(response_v1alpha1(r))),
         )))
     }
 }
