@@ -12,6 +12,7 @@
 
 pub mod review;
 pub mod server;
+pub mod shadow;
 
 pub use review::{RESOURCE_GROUP, ReviewedKind, config_errors, review};
 pub use server::{WebhookError, WebhookSettings, load_tls, router, serve};

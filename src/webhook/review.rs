@@ -139,7 +139,7 @@ pub fn review(req: &AdmissionRequest<DynamicObject>, driver: &str) -> AdmissionR
     };
     let errors = config_errors(kind, &object.data, driver);
     if errors.is_empty() {
-        return response;
+        return warn_shadowed(response, kind, &object.data, driver);
     }
     let unchanged = req.operation == Operation::Update
         && req.old_object.as_ref().is_some_and(|old| {
@@ -154,6 +154,28 @@ pub fn review(req: &AdmissionRequest<DynamicObject>, driver: &str) -> AdmissionR
         return response;
     }
     deny(response, kind, &req.name, &errors)
+}
+
+/// Adds an admission warning for each config entry a later entry overrides
+/// ([`super::shadow`]); the object is allowed either way.
+fn warn_shadowed(
+    mut response: AdmissionResponse,
+    kind: ReviewedKind,
+    object: &Value,
+    driver: &str,
+) -> AdmissionResponse {
+    let Some(entries) = config_entries(kind, object) else {
+        return response;
+    };
+    let list_path = kind.config_keys().join(".");
+    let warnings: Vec<String> = super::shadow::shadowed(entries, driver)
+        .iter()
+        .map(|s| super::shadow::warning(&list_path, s))
+        .collect();
+    if !warnings.is_empty() {
+        response.warnings = Some(warnings);
+    }
+    response
 }
 
 /// Turns `response` into a denial with an `Invalid` status carrying one cause per error.
@@ -291,7 +313,14 @@ mod tests {
             claim("v1", vec![ours(mps(40)), ours(time_sliced)]),
         );
         assert!(resp.allowed, "{resp:?}");
-        assert!(resp.warnings.is_none());
+        // Both apply to every request with the same kind: the MPS entry never applies.
+        assert_eq!(
+            resp.warnings.as_deref(),
+            Some(&["spec.devices.config[0] never applies: spec.devices.config[1] configures the same requests with the same kind and wins (later wins); remove one of them".to_owned()][..])
+        );
+        let one = create("ResourceClaim", claim("v1", vec![ours(mps(40))]));
+        assert!(one.allowed, "{one:?}");
+        assert!(one.warnings.is_none());
         let no_config = create("ResourceClaim", claim("v1", vec![]));
         assert!(no_config.allowed);
     }
