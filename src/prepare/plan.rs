@@ -128,6 +128,16 @@ pub enum PlanError {
         /// The key as written.
         key: String,
     },
+    /// A sharing config names a device allocated with admin access.
+    #[error(
+        "device {device} (request {request}) is allocated with adminAccess, which never changes the GPU's sharing policy (KEP-5018); remove the sharing config for this request or drop adminAccess"
+    )]
+    AdminAccessPolicy {
+        /// Device name.
+        device: String,
+        /// Request name.
+        request: String,
+    },
     /// More than one MPS policy in one claim.
     #[error(
         "a claim can run one MPS control daemon; requests of this claim ask for different MPS settings: give them one config"
@@ -197,6 +207,12 @@ pub fn plan_claim(
                 policy_of(config, &allocated, inventory)?
             }
         };
+        if device.admin_access && policy.is_some() {
+            return Err(PlanError::AdminAccessPolicy {
+                device: device.device.clone(),
+                request: device.request.clone(),
+            });
+        }
         if mig.is_some() && matches!(policy, Some(Policy::Mps(_))) {
             return Err(PlanError::MpsOnMig {
                 device: device.device.clone(),
@@ -214,7 +230,10 @@ pub fn plan_claim(
 }
 
 /// Groups planned devices by policy, one group per distinct policy, for the sharing
-/// manager. MIG devices without a policy need no GPU-level action and are left out.
+/// manager. MIG devices without a policy need no GPU-level action and are left out, and
+/// so are devices allocated with admin access: like the kubelet's monitoring access
+/// (KEP-5018) they get the device nodes but are never recorded as a holder of the GPU's
+/// policy, so they neither conflict with an MPS or Exclusive holder nor keep it alive.
 ///
 /// Errors: [`PlanError::MixedPolicies`] when one GPU would get two policies,
 /// [`PlanError::SeveralMps`] for two different MPS settings.
@@ -222,7 +241,7 @@ pub fn policy_groups(plans: &[DevicePlan]) -> Result<Vec<PolicyGroup>, PlanError
     let mut per_gpu: BTreeMap<&str, &Option<Policy>> = BTreeMap::new();
     for plan in plans
         .iter()
-        .filter(|p| p.mig.is_none() || p.policy.is_some())
+        .filter(|p| !p.allocated.admin_access && (p.mig.is_none() || p.policy.is_some()))
     {
         if let Some(existing) = per_gpu.insert(&plan.gpu_uuid, &plan.policy)
             && existing != &plan.policy

@@ -469,3 +469,57 @@ async fn share_id_of_the_allocation_is_answered_back() {
     let again = r.preparer.prepare(vec![cref("s")]).await;
     assert_eq!(again["uid-s"].as_ref().unwrap(), devices);
 }
+
+fn admin_claim(name: &str, device: &str, config: Value) -> ResourceClaim {
+    let mut c = claim(name, &[("monitor", device)], config);
+    let results = &mut c
+        .status
+        .as_mut()
+        .unwrap()
+        .allocation
+        .as_mut()
+        .unwrap()
+        .devices
+        .as_mut()
+        .unwrap()
+        .results;
+    results.as_mut().unwrap()[0].admin_access = Some(true);
+    c
+}
+
+#[tokio::test]
+async fn admin_access_gets_the_device_without_touching_or_conflicting_with_the_holder() {
+    let exclusive = gpu_config(json!({"strategy": "Exclusive"}));
+    let r = rig(vec![
+        claim("holder", &[("gpu", "gpu-0")], exclusive.clone()),
+        admin_claim("monitor", "gpu-0", json!([])),
+        admin_claim("bad-monitor", "gpu-0", exclusive),
+    ]);
+    assert!(r.preparer.prepare(vec![cref("holder")]).await["uid-holder"].is_ok());
+    let held = r.hw.calls();
+
+    let out = r.preparer.prepare(vec![cref("monitor")]).await;
+    let devices = out["uid-monitor"]
+        .as_ref()
+        .expect("admin access is not refused");
+    assert_eq!(devices.len(), 1);
+    assert_eq!(
+        r.hw.calls(),
+        held,
+        "no GPU setting is changed for admin access"
+    );
+    let spec = spec_json(&r, "uid-monitor").expect("the monitoring claim has its CDI spec");
+    assert!(
+        spec.to_string().contains("/dev/nvidia0"),
+        "the device node is in the spec: {spec}"
+    );
+
+    // Releasing the monitoring claim leaves the holder's policy in place...
+    assert!(r.preparer.unprepare(vec![cref("monitor")]).await["uid-monitor"].is_ok());
+    assert_eq!(r.hw.calls(), held);
+    // ...and a sharing config on an admin-access device is refused with the reason.
+    let out = r.preparer.prepare(vec![cref("bad-monitor")]).await;
+    let err = out["uid-bad-monitor"].as_ref().unwrap_err();
+    assert!(err.contains("adminAccess"), "{err}");
+    assert_eq!(r.hw.calls(), held);
+}
