@@ -11,258 +11,223 @@
 //! `:authority` set to `localhost`, re-encoded and forwarded; every other frame, and the
 //! whole server-to-client direction, passes through unchanged (RFC 9113 framing,
 //! RFC 7541 HPACK with per-connection decoder and encoder state).
+//!
+//! Upstream: h2 would accept such requests with hyperium/h2 pull request 487 ("Do not
+//! require authority for UNIX domain sockets", <https://github.com/hyperium/h2/pull/487>,
+//! open as of h2 0.4.20). Once a released h2 carries it and tonic uses that release, this
+//! module and its call in `server.rs` can go.
+//!
+//! Strictness: because it buffers and rewrites header blocks, the front enforces what h2
+//! would (see [`frames`]: frame size against the server's SETTINGS_MAX_FRAME_SIZE, read
+//! from the server's SETTINGS as they pass; CONTINUATION ordering and stream ids; header
+//! block, CONTINUATION count and header list bounds). A violation ends the connection
+//! with GOAWAY and the RFC's error code, written between two server frames (the
+//! server-to-client direction is copied frame by frame so it can be), then both sides
+//! are closed. Every way a connection ends (EOF before or after the preface, a bad
+//! preface, I/O errors, a violation, the server closing) drops the client socket and
+//! the server's end of the pipe, so no descriptor outlives its connection.
+//!
+//! It must not buffer a whole server frame, judge frames it does not rewrite, or write
+//! anything to the server after a violation.
+
+mod frames;
 
 use std::io;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
 
-use loona_hpack::{Decoder, Encoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::sync::Notify;
 use tracing::debug;
+
+use frames::{ClientFrames, ConnError, FLAG_ACK, FRAME_SETTINGS, FrameHead, Limits};
 
 /// The client connection preface (RFC 9113 section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEADERS: u8 = 0x1;
-const FRAME_CONTINUATION: u8 = 0x9;
-const FLAG_END_STREAM: u8 = 0x1;
-const FLAG_END_HEADERS: u8 = 0x4;
-const FLAG_PADDED: u8 = 0x8;
-const FLAG_PRIORITY: u8 = 0x20;
-/// The smallest SETTINGS_MAX_FRAME_SIZE a peer may announce; our frames never exceed it.
-const MAX_FRAME: usize = 16_384;
-/// Authority every rewritten request carries.
-pub const AUTHORITY: &[u8] = b"localhost";
+/// How long a violating client gets to take its GOAWAY before the socket is closed.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 
 /// Puts the front between an accepted client connection and the gRPC server: returns the
-/// stream to hand to the server; two tasks shuttle bytes until either side closes.
+/// stream to hand to the server; one task shuttles bytes both ways until the connection
+/// ends, then drops both sides.
 pub fn front<S>(client: S) -> DuplexStream
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (server_side, proxy_side) = tokio::io::duplex(64 * 1024);
-    let (client_read, mut client_write) = tokio::io::split(client);
-    let (proxy_read, proxy_write) = tokio::io::split(proxy_side);
     tokio::spawn(async move {
-        if let Err(err) = rewrite_stream(client_read, proxy_write).await {
+        if let Err(err) = shuttle(client, proxy_side).await {
             debug!(error = %err, "plugin socket connection closed");
         }
-    });
-    tokio::spawn(async move {
-        let mut proxy_read = proxy_read;
-        let _ = tokio::io::copy(&mut proxy_read, &mut client_write).await;
-        let _ = client_write.shutdown().await;
     });
     server_side
 }
 
-/// Copies an HTTP/2 client byte stream from `from` to `to`, rewriting header blocks.
-async fn rewrite_stream<R, W>(mut from: R, mut to: W) -> io::Result<()>
+/// What both directions share: the server's limits and a violation to report.
+#[derive(Default)]
+struct Shared {
+    limits: Mutex<Limits>,
+    /// Set once by the client direction; the server direction writes it as GOAWAY.
+    violation: Mutex<Option<(u32, ConnError)>>,
+    abort: Notify,
+}
+
+impl Shared {
+    fn limits(&self) -> Limits {
+        self.limits.lock().map(|l| *l).unwrap_or_default()
+    }
+}
+
+/// Runs one connection to its end. Returns why it ended when that was an error.
+async fn shuttle<S>(client: S, proxy: DuplexStream) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (client_read, client_write) = tokio::io::split(client);
+    let (proxy_read, proxy_write) = tokio::io::split(proxy);
+    let shared = Arc::new(Shared::default());
+    let upstream = client_to_server(client_read, proxy_write, &shared);
+    let downstream = server_to_client(proxy_read, client_write, &shared);
+    tokio::pin!(upstream, downstream);
+    tokio::select! {
+        // The server closed or the client stopped taking bytes: the connection is over.
+        result = &mut downstream => result,
+        result = &mut upstream => match result {
+            // The client half-closed after whole frames: let the server finish answering.
+            Ok(()) => downstream.await,
+            Err(Upstream::Violation(last_stream, err)) => {
+                debug!(error = %err, "closing plugin socket connection with GOAWAY");
+                if let Ok(mut slot) = shared.violation.lock() {
+                    *slot = Some((last_stream, err.clone()));
+                }
+                shared.abort.notify_one();
+                let _ = tokio::time::timeout(GOAWAY_GRACE, downstream).await;
+                Err(io::Error::new(io::ErrorKind::InvalidData, err))
+            }
+            Err(Upstream::Io(err)) => Err(err),
+        },
+    }
+    // Returning drops both halves of the client socket and of the server pipe.
+}
+
+enum Upstream {
+    Violation(u32, ConnError),
+    Io(io::Error),
+}
+
+impl From<io::Error> for Upstream {
+    fn from(err: io::Error) -> Self {
+        Self::Io(err)
+    }
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` on EOF before the first byte.
+async fn read_whole<R: AsyncRead + Unpin>(from: &mut R, buf: &mut [u8]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = from.read(&mut buf[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(false)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+/// Checks and copies the client's byte stream to the server, rewriting header blocks.
+/// `Ok` when the client closed cleanly between frames (the server side is then shut
+/// down for writing).
+async fn client_to_server<R, W>(mut from: R, mut to: W, shared: &Shared) -> Result<(), Upstream>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut preface = [0u8; 24];
-    from.read_exact(&mut preface).await?;
+    if !read_whole(&mut from, &mut preface).await? {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
     if &preface != PREFACE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not an HTTP/2 client preface",
-        ));
+        return Err(
+            io::Error::new(io::ErrorKind::InvalidData, "not an HTTP/2 client preface").into(),
+        );
     }
     to.write_all(&preface).await?;
-    let mut headers = HeaderRewriter::new();
-    // Header block being collected: (stream id, END_STREAM of its HEADERS frame, bytes).
-    let mut pending: Option<(u32, u8, Vec<u8>)> = None;
+    let mut frames = ClientFrames::new();
+    let mut payload = Vec::new();
     loop {
-        let mut head = [0u8; 9];
-        match from.read_exact(&mut head).await {
-            Ok(_) => {}
-            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => break,
-            Err(err) => return Err(err),
+        let mut raw = [0u8; 9];
+        if !read_whole(&mut from, &mut raw).await? {
+            break;
         }
-        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-        let (kind, flags) = (head[3], head[4]);
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        from.read_exact(&mut payload).await?;
-        match kind {
-            FRAME_HEADERS => {
-                let fragment = header_fragment(&payload, flags)?;
-                pending = Some((stream, flags & FLAG_END_STREAM, fragment.to_vec()));
-            }
-            FRAME_CONTINUATION => match pending.as_mut() {
-                Some((_, _, block)) => block.extend_from_slice(&payload),
-                None => return Err(invalid("CONTINUATION without HEADERS")),
-            },
-            _ => {
-                to.write_all(&head).await?;
-                to.write_all(&payload).await?;
-            }
+        let head = FrameHead::parse(&raw);
+        let limits = shared.limits();
+        let violation = |err| Upstream::Violation(frames.last_stream(), err);
+        frames.check_head(&head, &limits).map_err(violation)?;
+        payload.resize(head.len, 0);
+        if !read_whole(&mut from, &mut payload).await? && head.len > 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
         }
-        if matches!(kind, FRAME_HEADERS | FRAME_CONTINUATION) && flags & FLAG_END_HEADERS != 0 {
-            let (stream, end_stream, block) =
-                pending.take().ok_or_else(|| invalid("no header block"))?;
-            let rewritten = headers.rewrite(&block)?;
-            to.write_all(&header_frames(&rewritten, stream, end_stream))
-                .await?;
+        let last_stream = frames.last_stream();
+        let out = frames
+            .frame(&head, &payload, &limits)
+            .map_err(|err| Upstream::Violation(last_stream, err))?;
+        to.write_all(&out).await?;
+        to.flush().await?;
+    }
+    to.shutdown().await?;
+    Ok(())
+}
+
+/// Copies the server's frames to the client one frame at a time, noting the server's
+/// SETTINGS; on a violation, writes GOAWAY at the next frame boundary and stops.
+async fn server_to_client<R, W>(mut from: R, mut to: W, shared: &Shared) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let mut raw = [0u8; 9];
+        let more = tokio::select! {
+            biased;
+            () = shared.abort.notified() => {
+                let violation = shared.violation.lock().ok().and_then(|mut v| v.take());
+                if let Some((last_stream, err)) = violation {
+                    to.write_all(&frames::goaway(last_stream, err.reason)).await?;
+                }
+                break;
+            }
+            more = read_whole(&mut from, &mut raw) => more?,
+        };
+        if !more {
+            break;
+        }
+        let head = FrameHead::parse(&raw);
+        to.write_all(&raw).await?;
+        if head.kind == FRAME_SETTINGS
+            && head.stream == 0
+            && head.flags & FLAG_ACK == 0
+            && head.len <= 6 * 64
+        {
+            let mut payload = vec![0u8; head.len];
+            read_whole(&mut from, &mut payload).await?;
+            if let Ok(mut limits) = shared.limits.lock() {
+                limits.apply_settings(&payload);
+            }
+            to.write_all(&payload).await?;
+        } else {
+            let copied = tokio::io::copy(&mut (&mut from).take(head.len as u64), &mut to).await?;
+            if copied != head.len as u64 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
         }
         to.flush().await?;
     }
     to.shutdown().await
 }
-
-fn invalid(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
-}
-
-/// The header block fragment of a HEADERS frame payload, without padding and priority.
-fn header_fragment(payload: &[u8], flags: u8) -> io::Result<&[u8]> {
-    let mut start = 0;
-    let mut end = payload.len();
-    if flags & FLAG_PADDED != 0 {
-        let pad = usize::from(
-            *payload
-                .first()
-                .ok_or_else(|| invalid("empty padded HEADERS"))?,
-        );
-        start = 1;
-        end = end
-            .checked_sub(pad)
-            .ok_or_else(|| invalid("HEADERS padding too long"))?;
-    }
-    if flags & FLAG_PRIORITY != 0 {
-        start += 5;
-    }
-    payload
-        .get(start..end)
-        .ok_or_else(|| invalid("HEADERS frame too short"))
-}
-
-/// HEADERS (plus CONTINUATION when needed) frames carrying `block` on `stream`.
-fn header_frames(block: &[u8], stream: u32, end_stream: u8) -> Vec<u8> {
-    let mut out = Vec::with_capacity(block.len() + 9);
-    let chunks: Vec<&[u8]> = if block.is_empty() {
-        vec![block]
-    } else {
-        block.chunks(MAX_FRAME).collect()
-    };
-    for (i, chunk) in chunks.iter().enumerate() {
-        let last = i + 1 == chunks.len();
-        let (kind, mut flags) = if i == 0 {
-            (FRAME_HEADERS, end_stream)
-        } else {
-            (FRAME_CONTINUATION, 0)
-        };
-        if last {
-            flags |= FLAG_END_HEADERS;
-        }
-        let len = chunk.len();
-        out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out
-}
-
-/// Per-connection HPACK state: decodes the client's blocks, encodes ours.
-pub struct HeaderRewriter {
-    decoder: Decoder<'static>,
-    encoder: Encoder<'static>,
-}
-
-impl Default for HeaderRewriter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl HeaderRewriter {
-    /// Fresh state, as at the start of a connection.
-    pub fn new() -> Self {
-        Self {
-            decoder: Decoder::new(),
-            encoder: Encoder::new(),
-        }
-    }
-
-    /// Decodes one complete header block, sets `:authority` to [`AUTHORITY`] when present,
-    /// and encodes the result. Errors on an undecodable block (the connection is closed).
-    pub fn rewrite(&mut self, block: &[u8]) -> io::Result<Vec<u8>> {
-        let mut fields = self
-            .decoder
-            .decode(block)
-            .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, format!("HPACK: {err}")))?;
-        for (name, value) in &mut fields {
-            if name.as_slice() == b":authority" {
-                AUTHORITY.clone_into(value);
-            }
-        }
-        Ok(self
-            .encoder
-            .encode(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice()))))
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request(authority: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        vec![
-            (b":method".to_vec(), b"POST".to_vec()),
-            (b":scheme".to_vec(), b"http".to_vec()),
-            (
-                b":path".to_vec(),
-                b"/pluginregistration.Registration/GetInfo".to_vec(),
-            ),
-            (b":authority".to_vec(), authority.to_vec()),
-            (b"content-type".to_vec(), b"application/grpc".to_vec()),
-        ]
-    }
-
-    #[test]
-    fn socket_path_authority_becomes_localhost_across_requests() {
-        let path = b"var%2Flib%2Fkubelet%2Fplugins_registry%2Fgpu.gpu-dra.dev-reg.sock";
-        let mut client = Encoder::new();
-        let mut server = Decoder::new();
-        let mut front = HeaderRewriter::new();
-        // Twice: the second block refers to the client's dynamic table.
-        for _ in 0..2 {
-            let fields = request(path);
-            let block = client.encode(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
-            let seen = server.decode(&front.rewrite(&block).unwrap()).unwrap();
-            let mut want = request(AUTHORITY);
-            want.sort();
-            let mut seen = seen;
-            seen.sort();
-            assert_eq!(seen, want);
-        }
-    }
-
-    #[test]
-    fn garbage_block_is_an_error() {
-        assert!(
-            HeaderRewriter::new()
-                .rewrite(&[0xff, 0xff, 0xff, 0xff, 0xff])
-                .is_err()
-        );
-    }
-
-    #[test]
-    fn padding_and_priority_are_stripped_and_big_blocks_split() {
-        let payload = [2u8, 0, 0, 0, 1, 16, 0xaa, 0xbb, 0, 0];
-        assert_eq!(
-            header_fragment(&payload, FLAG_PADDED | FLAG_PRIORITY).unwrap(),
-            &[0xaa, 0xbb]
-        );
-        assert!(header_fragment(&[9, 1], FLAG_PADDED).is_err());
-        let frames = header_frames(&vec![7u8; MAX_FRAME + 10], 3, FLAG_END_STREAM);
-        assert_eq!(frames.len(), MAX_FRAME + 10 + 18);
-        assert_eq!(frames[3], FRAME_HEADERS);
-        assert_eq!(
-            frames[4], FLAG_END_STREAM,
-            "first frame does not end the headers"
-        );
-        let second = 9 + MAX_FRAME;
-        assert_eq!(frames[second + 3], FRAME_CONTINUATION);
-        assert_eq!(frames[second + 4], FLAG_END_HEADERS);
-    }
-}
+mod tests;
