@@ -10,6 +10,7 @@ pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod devnodes;
+pub mod driver_root;
 pub mod health;
 pub mod inventory;
 pub mod logging;
