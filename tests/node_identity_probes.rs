@@ -176,3 +176,37 @@ async fn plugin_runs_as_the_daemonset_with_probes_and_its_own_identity() {
     .await
     .unwrap_or_else(|e| fail(e));
 }
+
+/// Every path the DaemonSet gives the container lands in the box's directories: a new
+/// host path in the manifest (or the chart) that the box cannot stand in for fails here.
+#[test]
+fn the_daemonsets_paths_map_into_the_box() {
+    let base = std::path::Path::new("/box");
+    let paths = support::deploy::HostPaths {
+        kubelet_root: base.join("kubelet"),
+        cdi_root: base.join("cdi"),
+        driver_root: base.join("driver-root"),
+    };
+    let command = support::deploy::container_command(NODE, &paths).unwrap();
+    assert_eq!(
+        command.args.first().map(String::as_str),
+        Some("kubelet-plugin")
+    );
+    let values = command
+        .args
+        .iter()
+        .map(|a| a.split_once('=').map_or(a.as_str(), |(_, v)| v))
+        .chain(command.env.iter().map(|(_, v)| v.as_str()));
+    for value in values.filter(|v| v.starts_with('/')) {
+        assert!(
+            value.starts_with("/box/"),
+            "{value} is a host path outside the box"
+        );
+    }
+    let env: std::collections::BTreeMap<_, _> = command.env.iter().cloned().collect();
+    assert_eq!(env.get("GPU_DRA_NODE_NAME").map(String::as_str), Some(NODE));
+    assert_eq!(
+        env.get("GPU_DRA_DRIVER_ROOT").map(String::as_str),
+        Some("/box/driver-root")
+    );
+}

@@ -221,6 +221,15 @@ impl HostPaths {
     }
 }
 
+/// `dir` joined with `rest`, `dir` itself (no trailing slash) when `rest` is empty.
+fn below(dir: &Path, rest: &Path) -> PathBuf {
+    if rest.as_os_str().is_empty() {
+        dir.to_path_buf()
+    } else {
+        dir.join(rest)
+    }
+}
+
 /// The plugin container's command line: args (the first is the subcommand) and env.
 pub struct ContainerCommand {
     /// `args` of the container.
@@ -262,8 +271,14 @@ pub fn container_command(node: &str, paths: &HostPaths) -> anyhow::Result<Contai
         };
         for (mount, dir) in &mounts {
             if let Ok(rest) = Path::new(path).strip_prefix(mount) {
-                return format!("{prefix}{}", dir.join(rest).display());
+                return format!("{prefix}{}", below(dir, rest).display());
             }
+        }
+        // The kubelet root is the same path inside and outside the container (the
+        // kubelet dials the sockets at the paths the plugin registers), so it maps even
+        // where only its subdirectories are mounts.
+        if let Ok(rest) = Path::new(path).strip_prefix("/var/lib/kubelet") {
+            return format!("{prefix}{}", below(&paths.kubelet_root, rest).display());
         }
         value.to_owned()
     };

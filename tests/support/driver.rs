@@ -170,6 +170,11 @@ impl Plugin {
         if !set("cdi-root", "GPU_DRA_CDI_ROOT") {
             extra.push(format!("--cdi-root={}", b.cdi_dir(node).display()));
         }
+        // These replace the manifest's own value of the same flag (clap takes one).
+        for flag in &extra {
+            let name = flag.split('=').next().unwrap_or_default().to_owned() + "=";
+            args.retain(|a| !a.starts_with(&name));
+        }
         args.extend(extra);
         let log = b.state_dir().join(format!("plugin-{node}.log"));
         let mut plugin = Plugin {
