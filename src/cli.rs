@@ -136,6 +136,11 @@ pub struct InventoryArgs {
     /// Path of libnvidia-ml.so to load instead of the system's libnvidia-ml.so.1.
     #[arg(long, env = "GPU_DRA_NVML_LIB_PATH")]
     pub nvml_lib_path: Option<PathBuf>,
+    /// Search libnvidia-ml.so.1 below this driver root (as `kubelet-plugin` does, so
+    /// `gpu-dra inventory` works inside the plugin's pod); without it the dynamic
+    /// loader's search path is used.
+    #[arg(long, env = "GPU_DRA_DRIVER_ROOT", value_parser = parse_absolute)]
+    pub driver_root: Option<PathBuf>,
 }
 
 /// Flags of `gpu-dra webhook`.

@@ -402,8 +402,14 @@ async fn report_checkpoint_outcome(
 /// `gpu-dra inventory`: prints the discovered GPUs, or with `--slices` the ResourceSlices
 /// the plugin would publish on that node (YAML).
 pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
-    let discovery = NvmlDiscovery::new(args.nvml_lib_path.as_deref(), SYSFS_ROOT)
-        .context("initialising NVML")?;
+    let library = match (&args.nvml_lib_path, &args.driver_root) {
+        (None, Some(root)) => Some(
+            driver_root::locate(root, std::env::consts::ARCH, &Overrides::default())?.nvml_library,
+        ),
+        (given, _) => given.clone(),
+    };
+    let discovery =
+        NvmlDiscovery::new(library.as_deref(), SYSFS_ROOT).context("initialising NVML")?;
     let inventory = discovery.discover().context("discovering GPUs")?;
     if args.slices {
         let node = args.node_name.as_deref().unwrap_or_default();
