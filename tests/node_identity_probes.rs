@@ -74,6 +74,7 @@ async fn plugin_runs_as_the_daemonset_with_probes_and_its_own_identity() {
 
     // The driver appears (as the GPU operator's driver container installs it later):
     // ready without a restart.
+    let installed = std::time::Instant::now();
     gpus.install_driver(&target_dir()).unwrap();
     let body = wait_probe(
         b,
@@ -83,6 +84,10 @@ async fn plugin_runs_as_the_daemonset_with_probes_and_its_own_identity() {
     )
     .await
     .unwrap_or_else(|e| fail(e));
+    eprintln!(
+        "driver installed to ready: {:.2}s (driver search every 10 s)",
+        installed.elapsed().as_secs_f64()
+    );
     assert_eq!(
         body,
         "[+]driver ok\n[+]registration ok\n[+]resourceslices ok\n[+]nvml ok\nreadyz check passed\n"
@@ -166,6 +171,7 @@ async fn plugin_runs_as_the_daemonset_with_probes_and_its_own_identity() {
     .unwrap_or_else(|e| fail(e));
     let (status, _) = plugin.probe("/healthz").await.unwrap_or_else(|e| fail(e));
     assert_eq!(status, 200);
+    let cleared = std::time::Instant::now();
     control::clear_faults(&gpus.state_path()).unwrap();
     wait_probe(
         b,
@@ -175,6 +181,10 @@ async fn plugin_runs_as_the_daemonset_with_probes_and_its_own_identity() {
     )
     .await
     .unwrap_or_else(|e| fail(e));
+    eprintln!(
+        "NVML answering to ready: {:.2}s (liveness call every 5 s)",
+        cleared.elapsed().as_secs_f64()
+    );
 }
 
 /// Every path the DaemonSet gives the container lands in the box's directories: a new

@@ -142,6 +142,7 @@ impl Plugin {
         };
         let super::deploy::ContainerCommand { mut args, env } =
             super::deploy::container_command(node, &paths)?;
+        let identity_started = std::time::Instant::now();
         let kubeconfig = std::thread::scope(|s| {
             s.spawn(|| {
                 tokio::runtime::Builder::new_current_thread()
@@ -152,6 +153,10 @@ impl Plugin {
             .join()
             .map_err(|_| anyhow::anyhow!("identity thread panicked"))?
         })?;
+        eprintln!(
+            "support::driver: ServiceAccount token for {node} in {:.2}s",
+            identity_started.elapsed().as_secs_f64()
+        );
         let http_address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         // What differs from a pod: no in-cluster config, the fake /proc, a free port; and
         // the kubelet's default directories mapped to the box unless the manifest sets them.
