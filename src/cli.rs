@@ -71,19 +71,26 @@ pub struct PluginArgs {
     /// Kubeconfig file; without it the in-cluster config (or $KUBECONFIG / ~/.kube/config) is used.
     #[arg(long, env = "GPU_DRA_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Path of libnvidia-ml.so to load instead of the system's libnvidia-ml.so.1.
+    /// Root of the NVIDIA driver installation as seen by the plugin: "/" for a driver
+    /// installed on the host, the mount of /run/nvidia/driver with the GPU operator.
+    /// libnvidia-ml.so.1, nvidia-smi and nvidia-cuda-mps-control are searched below it
+    /// (usr/lib/<multiarch>, usr/lib64, ... and usr/bin, ...) unless given by path.
+    #[arg(long, env = "GPU_DRA_DRIVER_ROOT", default_value = "/", value_parser = parse_absolute)]
+    pub driver_root: PathBuf,
+    /// Path of libnvidia-ml.so to load instead of searching the driver root.
     #[arg(long, env = "GPU_DRA_NVML_LIB_PATH")]
     pub nvml_lib_path: Option<PathBuf>,
-    /// nvidia-smi executable (sets the time slice via `compute-policy`); looked up in PATH if bare.
-    #[arg(long, env = "GPU_DRA_NVIDIA_SMI_PATH", default_value = "nvidia-smi")]
-    pub nvidia_smi_path: PathBuf,
-    /// MPS control daemon executable; looked up in PATH if bare.
-    #[arg(
-        long,
-        env = "GPU_DRA_MPS_CONTROL_PATH",
-        default_value = "nvidia-cuda-mps-control"
-    )]
-    pub mps_control_path: PathBuf,
+    /// nvidia-smi executable (sets the time slice via `compute-policy`) instead of
+    /// searching the driver root; looked up in PATH if bare.
+    #[arg(long, env = "GPU_DRA_NVIDIA_SMI_PATH")]
+    pub nvidia_smi_path: Option<PathBuf>,
+    /// MPS control daemon executable instead of searching the driver root; looked up in
+    /// PATH if bare.
+    #[arg(long, env = "GPU_DRA_MPS_CONTROL_PATH")]
+    pub mps_control_path: Option<PathBuf>,
+    /// Address of the HTTP server for the kubelet's probes (/healthz, /readyz).
+    #[arg(long, env = "GPU_DRA_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub http_address: std::net::SocketAddr,
     /// Host /proc as seen by the plugin: device major numbers (`devices`) and MIG
     /// capability minors (`driver/nvidia/capabilities`) for the CDI device nodes.
     #[arg(long, env = "GPU_DRA_PROC_ROOT", default_value = "/proc", value_parser = parse_absolute)]
@@ -129,6 +136,11 @@ pub struct InventoryArgs {
     /// Path of libnvidia-ml.so to load instead of the system's libnvidia-ml.so.1.
     #[arg(long, env = "GPU_DRA_NVML_LIB_PATH")]
     pub nvml_lib_path: Option<PathBuf>,
+    /// Search libnvidia-ml.so.1 below this driver root (as `kubelet-plugin` does, so
+    /// `gpu-dra inventory` works inside the plugin's pod); without it the dynamic
+    /// loader's search path is used.
+    #[arg(long, env = "GPU_DRA_DRIVER_ROOT", value_parser = parse_absolute)]
+    pub driver_root: Option<PathBuf>,
 }
 
 /// Flags of `gpu-dra webhook`.
@@ -232,6 +244,9 @@ mod tests {
             PathBuf::from("/var/lib/kubelet/plugins/gpu.gpu-dra.dev/checkpoint.json")
         );
         assert_eq!(args.cdi_root, PathBuf::from("/var/run/cdi"));
+        assert_eq!(args.driver_root, PathBuf::from("/"));
+        assert_eq!(args.nvidia_smi_path, None);
+        assert_eq!(args.http_address, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(cli.log.log_format, LogFormat::Text);
     }
 

@@ -20,17 +20,23 @@ use tokio::sync::watch;
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH, LoadOutcome};
 use crate::claims::ClaimSource;
 use crate::cli::{InventoryArgs, PluginArgs, WebhookArgs};
+use crate::driver_root::{self, DriverFiles, NotFound, Overrides};
 use crate::health::{HealthSnapshot, HealthState, start_nvml_watcher, unix_now};
+use crate::http::HttpServer;
+use crate::http::probes::{DriverStatus, probe_channels};
 use crate::inventory::{
     Discover, NvmlDiscovery, refresh_inventory, render_inventory, render_slices,
 };
-use crate::plugin::{NodeDriver, PluginServer, PluginServerConfig, SHUTDOWN_GRACE};
+use crate::nvml_liveness::{self, NvmlPing};
+use crate::plugin::{
+    NodeDriver, PluginServer, PluginServerConfig, RegistrationState, SHUTDOWN_GRACE,
+};
 use crate::prepare::{Preparer, PreparerConfig};
 use crate::sharing::{
     MpsSettings, MpsSupervisor, NvidiaSmiTimeSlice, NvmlComputeControl, SharingManager,
 };
 use crate::slices::desired::{SliceFeatures, desired_slices};
-use crate::slices::reconcile::{PublishStatus, Reconciler};
+use crate::slices::reconcile::Reconciler;
 
 /// Where sysfs is mounted (PCIe root lookup for the `pcieRoot` attribute).
 const SYSFS_ROOT: &str = "/sys";
@@ -38,6 +44,8 @@ const SYSFS_ROOT: &str = "/sys";
 const INVENTORY_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
 /// Time limit of one nvidia-smi or MPS control command.
 const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How often the driver root is searched again while the NVIDIA driver is missing.
+const DRIVER_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Kubernetes client from `--kubeconfig`, else in-cluster / `$KUBECONFIG` / `~/.kube/config`.
 pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
@@ -84,17 +92,30 @@ pub fn plugin_server_config(args: &PluginArgs) -> PluginServerConfig {
 }
 
 /// Runs the node plugin with `driver` (and the health service over `health`, if given)
-/// until SIGTERM/SIGINT; sockets are removed on exit.
+/// until SIGTERM/SIGINT; sockets are removed on exit. The kubelet's registration verdict
+/// is copied to `registration`, if given.
 pub async fn serve_plugin<D: NodeDriver>(
     args: &PluginArgs,
     driver: Arc<D>,
     health: Option<watch::Receiver<HealthSnapshot>>,
+    registration: Option<watch::Sender<RegistrationState>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut server = PluginServer::bind(plugin_server_config(args), driver)
         .context("starting the kubelet plugin sockets")?;
     if let Some(health) = health {
         server = server.with_health(health);
+    }
+    if let Some(tx) = registration {
+        let mut state = server.registration_state();
+        tokio::spawn(async move {
+            loop {
+                tx.send_replace(state.borrow_and_update().clone());
+                if state.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
     server
         .serve(shutdown)
@@ -112,10 +133,17 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         "starting kubelet plugin"
     );
     let shutdown = shutdown_on_signal()?;
-    let discovery: Arc<dyn Discover> = Arc::new(
-        NvmlDiscovery::new(args.nvml_lib_path.as_deref(), SYSFS_ROOT)
-            .context("initialising NVML for discovery")?,
-    );
+    let (probes, probe_inputs) = probe_channels();
+    let http = HttpServer::bind(args.http_address, crate::http::probes::routes(probe_inputs))
+        .await
+        .context("starting the probe HTTP server")?;
+    info!(address = %http.local_addr(), "serving /healthz and /readyz");
+    let http_task = tokio::spawn(http.serve(shutdown.clone()));
+    let Some((files, nvml)) = wait_for_driver(&args, &probes.driver, &shutdown).await else {
+        return Ok(());
+    };
+    let nvml_library = files.nvml_library.clone();
+    let discovery: Arc<dyn Discover> = nvml.clone();
     let inventory = discovery.discover().context("discovering GPUs")?;
     info!(gpus = inventory.gpus.len(), driver_version = %inventory.driver_version, "discovered GPUs");
     let health = Arc::new(HealthState::new(
@@ -137,12 +165,15 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
 
     let sharing = SharingManager::new(
         Arc::new(
-            NvmlComputeControl::new(args.nvml_lib_path.as_deref())
+            NvmlComputeControl::new(Some(&nvml_library))
                 .context("initialising NVML for compute mode control")?,
         ),
-        Arc::new(NvidiaSmiTimeSlice::new(&args.nvidia_smi_path, TOOL_TIMEOUT)),
+        Arc::new(NvidiaSmiTimeSlice::new(
+            tool_path(files.nvidia_smi, driver_root::NVIDIA_SMI),
+            TOOL_TIMEOUT,
+        )),
         MpsSupervisor::new(MpsSettings {
-            control_path: args.mps_control_path.clone(),
+            control_path: tool_path(files.mps_control, driver_root::MPS_CONTROL),
             root_dir: plugin_dir.join("mps"),
             ready_timeout: TOOL_TIMEOUT,
             command_timeout: TOOL_TIMEOUT,
@@ -173,7 +204,7 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     )
     .await
     .context("looking up this node for the ResourceSlices' owner")?;
-    let (status_tx, _status_rx) = watch::channel(PublishStatus::default());
+    let status_tx = probes.publish;
     let slices_stop = shutdown.clone();
     tokio::spawn(async move {
         if let Err(err) = reconciler
@@ -192,19 +223,29 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     ));
 
     let health_rx = health.subscribe();
-    let health_watch = start_nvml_watcher(
-        args.nvml_lib_path.as_deref(),
-        Arc::clone(&health),
-        shutdown.clone(),
-    )
-    .await;
+    tokio::spawn(nvml_liveness::watch_nvml(
+        nvml as Arc<dyn NvmlPing>,
+        nvml_liveness::CHECK_INTERVAL,
+        nvml_liveness::CALL_TIMEOUT,
+        probes.nvml,
+        shutdown.clone().cancelled_owned(),
+    ));
+    let health_watch =
+        start_nvml_watcher(Some(&nvml_library), Arc::clone(&health), shutdown.clone()).await;
     tokio::spawn(follow_inventory(
         inventory_rx_for_health,
         health,
         shutdown.clone(),
     ));
 
-    let served = serve_plugin(&args, Arc::new(preparer), Some(health_rx), shutdown.clone()).await;
+    let served = serve_plugin(
+        &args,
+        Arc::new(preparer),
+        Some(health_rx),
+        Some(probes.registration),
+        shutdown.clone(),
+    )
+    .await;
     // The server returns on shutdown or failure; either way the health watch stops.
     shutdown.cancel();
     match health_watch.await {
@@ -212,7 +253,77 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         Ok(Err(err)) => tracing::warn!(error = %err, "GPU health watch had stopped"),
         Err(err) => tracing::warn!(error = %err, "GPU health watch task failed"),
     }
+    match http_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(error = %format!("{err:#}"), "probe HTTP server had stopped")
+        }
+        Err(err) => tracing::warn!(error = %err, "probe HTTP server task failed"),
+    }
     served
+}
+
+/// Searches the driver root and initialises NVML, again every [`DRIVER_RETRY`] until it
+/// works (the GPU operator may install the driver after the plugin starts) or `shutdown`
+/// (`None`). Meanwhile the plugin is not ready: `status` holds every path searched or the
+/// NVML error, which is also logged whenever it changes.
+async fn wait_for_driver(
+    args: &PluginArgs,
+    status: &watch::Sender<DriverStatus>,
+    shutdown: &CancellationToken,
+) -> Option<(DriverFiles, Arc<NvmlDiscovery>)> {
+    let overrides = Overrides {
+        nvml_library: args.nvml_lib_path.clone(),
+        nvidia_smi: args.nvidia_smi_path.clone(),
+        mps_control: args.mps_control_path.clone(),
+    };
+    let mut logged: Option<String> = None;
+    loop {
+        let attempt = driver_root::locate(&args.driver_root, std::env::consts::ARCH, &overrides)
+            .map_err(|e| e.to_string())
+            .and_then(|files| {
+                NvmlDiscovery::new(Some(&files.nvml_library), SYSFS_ROOT)
+                    .map(|nvml| (files, nvml))
+                    .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+            });
+        match attempt {
+            Ok((files, nvml)) => {
+                info!(
+                    nvml = %files.nvml_library.display(),
+                    driver_root = %args.driver_root.display(),
+                    "NVML loaded"
+                );
+                status.send_replace(DriverStatus::Loaded {
+                    library: files.nvml_library.clone(),
+                });
+                return Some((files, Arc::new(nvml)));
+            }
+            Err(error) => {
+                if logged.as_ref() != Some(&error) {
+                    tracing::error!(
+                        error = %error,
+                        retry_every = ?DRIVER_RETRY,
+                        "NVIDIA driver not usable; the plugin stays not ready until it is"
+                    );
+                    logged = Some(error.clone());
+                }
+                status.send_replace(DriverStatus::Searching { error });
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(DRIVER_RETRY) => {}
+        }
+    }
+}
+
+/// The tool's path, or its bare name (PATH lookup when run) with a warning when it was
+/// not found: only claims that need it fail, with the spawn error.
+fn tool_path(found: Result<std::path::PathBuf, NotFound>, name: &str) -> std::path::PathBuf {
+    found.unwrap_or_else(|missing| {
+        tracing::warn!(error = %missing, "claims that need {name} fail until it is installed");
+        std::path::PathBuf::from(name)
+    })
 }
 
 /// Keeps the health list's devices in step with the inventory until `stop`.
@@ -291,8 +402,14 @@ async fn report_checkpoint_outcome(
 /// `gpu-dra inventory`: prints the discovered GPUs, or with `--slices` the ResourceSlices
 /// the plugin would publish on that node (YAML).
 pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
-    let discovery = NvmlDiscovery::new(args.nvml_lib_path.as_deref(), SYSFS_ROOT)
-        .context("initialising NVML")?;
+    let library = match (&args.nvml_lib_path, &args.driver_root) {
+        (None, Some(root)) => Some(
+            driver_root::locate(root, std::env::consts::ARCH, &Overrides::default())?.nvml_library,
+        ),
+        (given, _) => given.clone(),
+    };
+    let discovery =
+        NvmlDiscovery::new(library.as_deref(), SYSFS_ROOT).context("initialising NVML")?;
     let inventory = discovery.discover().context("discovering GPUs")?;
     if args.slices {
         let node = args.node_name.as_deref().unwrap_or_default();

@@ -64,3 +64,30 @@ fn prints_the_slices_it_would_publish() {
     assert_eq!(names.len(), 12, "{names:?}");
     assert!(names.contains(&"gpu-0-mig-3g40gb-9-0"), "{names:?}");
 }
+
+#[test]
+fn finds_nvml_below_a_driver_root() {
+    let gpus = FakeGpus::new("l40s-single").unwrap();
+    let run = |gpus: &FakeGpus| {
+        let mut cmd = Command::new(target_dir().join("gpu-dra"));
+        cmd.arg("inventory")
+            .arg(format!("--driver-root={}", gpus.driver_root().display()));
+        gpus.apply_env(&mut cmd);
+        cmd.output().expect("gpu-dra runs")
+    };
+    std::fs::create_dir_all(gpus.driver_root()).unwrap();
+    let missing = run(&gpus);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    let searched = gpus.driver_root().join("usr/lib64/libnvidia-ml.so.1");
+    assert!(stderr.contains(&searched.display().to_string()), "{stderr}");
+
+    gpus.install_driver(&target_dir()).unwrap();
+    let found = run(&gpus);
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    assert!(String::from_utf8_lossy(&found.stdout).contains("NVIDIA L40S"));
+}

@@ -1,9 +1,12 @@
 //! Runs the gpu-dra kubelet plugin as a child process against a box node and a fake GPU.
 //!
-//! Owns: the fake GPU node (a topology copied into a temp dir, its state file and fake
-//! /proc tree from tests/fake-nvml) and the plugin process (start, SIGKILL, restart,
-//! log file). Paths of the fake NVML artefacts come from the workspace target dir
-//! (`cargo build --workspace`, which `make test` runs first).
+//! Owns: the fake GPU node (a topology copied into a temp dir, its state file, fake
+//! /proc tree and a driver root holding the fake NVML artefacts from tests/fake-nvml) and
+//! the plugin process (start, SIGKILL, restart, log file). The plugin runs as the
+//! DaemonSet runs it: with the container's args and env from deploy/daemonset.yaml (host
+//! paths mapped to the box, see `support::deploy`) and a token of its ServiceAccount, not
+//! the admin kubeconfig. Paths of the fake NVML artefacts come from the workspace target
+//! dir (`cargo build --workspace`, which `make test` runs first).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,6 +68,40 @@ impl FakeGpus {
         nvidia_ml::control::read_state(&self.state_path()).expect("fake NVML state readable")
     }
 
+    /// A driver root laid out as a Debian/Ubuntu host's (`usr/lib/<multiarch>/libnvidia-ml.so.1`,
+    /// `usr/bin/nvidia-smi`, `usr/bin/nvidia-cuda-mps-control`) holding the fake NVML
+    /// artefacts of `target` (hard links, or copies across file systems): the driver
+    /// installed; files already there are kept.
+    pub fn install_driver(&self, target: &Path) -> anyhow::Result<PathBuf> {
+        let root = self.driver_root();
+        let multiarch = format!("usr/lib/{}-linux-gnu", std::env::consts::ARCH);
+        for (from, to) in [
+            ("libnvidia_ml.so", format!("{multiarch}/libnvidia-ml.so.1")),
+            ("nvidia-smi", "usr/bin/nvidia-smi".to_owned()),
+            (
+                "nvidia-cuda-mps-control",
+                "usr/bin/nvidia-cuda-mps-control".to_owned(),
+            ),
+        ] {
+            let dest = root.join(to);
+            if dest.exists() {
+                continue;
+            }
+            std::fs::create_dir_all(dest.parent().expect("below the root"))?;
+            let src = target.join(from);
+            if std::fs::hard_link(&src, &dest).is_err() {
+                std::fs::copy(&src, &dest)
+                    .with_context(|| format!("copying {} into the driver root", src.display()))?;
+            }
+        }
+        Ok(root)
+    }
+
+    /// The node's driver root (empty until [`FakeGpus::install_driver`]).
+    pub fn driver_root(&self) -> PathBuf {
+        self.dir.path().join("driver-root")
+    }
+
     /// Sets the fake library's environment on `cmd`.
     pub fn apply_env(&self, cmd: &mut Command) {
         cmd.env("FAKE_NVML_TOPOLOGY", self.topology())
@@ -77,11 +114,20 @@ pub struct Plugin {
     child: Mutex<Option<Child>>,
     log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
+    http_address: std::net::SocketAddr,
 }
 
 impl Plugin {
     /// Starts `gpu-dra kubelet-plugin` for `node` of `b` on the fake GPUs `gpus`.
     pub fn start(b: &TestBox, node: &str, gpus: &FakeGpus) -> anyhow::Result<Self> {
+        gpus.install_driver(&target_dir())?;
+        Self::start_before_driver(b, node, gpus)
+    }
+
+    /// Like [`Plugin::start`], but the driver root stays as it is (empty unless
+    /// [`FakeGpus::install_driver`] ran): the plugin waits for the driver.
+    pub fn start_before_driver(b: &TestBox, node: &str, gpus: &FakeGpus) -> anyhow::Result<Self> {
         let target = target_dir();
         let lib = target.join("libnvidia_ml.so");
         anyhow::ensure!(
@@ -89,25 +135,59 @@ impl Plugin {
             "{} missing: run `cargo build --workspace` (make test does) before the tests",
             lib.display()
         );
-        let args = vec![
-            "kubelet-plugin".to_string(),
-            format!("--node-name={node}"),
-            format!("--kubelet-root={}", b.kubelet_root(node).display()),
-            format!("--cdi-root={}", b.cdi_dir(node).display()),
-            format!("--kubeconfig={}", b.kubeconfig().display()),
-            format!("--nvml-lib-path={}", lib.display()),
-            format!("--nvidia-smi-path={}", target.join("nvidia-smi").display()),
-            format!(
-                "--mps-control-path={}",
-                target.join("nvidia-cuda-mps-control").display()
-            ),
+        let paths = super::deploy::HostPaths {
+            kubelet_root: b.kubelet_root(node),
+            cdi_root: b.cdi_dir(node),
+            driver_root: gpus.driver_root(),
+        };
+        let super::deploy::ContainerCommand { mut args, env } =
+            super::deploy::container_command(node, &paths)?;
+        let identity_started = std::time::Instant::now();
+        let kubeconfig = std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(super::deploy::plugin_kubeconfig(b, node))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("identity thread panicked"))?
+        })?;
+        eprintln!(
+            "support::driver: ServiceAccount token for {node} in {:.2}s",
+            identity_started.elapsed().as_secs_f64()
+        );
+        let http_address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        // What differs from a pod: no in-cluster config, the fake /proc, a free port; and
+        // the kubelet's default directories mapped to the box unless the manifest sets them.
+        let set = |flag: &str, env_name: &str| {
+            args.iter().any(|a| a.starts_with(&format!("--{flag}=")))
+                || env.iter().any(|(n, _)| n == env_name)
+        };
+        let mut extra = vec![
+            format!("--kubeconfig={}", kubeconfig.display()),
             format!("--proc-root={}", gpus.proc_root().display()),
+            format!("--http-address={http_address}"),
         ];
+        if !set("kubelet-root", "GPU_DRA_KUBELET_ROOT") {
+            extra.push(format!("--kubelet-root={}", b.kubelet_root(node).display()));
+        }
+        if !set("cdi-root", "GPU_DRA_CDI_ROOT") {
+            extra.push(format!("--cdi-root={}", b.cdi_dir(node).display()));
+        }
+        // These replace the manifest's own value of the same flag (clap takes one).
+        for flag in &extra {
+            let name = flag.split('=').next().unwrap_or_default().to_owned() + "=";
+            args.retain(|a| !a.starts_with(&name));
+        }
+        args.extend(extra);
         let log = b.state_dir().join(format!("plugin-{node}.log"));
         let mut plugin = Plugin {
             child: Mutex::new(None),
             log,
             args,
+            env,
+            http_address,
         };
         plugin.spawn(gpus)?;
         Ok(plugin)
@@ -120,6 +200,9 @@ impl Plugin {
             .open(&self.log)?;
         let mut cmd = Command::new(target_dir().join("gpu-dra"));
         cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            // Tests read the text log (the manifest's JSON format is for log collectors).
+            .env("GPU_DRA_LOG_FORMAT", "text")
             .env("GPU_DRA_LOG_LEVEL", "info,gpu_dra=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -158,6 +241,24 @@ impl Plugin {
             anyhow::bail!("plugin exited with {status}; log:\n{}", self.log_tail(40));
         }
         Ok(())
+    }
+
+    /// Where the plugin serves `/healthz` and `/readyz`.
+    pub fn http_address(&self) -> std::net::SocketAddr {
+        self.http_address
+    }
+
+    /// GETs `path` (`/healthz`, `/readyz`) from the plugin's HTTP server: status and body.
+    pub async fn probe(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use http_body_util::BodyExt as _;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let uri: http::Uri = format!("http://{}{path}", self.http_address).parse()?;
+        let response = client.get(uri).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 
     /// The last `lines` lines of the plugin's log.

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod deploy;
 pub mod driver;
 pub mod examples;
 
