@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod devnodes;
 pub mod health;
+pub mod instance;
 pub mod inventory;
 pub mod logging;
 pub mod nvml_raw;

@@ -21,6 +21,9 @@ use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH,
 use crate::claims::ClaimSource;
 use crate::cli::{InventoryArgs, PluginArgs, WebhookArgs};
 use crate::health::{HealthSnapshot, HealthState, start_nvml_watcher, unix_now};
+use crate::instance::{
+    self, Acquired, Busy, HandOverDriver, Holder, InstanceLock, TAKE_OVER_TIMEOUT,
+};
 use crate::inventory::{
     Discover, NvmlDiscovery, refresh_inventory, render_inventory, render_slices,
 };
@@ -112,6 +115,15 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         "starting kubelet plugin"
     );
     let shutdown = shutdown_on_signal()?;
+    let plugin_dir = args.plugin_data_dir();
+    std::fs::create_dir_all(&plugin_dir)
+        .with_context(|| format!("creating plugin directory {}", plugin_dir.display()))?;
+    let me = Holder::this_process(
+        args.pod_uid.clone(),
+        args.dra_socket(),
+        args.registration_socket(),
+    );
+    let mut instance = claim_instance(&plugin_dir, &me, args.pod_uid.as_deref()).await?;
     let discovery: Arc<dyn Discover> = Arc::new(
         NvmlDiscovery::new(args.nvml_lib_path.as_deref(), SYSFS_ROOT)
             .context("initialising NVML for discovery")?,
@@ -127,9 +139,46 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     let inventory_rx_for_health = inventory_rx.clone();
     let client = kube_client(args.kubeconfig.as_deref()).await?;
 
-    let plugin_dir = args.plugin_data_dir();
-    std::fs::create_dir_all(&plugin_dir)
-        .with_context(|| format!("creating plugin directory {}", plugin_dir.display()))?;
+    // Rolling update: serve now by forwarding to the lock holder, mutate nothing until the
+    // lock is ours (see the hand-over argument in `crate::instance`).
+    let holder_socket = match &instance {
+        Instance::Successor { holder, .. } => Some(holder.dra_socket.clone()),
+        Instance::Owner { .. } => None,
+    };
+    let (driver, take_over) = HandOverDriver::new(holder_socket, TAKE_OVER_TIMEOUT);
+    let driver = Arc::new(driver);
+    let mut early_server = None;
+    if let Instance::Successor { busy, holder } = instance {
+        info!(%holder, "another instance serves this node: registering now, forwarding calls to it until it stops");
+        let (server_args, server_driver, server_stop) =
+            (args.clone(), Arc::clone(&driver), shutdown.clone());
+        let health_rx = health.subscribe();
+        early_server = Some(tokio::spawn(async move {
+            serve_plugin(&server_args, server_driver, Some(health_rx), server_stop).await
+        }));
+        let acquired = tokio::select! {
+            acquired = busy.wait(&me) => acquired.context("waiting for the instance lock")?,
+            () = shutdown.cancelled() => {
+                return match early_server {
+                    Some(task) => task.await.context("plugin server task")?,
+                    None => Ok(()),
+                };
+            }
+        };
+        info!("previous instance stopped: taking over");
+        instance = Instance::Owner {
+            lock: acquired.0,
+            previous: acquired.1,
+        };
+    }
+    if let Instance::Owner {
+        previous: Some(previous),
+        ..
+    } = &instance
+    {
+        remove_sockets_left_by(previous, &me);
+    }
+
     let store = CheckpointStore::new(&plugin_dir, Path::new(DEFAULT_BOOT_ID_PATH));
     let loaded = store.load().context("reading the checkpoint")?;
     report_checkpoint_outcome(&client, &args, &loaded.outcome).await;
@@ -204,7 +253,11 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
-    let served = serve_plugin(&args, Arc::new(preparer), Some(health_rx), shutdown.clone()).await;
+    take_over.complete(Arc::new(preparer));
+    let served = match early_server {
+        Some(task) => task.await.context("plugin server task")?,
+        None => serve_plugin(&args, driver, Some(health_rx), shutdown.clone()).await,
+    };
     // The server returns on shutdown or failure; either way the health watch stops.
     shutdown.cancel();
     match health_watch.await {
@@ -212,7 +265,72 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         Ok(Err(err)) => tracing::warn!(error = %err, "GPU health watch had stopped"),
         Err(err) => tracing::warn!(error = %err, "GPU health watch task failed"),
     }
+    // Released only now, after the sockets are gone and every answered call is on disk.
+    if let Instance::Owner { lock, .. } = instance {
+        info!(lock = %lock.path().display(), "releasing the instance lock");
+        drop(lock);
+    }
     served
+}
+
+/// This process's standing on the node's instance lock.
+enum Instance {
+    /// Holds the lock; `previous` is the record the last holder left.
+    Owner {
+        /// Held for the life of the process.
+        lock: InstanceLock,
+        /// The previous holder, which has exited.
+        previous: Option<Holder>,
+    },
+    /// Rolling update: `holder` serves the node; wait on `busy` to take over.
+    Successor {
+        /// The lock file, to wait on.
+        busy: Busy,
+        /// Who holds the lock now.
+        holder: Holder,
+    },
+}
+
+/// Takes the instance lock or, when another instance holds it, decides whether this one
+/// may run next to it (rolling update) or must refuse to start.
+async fn claim_instance(
+    plugin_dir: &Path,
+    me: &Holder,
+    pod_uid: Option<&str>,
+) -> anyhow::Result<Instance> {
+    match instance::lock::try_acquire(plugin_dir, me).context("taking the instance lock")? {
+        Acquired::Held { lock, previous } => {
+            info!(lock = %lock.path().display(), "holding the instance lock for this node");
+            Ok(Instance::Owner { lock, previous })
+        }
+        Acquired::Busy(busy) => {
+            // A holder writes its record right after locking: give it a moment.
+            let mut holder = busy.holder();
+            let deadline = tokio::time::Instant::now() + HOLDER_RECORD_WAIT;
+            while holder.is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                holder = busy.holder();
+            }
+            let holder = instance::admit(busy.path().to_owned(), pod_uid, holder)?;
+            Ok(Instance::Successor { busy, holder })
+        }
+    }
+}
+
+/// How long a second instance waits for the holder's record to become readable.
+const HOLDER_RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Removes the sockets an exited previous holder left (SIGKILL, crash), except paths this
+/// instance uses itself; the kubelet would otherwise keep a dead registration.
+fn remove_sockets_left_by(previous: &Holder, me: &Holder) {
+    for path in [&previous.registration_socket, &previous.dra_socket] {
+        if *path == me.registration_socket || *path == me.dra_socket {
+            continue;
+        }
+        if let Err(err) = crate::plugin::remove_left_behind(path) {
+            tracing::warn!(error = %err, "removing a socket the previous instance left");
+        }
+    }
 }
 
 /// Keeps the health list's devices in step with the inventory until `stop`.
