@@ -82,6 +82,19 @@ pub struct Plugin {
 impl Plugin {
     /// Starts `gpu-dra kubelet-plugin` for `node` of `b` on the fake GPUs `gpus`.
     pub fn start(b: &TestBox, node: &str, gpus: &FakeGpus) -> anyhow::Result<Self> {
+        Self::start_with(b, node, gpus, "", &[])
+    }
+
+    /// Like [`Plugin::start`] with `extra` arguments appended (e.g. `--pod-uid=...`);
+    /// a non-empty `instance` names the log file `plugin-<node>-<instance>.log`, so
+    /// several instances for one node keep separate logs.
+    pub fn start_with(
+        b: &TestBox,
+        node: &str,
+        gpus: &FakeGpus,
+        instance: &str,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let target = target_dir();
         let lib = target.join("libnvidia_ml.so");
         anyhow::ensure!(
@@ -103,7 +116,11 @@ impl Plugin {
             ),
             format!("--proc-root={}", gpus.proc_root().display()),
         ];
-        let log = b.state_dir().join(format!("plugin-{node}.log"));
+        let args = args.into_iter().chain(extra.iter().cloned()).collect();
+        let log = match instance {
+            "" => b.state_dir().join(format!("plugin-{node}.log")),
+            name => b.state_dir().join(format!("plugin-{node}-{name}.log")),
+        };
         let mut plugin = Plugin {
             child: Mutex::new(None),
             log,
@@ -147,6 +164,38 @@ impl Plugin {
     pub fn restart(&mut self, gpus: &FakeGpus) -> anyhow::Result<()> {
         self.kill();
         self.spawn(gpus)
+    }
+
+    /// Process id of the running plugin, if any.
+    pub fn pid(&self) -> Option<u32> {
+        let guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map(Child::id)
+    }
+
+    /// The exit status, once the plugin has exited (`None` while it runs).
+    pub fn exit_status(&self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => anyhow::bail!("plugin not started"),
+        }
+    }
+
+    /// SIGTERMs the plugin (clean shutdown, as the kubelet stops a pod) and waits for it
+    /// to exit; returns its exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(mut child) = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Ok(None);
+        };
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        Ok(Some(child.wait()?))
     }
 
     /// Fails if the plugin has exited.
