@@ -21,13 +21,14 @@ use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH,
 use crate::claims::ClaimSource;
 use crate::cli::{InventoryArgs, PluginArgs, WebhookArgs};
 use crate::health::{HealthSnapshot, HealthState, start_nvml_watcher, unix_now};
-use crate::instance::{
-    self, Acquired, Busy, HandOverDriver, Holder, InstanceLock, TAKE_OVER_TIMEOUT,
-};
+use crate::instance::{HandOverDriver, Holder, TAKE_OVER_TIMEOUT, startup};
 use crate::inventory::{
     Discover, NvmlDiscovery, refresh_inventory, render_inventory, render_slices,
 };
-use crate::plugin::{NodeDriver, PluginServer, PluginServerConfig, SHUTDOWN_GRACE};
+use crate::plugin::{
+    NodeDriver, PluginServer, PluginServerConfig, SHUTDOWN_GRACE, dra_socket_path,
+    registration_socket_path,
+};
 use crate::prepare::{Preparer, PreparerConfig};
 use crate::sharing::{
     MpsSettings, MpsSupervisor, NvidiaSmiTimeSlice, NvmlComputeControl, SharingManager,
@@ -123,7 +124,17 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         args.dra_socket(),
         args.registration_socket(),
     );
-    let mut instance = claim_instance(&plugin_dir, &me, args.pod_uid.as_deref()).await?;
+    let fixed_sockets = (
+        registration_socket_path(
+            &args.kubelet_root.join("plugins_registry"),
+            &args.driver_name,
+            None,
+        ),
+        dra_socket_path(&plugin_dir, None),
+    );
+    let standing = startup::claim(&plugin_dir, &me, fixed_sockets)
+        .await
+        .context("claiming this node's plugin directory")?;
     let discovery: Arc<dyn Discover> = Arc::new(
         NvmlDiscovery::new(args.nvml_lib_path.as_deref(), SYSFS_ROOT)
             .context("initialising NVML for discovery")?,
@@ -139,44 +150,35 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     let inventory_rx_for_health = inventory_rx.clone();
     let client = kube_client(args.kubeconfig.as_deref()).await?;
 
-    // Rolling update: serve now by forwarding to the lock holder, mutate nothing until the
-    // lock is ours (see the hand-over argument in `crate::instance`).
-    let holder_socket = match &instance {
-        Instance::Successor { holder, .. } => Some(holder.dra_socket.clone()),
-        Instance::Owner { .. } => None,
-    };
-    let (driver, take_over) = HandOverDriver::new(holder_socket, TAKE_OVER_TIMEOUT);
+    // Rolling update: serve now by forwarding to the running instance, mutate nothing
+    // until it has stopped (see the hand-over argument in `crate::instance`).
+    let predecessor = standing.predecessor_dra_socket().map(Path::to_path_buf);
+    let (driver, take_over) = HandOverDriver::new(predecessor.clone(), TAKE_OVER_TIMEOUT);
     let driver = Arc::new(driver);
     let mut early_server = None;
-    if let Instance::Successor { busy, holder } = instance {
-        info!(%holder, "another instance serves this node: registering now, forwarding calls to it until it stops");
+    if let Some(predecessor) = predecessor {
+        info!(predecessor = %predecessor.display(), "another instance serves this node: registering now, forwarding calls to it until it stops");
         let (server_args, server_driver, server_stop) =
             (args.clone(), Arc::clone(&driver), shutdown.clone());
         let health_rx = health.subscribe();
         early_server = Some(tokio::spawn(async move {
             serve_plugin(&server_args, server_driver, Some(health_rx), server_stop).await
         }));
-        let acquired = tokio::select! {
-            acquired = busy.wait(&me) => acquired.context("waiting for the instance lock")?,
-            () = shutdown.cancelled() => {
-                return match early_server {
-                    Some(task) => task.await.context("plugin server task")?,
-                    None => Ok(()),
-                };
-            }
-        };
-        info!("previous instance stopped: taking over");
-        instance = Instance::Owner {
-            lock: acquired.0,
-            previous: acquired.1,
-        };
     }
-    if let Instance::Owner {
-        previous: Some(previous),
-        ..
-    } = &instance
-    {
-        remove_sockets_left_by(previous, &me);
+    let (instance_lock, previous) = tokio::select! {
+        taken = standing.take_over(&me) => taken.context("waiting for the other instance to stop")?,
+        () = shutdown.cancelled() => {
+            return match early_server {
+                Some(task) => task.await.context("plugin server task")?,
+                None => Ok(()),
+            };
+        }
+    };
+    if early_server.is_some() {
+        info!("previous instance stopped: taking over");
+    }
+    if let Some(previous) = &previous {
+        startup::remove_sockets_left_by(previous, &me);
     }
 
     let store = CheckpointStore::new(&plugin_dir, Path::new(DEFAULT_BOOT_ID_PATH));
@@ -266,71 +268,9 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         Err(err) => tracing::warn!(error = %err, "GPU health watch task failed"),
     }
     // Released only now, after the sockets are gone and every answered call is on disk.
-    if let Instance::Owner { lock, .. } = instance {
-        info!(lock = %lock.path().display(), "releasing the instance lock");
-        drop(lock);
-    }
+    info!(lock = %instance_lock.path().display(), "releasing the instance lock");
+    drop(instance_lock);
     served
-}
-
-/// This process's standing on the node's instance lock.
-enum Instance {
-    /// Holds the lock; `previous` is the record the last holder left.
-    Owner {
-        /// Held for the life of the process.
-        lock: InstanceLock,
-        /// The previous holder, which has exited.
-        previous: Option<Holder>,
-    },
-    /// Rolling update: `holder` serves the node; wait on `busy` to take over.
-    Successor {
-        /// The lock file, to wait on.
-        busy: Busy,
-        /// Who holds the lock now.
-        holder: Holder,
-    },
-}
-
-/// Takes the instance lock or, when another instance holds it, decides whether this one
-/// may run next to it (rolling update) or must refuse to start.
-async fn claim_instance(
-    plugin_dir: &Path,
-    me: &Holder,
-    pod_uid: Option<&str>,
-) -> anyhow::Result<Instance> {
-    match instance::lock::try_acquire(plugin_dir, me).context("taking the instance lock")? {
-        Acquired::Held { lock, previous } => {
-            info!(lock = %lock.path().display(), "holding the instance lock for this node");
-            Ok(Instance::Owner { lock, previous })
-        }
-        Acquired::Busy(busy) => {
-            // A holder writes its record right after locking: give it a moment.
-            let mut holder = busy.holder();
-            let deadline = tokio::time::Instant::now() + HOLDER_RECORD_WAIT;
-            while holder.is_none() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                holder = busy.holder();
-            }
-            let holder = instance::admit(busy.path().to_owned(), pod_uid, holder)?;
-            Ok(Instance::Successor { busy, holder })
-        }
-    }
-}
-
-/// How long a second instance waits for the holder's record to become readable.
-const HOLDER_RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Removes the sockets an exited previous holder left (SIGKILL, crash), except paths this
-/// instance uses itself; the kubelet would otherwise keep a dead registration.
-fn remove_sockets_left_by(previous: &Holder, me: &Holder) {
-    for path in [&previous.registration_socket, &previous.dra_socket] {
-        if *path == me.registration_socket || *path == me.dra_socket {
-            continue;
-        }
-        if let Err(err) = crate::plugin::remove_left_behind(path) {
-            tracing::warn!(error = %err, "removing a socket the previous instance left");
-        }
-    }
 }
 
 /// Keeps the health list's devices in step with the inventory until `stop`.

@@ -6,7 +6,8 @@
 //! instance B starts while A serves, registers, and the kubelet switches to it (B
 //! forwards to A, the lock holder); A stops; B takes over. Claims prepared before,
 //! during and after the switch stay prepared, none twice, the time slice of a live
-//! claim survives, and no ResourceSlice is deleted.
+//! claim survives, and no ResourceSlice is deleted. Then B is SIGKILLed and instance C
+//! takes over from the dead holder (its left-behind registration removed).
 
 mod support;
 
@@ -226,6 +227,30 @@ async fn scenario(
         "the same slice objects: {initial_slices:?} -> {slices_now:?}"
     );
 
+    // B crashes (SIGKILL: its sockets stay behind); C, the next pod, takes over at once,
+    // removes B's dead registration and unprepares what A and B prepared.
+    let b = others.last_mut().ok_or_else(|| anyhow::anyhow!("no B"))?;
+    b.kill();
+    anyhow::ensure!(
+        registration_socket(e, uid_b).exists(),
+        "SIGKILL leaves B's socket"
+    );
+    let uid_c = uuid::Uuid::new_v4().to_string();
+    let c_dra = dra_socket(e, &uid_c);
+    others.push(Plugin::start_with(
+        e.b,
+        NODE,
+        &e.gpus,
+        "c",
+        &[format!("--pod-uid={uid_c}")],
+    )?);
+    let c: &Plugin = others.last().ok_or_else(|| anyhow::anyhow!("no C"))?;
+    support::wait_for(STEP, "C took over from the killed B", || async {
+        c.check_alive()?;
+        let ready = connections(&c_dra) >= 1 && !registration_socket(e, uid_b).exists();
+        Ok(ready.then_some(()))
+    })
+    .await?;
     delete_and_wait_gone(e, &live).await?;
     anyhow::ensure!(
         cdi_specs(e).is_empty(),
@@ -233,10 +258,17 @@ async fn scenario(
         cdi_specs(e)
     );
     anyhow::ensure!(checkpoint_claims(e)?.is_empty(), "checkpoint not empty");
-    let b = others.last_mut().ok_or_else(|| anyhow::anyhow!("no B"))?;
-    let status = b.terminate()?;
-    anyhow::ensure!(status.is_some_and(|s| s.success()), "B stopped: {status:?}");
-    anyhow::ensure!(!b_dra.exists(), "B removed its DRA socket");
+    anyhow::ensure!(
+        deletions.load(Ordering::SeqCst) == 0,
+        "ResourceSlices deleted while B was down"
+    );
+    let c = others.last_mut().ok_or_else(|| anyhow::anyhow!("no C"))?;
+    let status = c.terminate()?;
+    anyhow::ensure!(status.is_some_and(|s| s.success()), "C stopped: {status:?}");
+    anyhow::ensure!(
+        !c_dra.exists() && !registration_socket(e, &uid_c).exists(),
+        "C removed its sockets"
+    );
     Ok(())
 }
 

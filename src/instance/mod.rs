@@ -2,7 +2,7 @@
 //! a rolling update.
 //!
 //! Owns the instance lock ([`lock`]), the decision whether a second instance may start
-//! ([`admit`]) and the driver that serves the kubelet while an instance waits for its
+//! ([`admit`]), the start-up order ([`startup`]) and the driver that serves the kubelet while an instance waits for its
 //! turn ([`handover`]). It must not prepare anything itself.
 //!
 //! # Facts this follows
@@ -56,12 +56,17 @@
 //!    reconciler, so two versions with different slice content never alternate, and
 //!    no instance deletes its slices on exit.
 //!
+//! A predecessor from a release without the instance lock (fixed socket names) is
+//! recognised by its fixed DRA socket answering: the new instance takes the lock, but
+//! forwards to that socket and takes over only once it stops answering ([`startup`]).
+//!
 //! The alternative, both instances mutating under a per-call lock and re-reading the
 //! checkpoint before each change, would also need the in-memory sharing ledger and MPS
 //! supervisor to be rebuilt per call; forwarding keeps a single writer instead.
 
 pub mod handover;
 pub mod lock;
+pub mod startup;
 
 pub use handover::{HandOverDriver, TAKE_OVER_TIMEOUT, TakeOver};
 pub use lock::{Acquired, Busy, Holder, InstanceLock, LOCK_FILE, LockError};
