@@ -104,7 +104,7 @@ async fn scenario(
     )?);
     let refused = &others[0];
     let status = support::wait_for(STEP, "second instance exits", || async {
-        Ok(refused.exit_status()?)
+        refused.exit_status()
     })
     .await?;
     anyhow::ensure!(!status.success(), "second instance exited with {status}");
@@ -498,7 +498,7 @@ fn timeslice(e: &Env, uuid: &str) -> Option<u32> {
         .state()
         .gpus
         .get(uuid)
-        .map(|g| u32::from(g.timeslice))
+        .map(|g| g.timeslice)
 }
 
 fn cdi_specs(e: &Env) -> BTreeSet<String> {
