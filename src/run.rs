@@ -40,6 +40,8 @@ use crate::slices::reconcile::{PublishStatus, Reconciler};
 const SYSFS_ROOT: &str = "/sys";
 /// How often the inventory is re-read (MIG instances created outside the driver).
 const INVENTORY_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a stopping instance waits for its last checkpoint write before exiting.
+const CHECKPOINT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// Time limit of one nvidia-smi or MPS control command.
 const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -184,7 +186,7 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     let store = CheckpointStore::new(&plugin_dir, Path::new(DEFAULT_BOOT_ID_PATH));
     let loaded = store.load().context("reading the checkpoint")?;
     report_checkpoint_outcome(&client, &args, &loaded.outcome).await;
-    let (checkpoint, _writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
+    let (checkpoint, writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
 
     let sharing = SharingManager::new(
         Arc::new(
@@ -257,9 +259,20 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
 
     take_over.complete(Arc::new(preparer));
     let served = match early_server {
-        Some(task) => task.await.context("plugin server task")?,
+        Some(task) => {
+            drop(driver);
+            task.await.context("plugin server task")?
+        }
         None => serve_plugin(&args, driver, Some(health_rx), shutdown.clone()).await,
     };
+    // With the server gone the preparer is dropped; the writer ends once a write still
+    // queued by a call the kubelet gave up on is on disk. Only then may a successor read.
+    if tokio::time::timeout(CHECKPOINT_DRAIN, writer_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?CHECKPOINT_DRAIN, "checkpoint writer still busy at exit");
+    }
     // The server returns on shutdown or failure; either way the health watch stops.
     shutdown.cancel();
     match health_watch.await {

@@ -494,11 +494,7 @@ async fn gpu_uuid_of_claim(e: &Env, name: &str) -> anyhow::Result<String> {
 }
 
 fn timeslice(e: &Env, uuid: &str) -> Option<u32> {
-    e.gpus
-        .state()
-        .gpus
-        .get(uuid)
-        .map(|g| g.timeslice)
+    e.gpus.state().gpus.get(uuid).map(|g| g.timeslice)
 }
 
 fn cdi_specs(e: &Env) -> BTreeSet<String> {

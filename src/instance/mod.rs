@@ -39,9 +39,10 @@
 //!    both land in the holder's single in-memory ledger and checkpoint.
 //! 3. The old instance stops on SIGTERM: its registration socket goes first (the
 //!    kubelet deregisters it; the new registration keeps the driver usable, so no
-//!    slice wipe), in-flight calls finish, then the process exits and the kernel
-//!    releases the lock. Every answer it gave was sent after its checkpoint write
-//!    completed, so the file on disk holds every change it acknowledged.
+//!    slice wipe), in-flight calls finish, the checkpoint writer drains (a write queued
+//!    by a call the kubelet gave up on still lands), and only then is the lock released
+//!    (at the latest by the kernel at exit). Every answer was sent after its checkpoint
+//!    write completed, so the file on disk holds every change it acknowledged.
 //! 4. The new instance gets the lock, and only then loads the checkpoint, runs the
 //!    start-up recovery (as after a restart: half-done prepares are rolled back, MPS
 //!    daemons re-adopted) and starts publishing ResourceSlices. Calls that arrive in
