@@ -152,6 +152,14 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     let inventory_rx_for_health = inventory_rx.clone();
     let client = kube_client(args.kubeconfig.as_deref()).await?;
 
+    // Read-only: runs while a successor forwards, so its health stream is current.
+    let health_watch = start_nvml_watcher(
+        args.nvml_lib_path.as_deref(),
+        Arc::clone(&health),
+        shutdown.clone(),
+    )
+    .await;
+
     // Rolling update: serve now by forwarding to the running instance, mutate nothing
     // until it has stopped (see the hand-over argument in `crate::instance`).
     let predecessor = standing.predecessor_dra_socket().map(Path::to_path_buf);
@@ -245,12 +253,6 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     ));
 
     let health_rx = health.subscribe();
-    let health_watch = start_nvml_watcher(
-        args.nvml_lib_path.as_deref(),
-        Arc::clone(&health),
-        shutdown.clone(),
-    )
-    .await;
     tokio::spawn(follow_inventory(
         inventory_rx_for_health,
         health,
