@@ -95,14 +95,25 @@ pub struct PluginArgs {
     /// capability minors (`driver/nvidia/capabilities`) for the CDI device nodes.
     #[arg(long, env = "GPU_DRA_PROC_ROOT", default_value = "/proc", value_parser = parse_absolute)]
     pub proc_root: PathBuf,
+    /// UID of this plugin's pod; in a DaemonSet set GPU_DRA_POD_UID from the downward
+    /// API (fieldRef metadata.uid). Enables rolling updates (kubelet 1.33+): the sockets
+    /// get per-pod names, a new pod registers while the old one still serves, forwards
+    /// calls to it and takes over once it has stopped. Without it the socket names are
+    /// fixed and a second instance on the node refuses to start.
+    #[arg(long, env = "GPU_DRA_POD_UID", value_parser = parse_pod_uid)]
+    pub pod_uid: Option<String>,
 }
 
 impl PluginArgs {
-    /// Registration socket: `<kubelet-root>/plugins_registry/<driver>-reg.sock`.
+    /// Registration socket: `<kubelet-root>/plugins_registry/<driver>-reg.sock`; with
+    /// `--pod-uid`, `<driver>-<pod UID>-reg.sock` (hashed when the path is too long, see
+    /// [`crate::plugin::registration_socket_path`]).
     pub fn registration_socket(&self) -> PathBuf {
-        self.kubelet_root
-            .join("plugins_registry")
-            .join(format!("{}-reg.sock", self.driver_name))
+        crate::plugin::registration_socket_path(
+            &self.kubelet_root.join("plugins_registry"),
+            &self.driver_name,
+            self.pod_uid.as_deref(),
+        )
     }
 
     /// Plugin data directory (checkpoint, MPS dirs): `<kubelet-root>/plugins/<driver>`.
@@ -110,9 +121,10 @@ impl PluginArgs {
         self.kubelet_root.join("plugins").join(&self.driver_name)
     }
 
-    /// DRA service socket: `<kubelet-root>/plugins/<driver>/dra.sock`.
+    /// DRA service socket: `<kubelet-root>/plugins/<driver>/dra.sock`; with `--pod-uid`,
+    /// `dra-<pod UID>.sock` (hashed when too long).
     pub fn dra_socket(&self) -> PathBuf {
-        self.plugin_data_dir().join("dra.sock")
+        crate::plugin::dra_socket_path(&self.plugin_data_dir(), self.pod_uid.as_deref())
     }
 
     /// Checkpoint file: `<kubelet-root>/plugins/<driver>/checkpoint.json`.
@@ -186,6 +198,22 @@ fn parse_non_empty(value: &str) -> Result<String, String> {
     Ok(value.to_owned())
 }
 
+/// Accepts a pod UID: letters, digits and `-`, at most 64 characters (it becomes part of
+/// socket file names).
+fn parse_pod_uid(value: &str) -> Result<String, String> {
+    if value.is_empty()
+        || value.len() > 64
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(format!(
+            "{value:?} is not a pod UID: set GPU_DRA_POD_UID from the downward API (fieldRef metadata.uid)"
+        ));
+    }
+    Ok(value.to_owned())
+}
+
 fn parse_absolute(value: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(value);
     if !path.is_absolute() {
@@ -247,7 +275,45 @@ mod tests {
         assert_eq!(args.driver_root, PathBuf::from("/"));
         assert_eq!(args.nvidia_smi_path, None);
         assert_eq!(args.http_address, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(args.pod_uid, None);
         assert_eq!(cli.log.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn pod_uid_gives_per_instance_socket_names() {
+        let uid = "0e5f6b8a-3c1d-4f2e-9a7b-1c2d3e4f5a6b";
+        let cli = Cli::try_parse_from([
+            "gpu-dra",
+            "kubelet-plugin",
+            "--node-name",
+            "node-1",
+            "--pod-uid",
+            uid,
+        ])
+        .unwrap();
+        let Command::KubeletPlugin(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(
+            args.registration_socket(),
+            PathBuf::from(format!(
+                "/var/lib/kubelet/plugins_registry/gpu.gpu-dra.dev-{uid}-reg.sock"
+            ))
+        );
+        assert_eq!(
+            args.dra_socket(),
+            PathBuf::from(format!(
+                "/var/lib/kubelet/plugins/gpu.gpu-dra.dev/dra-{uid}.sock"
+            ))
+        );
+        // The checkpoint stays shared: both instances of a rolling update use it.
+        assert_eq!(
+            args.checkpoint_file(),
+            PathBuf::from("/var/lib/kubelet/plugins/gpu.gpu-dra.dev/checkpoint.json")
+        );
+        for bad in ["../x", "a/b", "a b"] {
+            assert!(parse_pod_uid(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

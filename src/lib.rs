@@ -13,6 +13,7 @@ pub mod devnodes;
 pub mod driver_root;
 pub mod health;
 pub mod http;
+pub mod instance;
 pub mod inventory;
 pub mod logging;
 pub mod nvml_liveness;

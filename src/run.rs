@@ -24,12 +24,14 @@ use crate::driver_root::{self, DriverFiles, NotFound, Overrides};
 use crate::health::{HealthSnapshot, HealthState, start_nvml_watcher, unix_now};
 use crate::http::HttpServer;
 use crate::http::probes::{DriverStatus, probe_channels};
+use crate::instance::{HandOverDriver, Holder, TAKE_OVER_TIMEOUT, startup};
 use crate::inventory::{
     Discover, NvmlDiscovery, refresh_inventory, render_inventory, render_slices,
 };
 use crate::nvml_liveness::{self, NvmlPing};
 use crate::plugin::{
     NodeDriver, PluginServer, PluginServerConfig, RegistrationState, SHUTDOWN_GRACE,
+    dra_socket_path, registration_socket_path,
 };
 use crate::prepare::{Preparer, PreparerConfig};
 use crate::sharing::{
@@ -42,6 +44,8 @@ use crate::slices::reconcile::Reconciler;
 const SYSFS_ROOT: &str = "/sys";
 /// How often the inventory is re-read (MIG instances created outside the driver).
 const INVENTORY_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a stopping instance waits for its last checkpoint write before exiting.
+const CHECKPOINT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// Time limit of one nvidia-smi or MPS control command.
 const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// How often the driver root is searched again while the NVIDIA driver is missing.
@@ -123,8 +127,10 @@ pub async fn serve_plugin<D: NodeDriver>(
         .context("serving the kubelet plugin")
 }
 
-/// `gpu-dra kubelet-plugin`: discovers GPUs, publishes ResourceSlices, recovers prepared
-/// claims from the checkpoint, then serves the kubelet until SIGTERM/SIGINT.
+/// `gpu-dra kubelet-plugin`: claims this node's plugin directory (one instance, or a
+/// rolling-update hand-over), waits for the NVIDIA driver, discovers GPUs, publishes
+/// ResourceSlices, recovers prepared claims from the checkpoint, then serves the kubelet
+/// until SIGTERM/SIGINT.
 pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     info!(
         driver = %args.driver_name,
@@ -133,6 +139,26 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         "starting kubelet plugin"
     );
     let shutdown = shutdown_on_signal()?;
+    let plugin_dir = args.plugin_data_dir();
+    std::fs::create_dir_all(&plugin_dir)
+        .with_context(|| format!("creating plugin directory {}", plugin_dir.display()))?;
+    let me = Holder::this_process(
+        args.pod_uid.clone(),
+        args.dra_socket(),
+        args.registration_socket(),
+    );
+    let fixed_sockets = (
+        registration_socket_path(
+            &args.kubelet_root.join("plugins_registry"),
+            &args.driver_name,
+            None,
+        ),
+        dra_socket_path(&plugin_dir, None),
+    );
+    let standing = startup::claim(&plugin_dir, &me, fixed_sockets)
+        .await
+        .context("claiming this node's plugin directory")?;
+
     let (probes, probe_inputs) = probe_channels();
     let http = HttpServer::bind(args.http_address, crate::http::probes::routes(probe_inputs))
         .await
@@ -155,13 +181,61 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     let inventory_rx_for_health = inventory_rx.clone();
     let client = kube_client(args.kubeconfig.as_deref()).await?;
 
-    let plugin_dir = args.plugin_data_dir();
-    std::fs::create_dir_all(&plugin_dir)
-        .with_context(|| format!("creating plugin directory {}", plugin_dir.display()))?;
+    // Read-only: runs while a successor forwards, so its health stream is current.
+    tokio::spawn(nvml_liveness::watch_nvml(
+        nvml as Arc<dyn NvmlPing>,
+        nvml_liveness::CHECK_INTERVAL,
+        nvml_liveness::CALL_TIMEOUT,
+        probes.nvml,
+        shutdown.clone().cancelled_owned(),
+    ));
+    let health_watch =
+        start_nvml_watcher(Some(&nvml_library), Arc::clone(&health), shutdown.clone()).await;
+
+    // Rolling update: serve now by forwarding to the running instance, mutate nothing
+    // until it has stopped (see the hand-over argument in `crate::instance`).
+    let mut registration = Some(probes.registration);
+    let predecessor = standing.predecessor_dra_socket().map(Path::to_path_buf);
+    let (driver, take_over) = HandOverDriver::new(predecessor.clone(), TAKE_OVER_TIMEOUT);
+    let driver = Arc::new(driver);
+    let mut early_server = None;
+    if let Some(predecessor) = predecessor {
+        info!(predecessor = %predecessor.display(), "another instance serves this node: registering now, forwarding calls to it until it stops");
+        let (server_args, server_driver, server_stop) =
+            (args.clone(), Arc::clone(&driver), shutdown.clone());
+        let health_rx = health.subscribe();
+        let server_registration = registration.take();
+        early_server = Some(tokio::spawn(async move {
+            serve_plugin(
+                &server_args,
+                server_driver,
+                Some(health_rx),
+                server_registration,
+                server_stop,
+            )
+            .await
+        }));
+    }
+    let (instance_lock, previous) = tokio::select! {
+        taken = standing.take_over(&me) => taken.context("waiting for the other instance to stop")?,
+        () = shutdown.cancelled() => {
+            return match early_server {
+                Some(task) => task.await.context("plugin server task")?,
+                None => Ok(()),
+            };
+        }
+    };
+    if early_server.is_some() {
+        info!("previous instance stopped: taking over");
+    }
+    if let Some(previous) = &previous {
+        startup::remove_sockets_left_by(previous, &me);
+    }
+
     let store = CheckpointStore::new(&plugin_dir, Path::new(DEFAULT_BOOT_ID_PATH));
     let loaded = store.load().context("reading the checkpoint")?;
     report_checkpoint_outcome(&client, &args, &loaded.outcome).await;
-    let (checkpoint, _writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
+    let (checkpoint, writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
 
     let sharing = SharingManager::new(
         Arc::new(
@@ -223,29 +297,37 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     ));
 
     let health_rx = health.subscribe();
-    tokio::spawn(nvml_liveness::watch_nvml(
-        nvml as Arc<dyn NvmlPing>,
-        nvml_liveness::CHECK_INTERVAL,
-        nvml_liveness::CALL_TIMEOUT,
-        probes.nvml,
-        shutdown.clone().cancelled_owned(),
-    ));
-    let health_watch =
-        start_nvml_watcher(Some(&nvml_library), Arc::clone(&health), shutdown.clone()).await;
     tokio::spawn(follow_inventory(
         inventory_rx_for_health,
         health,
         shutdown.clone(),
     ));
 
-    let served = serve_plugin(
-        &args,
-        Arc::new(preparer),
-        Some(health_rx),
-        Some(probes.registration),
-        shutdown.clone(),
-    )
-    .await;
+    take_over.complete(Arc::new(preparer));
+    let served = match early_server {
+        Some(task) => {
+            drop(driver);
+            task.await.context("plugin server task")?
+        }
+        None => {
+            serve_plugin(
+                &args,
+                driver,
+                Some(health_rx),
+                registration,
+                shutdown.clone(),
+            )
+            .await
+        }
+    };
+    // With the server gone the preparer is dropped; the writer ends once a write still
+    // queued by a call the kubelet gave up on is on disk. Only then may a successor read.
+    if tokio::time::timeout(CHECKPOINT_DRAIN, writer_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?CHECKPOINT_DRAIN, "checkpoint writer still busy at exit");
+    }
     // The server returns on shutdown or failure; either way the health watch stops.
     shutdown.cancel();
     match health_watch.await {
@@ -260,6 +342,9 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         }
         Err(err) => tracing::warn!(error = %err, "probe HTTP server task failed"),
     }
+    // Released only now, after the sockets are gone and every answered call is on disk.
+    info!(lock = %instance_lock.path().display(), "releasing the instance lock");
+    drop(instance_lock);
     served
 }
 

@@ -26,7 +26,10 @@ pub use registration::{
     RegistrationState,
 };
 pub use server::{PluginServer, PluginServerConfig, SHUTDOWN_GRACE, ServerError};
-pub use socket::{SocketError, UnixSocket};
+pub use socket::{
+    MAX_SOCKET_PATH, SocketError, UnixSocket, dra_socket_path, registration_socket_path,
+    remove_left_behind,
+};
 
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,15 @@
 //! connect) and removing it again. It removes a path only if it is a socket, and on
 //! shutdown only if it is still the socket this instance created (same inode), so a
 //! stopping instance never deletes a newer instance's socket.
+//!
+//! Also owns the socket names. Fixed: `<driver>-reg.sock` and `dra.sock`. Per instance
+//! (rolling update, kubelet 1.33+), following the upstream Go helper's
+//! `RollingUpdateRegistrarSocketFile`: the first registration name whose full path fits
+//! in `sun_path` of `<driver>-<pod UID>-reg.sock`,
+//! `<driver>-<base64url(SHA-256(pod UID)[:8])>-reg.sock` and
+//! `dra-<base64url(SHA-256(driver, NUL, pod UID)[:16])>-reg.sock` (the last one even if it
+//! does not fit); the DRA socket is `dra-<pod UID>.sock`, or `dra-<base64url(SHA-256(pod
+//! UID)[:8])>.sock` when that path is too long (upstream has no fallback there).
 
 use std::fs;
 use std::io;
@@ -12,7 +21,71 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
+use base64::Engine as _;
 use tracing::{info, warn};
+
+/// Longest socket path `bind(2)` accepts here: `sun_path` is 108 bytes and the standard
+/// library keeps a terminating NUL (upstream Go allows 108 without it).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+fn sha256_b64(data: &[u8], bytes: usize) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest.as_ref()[..bytes])
+}
+
+fn first_fitting(dir: &Path, candidates: Vec<String>) -> PathBuf {
+    let fits = |name: &String| dir.join(name).as_os_str().len() <= MAX_SOCKET_PATH;
+    let chosen = match candidates.iter().position(fits) {
+        Some(i) => i,
+        None => candidates.len() - 1,
+    };
+    candidates
+        .into_iter()
+        .nth(chosen)
+        .map_or_else(PathBuf::new, |name| dir.join(name))
+}
+
+/// Registration socket path in the kubelet's `registry_dir`: `<driver>-reg.sock`, or
+/// with `pod_uid` the per-instance name described in the module docs.
+pub fn registration_socket_path(
+    registry_dir: &Path,
+    driver: &str,
+    pod_uid: Option<&str>,
+) -> PathBuf {
+    let Some(uid) = pod_uid else {
+        return registry_dir.join(format!("{driver}-reg.sock"));
+    };
+    let driver_uid = [driver.as_bytes(), b"\0", uid.as_bytes()].concat();
+    first_fitting(
+        registry_dir,
+        vec![
+            format!("{driver}-{uid}-reg.sock"),
+            format!("{driver}-{}-reg.sock", sha256_b64(uid.as_bytes(), 8)),
+            format!("dra-{}-reg.sock", sha256_b64(&driver_uid, 16)),
+        ],
+    )
+}
+
+/// DRA service socket path in the driver's `plugin_dir`: `dra.sock`, or with `pod_uid`
+/// `dra-<pod UID>.sock` (hashed when too long, see the module docs).
+pub fn dra_socket_path(plugin_dir: &Path, pod_uid: Option<&str>) -> PathBuf {
+    let Some(uid) = pod_uid else {
+        return plugin_dir.join("dra.sock");
+    };
+    first_fitting(
+        plugin_dir,
+        vec![
+            format!("dra-{uid}.sock"),
+            format!("dra-{}.sock", sha256_b64(uid.as_bytes(), 8)),
+        ],
+    )
+}
+
+/// Removes the socket a previous instance (that has exited) left at `path`; anything
+/// that is not a socket is left alone and reported.
+pub fn remove_left_behind(path: &Path) -> Result<(), SocketError> {
+    remove_stale(path)
+}
 
 /// Why a socket file could not be created or removed.
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +265,82 @@ mod tests {
         let err = UnixSocket::bind(&path).unwrap_err();
         assert!(matches!(err, SocketError::NotASocket { .. }));
         assert_eq!(fs::read(&path).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn fixed_names_without_pod_uid() {
+        let reg = registration_socket_path(
+            Path::new("/var/lib/kubelet/plugins_registry"),
+            "gpu.gpu-dra.dev",
+            None,
+        );
+        assert_eq!(
+            reg,
+            PathBuf::from("/var/lib/kubelet/plugins_registry/gpu.gpu-dra.dev-reg.sock")
+        );
+        let dra = dra_socket_path(Path::new("/var/lib/kubelet/plugins/gpu.gpu-dra.dev"), None);
+        assert_eq!(
+            dra,
+            PathBuf::from("/var/lib/kubelet/plugins/gpu.gpu-dra.dev/dra.sock")
+        );
+    }
+
+    #[test]
+    fn per_instance_names_fall_back_to_hashes_when_too_long() {
+        let uid = "0e5f6b8a-3c1d-4f2e-9a7b-1c2d3e4f5a6b";
+        let short = Path::new("/var/lib/kubelet/plugins_registry");
+        assert_eq!(
+            registration_socket_path(short, "gpu.gpu-dra.dev", Some(uid)),
+            short.join(format!("gpu.gpu-dra.dev-{uid}-reg.sock"))
+        );
+        // 64 characters of directory: the full UID no longer fits in sun_path.
+        let long = PathBuf::from(format!("/{}", "d".repeat(63)));
+        let hashed = registration_socket_path(&long, "gpu.gpu-dra.dev", Some(uid));
+        let name = hashed.file_name().unwrap().to_str().unwrap().to_owned();
+        assert_eq!(
+            name,
+            format!("gpu.gpu-dra.dev-{}-reg.sock", sha256_b64(uid.as_bytes(), 8))
+        );
+        assert_eq!(
+            name.len(),
+            "gpu.gpu-dra.dev-".len() + 11 + "-reg.sock".len()
+        );
+        // So long that only the driver-independent name is left (used even if too long).
+        let longer = PathBuf::from(format!("/{}", "d".repeat(80)));
+        let last = registration_socket_path(&longer, "gpu.gpu-dra.dev", Some(uid));
+        let name = last.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.starts_with("dra-") && name.ends_with("-reg.sock"),
+            "{name}"
+        );
+        assert_eq!(name.len(), "dra-".len() + 22 + "-reg.sock".len());
+        // Two pods never share a name.
+        assert_ne!(
+            registration_socket_path(&long, "gpu.gpu-dra.dev", Some("other")),
+            hashed
+        );
+
+        assert_eq!(
+            dra_socket_path(Path::new("/p"), Some(uid)),
+            PathBuf::from(format!("/p/dra-{uid}.sock"))
+        );
+        let dra = dra_socket_path(&longer, Some(uid));
+        assert!(
+            dra.as_os_str().len() <= MAX_SOCKET_PATH,
+            "{}",
+            dra.display()
+        );
+        assert_ne!(dra, dra_socket_path(&longer, Some("other")));
+    }
+
+    #[test]
+    fn socket_at_the_longest_allowed_path_binds() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().as_os_str().len() + 1;
+        let path = dir.path().join("s".repeat(MAX_SOCKET_PATH - prefix));
+        assert_eq!(path.as_os_str().len(), MAX_SOCKET_PATH);
+        let socket = UnixSocket::bind(&path).unwrap();
+        socket.remove().unwrap();
     }
 
     #[test]

@@ -121,13 +121,36 @@ pub struct Plugin {
 impl Plugin {
     /// Starts `gpu-dra kubelet-plugin` for `node` of `b` on the fake GPUs `gpus`.
     pub fn start(b: &TestBox, node: &str, gpus: &FakeGpus) -> anyhow::Result<Self> {
-        gpus.install_driver(&target_dir())?;
-        Self::start_before_driver(b, node, gpus)
+        Self::start_with(b, node, gpus, "", &[])
     }
 
     /// Like [`Plugin::start`], but the driver root stays as it is (empty unless
     /// [`FakeGpus::install_driver`] ran): the plugin waits for the driver.
     pub fn start_before_driver(b: &TestBox, node: &str, gpus: &FakeGpus) -> anyhow::Result<Self> {
+        Self::launch(b, node, gpus, "", &[])
+    }
+
+    /// Like [`Plugin::start`] with `more` arguments appended (e.g. `--pod-uid=...`);
+    /// a non-empty `instance` names the log file `plugin-<node>-<instance>.log`, so
+    /// several instances for one node keep separate logs.
+    pub fn start_with(
+        b: &TestBox,
+        node: &str,
+        gpus: &FakeGpus,
+        instance: &str,
+        more: &[String],
+    ) -> anyhow::Result<Self> {
+        gpus.install_driver(&target_dir())?;
+        Self::launch(b, node, gpus, instance, more)
+    }
+
+    fn launch(
+        b: &TestBox,
+        node: &str,
+        gpus: &FakeGpus,
+        instance: &str,
+        more: &[String],
+    ) -> anyhow::Result<Self> {
         let target = target_dir();
         let lib = target.join("libnvidia_ml.so");
         anyhow::ensure!(
@@ -181,7 +204,11 @@ impl Plugin {
             args.retain(|a| !a.starts_with(&name));
         }
         args.extend(extra);
-        let log = b.state_dir().join(format!("plugin-{node}.log"));
+        args.extend(more.iter().cloned());
+        let log = match instance {
+            "" => b.state_dir().join(format!("plugin-{node}.log")),
+            name => b.state_dir().join(format!("plugin-{node}-{name}.log")),
+        };
         let mut plugin = Plugin {
             child: Mutex::new(None),
             log,
@@ -230,6 +257,38 @@ impl Plugin {
     pub fn restart(&mut self, gpus: &FakeGpus) -> anyhow::Result<()> {
         self.kill();
         self.spawn(gpus)
+    }
+
+    /// Process id of the running plugin, if any.
+    pub fn pid(&self) -> Option<u32> {
+        let guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map(Child::id)
+    }
+
+    /// The exit status, once the plugin has exited (`None` while it runs).
+    pub fn exit_status(&self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => anyhow::bail!("plugin not started"),
+        }
+    }
+
+    /// SIGTERMs the plugin (clean shutdown, as the kubelet stops a pod) and waits for it
+    /// to exit; returns its exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(mut child) = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Ok(None);
+        };
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        Ok(Some(child.wait()?))
     }
 
     /// Fails if the plugin has exited.
