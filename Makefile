@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export GOTOOLCHAIN := local
 
-.PHONY: all build test bench demo fake-nvml rig clean
+.PHONY: all build test bench demo fake-nvml rig clean tools deploy-manifests image image-check
 
 all: build
 
@@ -12,7 +12,7 @@ build:
 rig:
 	$(MAKE) -C tests/cluster
 
-test: rig
+test: rig tools image-check
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
 
@@ -27,3 +27,29 @@ clean:
 demo: rig
 	$(CARGO) build --workspace
 	$(CARGO) run --example demo
+
+# Helm and the image assembler (tools/go.mod pins their versions).
+tools:
+	$(MAKE) -C tools
+
+# deploy/*.yaml rendered from the chart (tests/deploy_chart.rs fails when they drift).
+deploy-manifests: tools
+	deploy/render-manifests.sh deploy
+
+# OCI image archive of the release binary, no container engine (tests/image.rs runs it).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+IMAGE ?= ghcr.io/gpu-dra/gpu-dra:$(VERSION)
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+IMAGE_ARCHIVE := $(TARGET_DIR)/image/gpu-dra-$(VERSION).oci.tar
+
+image: tools
+	$(CARGO) build --release --bin gpu-dra
+	deploy/image/build.sh $(TARGET_DIR)/release/gpu-dra $(VERSION) $(IMAGE) $(IMAGE_ARCHIVE)
+
+# The same recipe over the debug binary, for tests/image.rs in `make test`: the image's
+# contents, entrypoint, user and labels are checked without a release build in CI.
+IMAGE_CHECK_ARCHIVE := $(TARGET_DIR)/image/gpu-dra-$(VERSION)-check.oci.tar
+
+image-check: tools
+	$(CARGO) build --bin gpu-dra
+	deploy/image/build.sh $(TARGET_DIR)/debug/gpu-dra $(VERSION) $(IMAGE) $(IMAGE_CHECK_ARCHIVE)

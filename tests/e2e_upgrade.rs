@@ -95,12 +95,11 @@ async fn scenario(
     let checkpoint_before = checkpoint_claims(e)?;
 
     // A misconfigured second instance (no pod UID): refuses to start, names A, changes nothing.
-    others.push(Plugin::start_with(
+    others.push(Plugin::start_unmanaged(
         e.b,
         NODE,
         &e.gpus,
         "misconfigured",
-        &[],
     )?);
     let refused = &others[0];
     let status = support::wait_for(STEP, "second instance exits", || async {

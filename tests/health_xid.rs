@@ -1,5 +1,5 @@
 //! The DRA health service of the real `gpu-dra kubelet-plugin` on the tests/cluster box
-//! (KEP-4680, `v1`, as a 1.37 kubelet watches it): a tonic client of our own on the plugin's dra.sock sees every published
+//! (KEP-4680, `v1`, as a 1.37 kubelet watches it): a tonic client of our own on the plugin's DRA socket sees every published
 //! device healthy, then, after the fake NVML raises XID 79 on one GPU, that GPU's
 //! devices (here its MIG devices) UNHEALTHY with a message naming XID 79; the box's
 //! kubelet opens its own health stream too.
@@ -17,7 +17,7 @@ use gpu_dra::proto::health_v1::{
     HealthStatus, NodeWatchResourcesRequest, NodeWatchResourcesResponse,
     dra_resource_health_client::DraResourceHealthClient,
 };
-use support::driver::{DRIVER, FakeGpus, Plugin};
+use support::driver::{FakeGpus, Plugin};
 
 const NODE: &str = "node-a";
 const STEP: Duration = Duration::from_secs(90);
@@ -58,9 +58,7 @@ async fn xid_79_makes_the_gpu_unhealthy() {
     let topology = nvidia_ml::control::load_topology(&gpus.topology()).unwrap();
     let gpu = &topology.gpus[0];
     let plugin = Plugin::start(b, NODE, &gpus).unwrap();
-    let socket = b
-        .kubelet_root(NODE)
-        .join(format!("plugins/{DRIVER}/dra.sock"));
+    let socket = plugin.dra_socket().to_path_buf();
 
     // The plugin serves health only once its XID event set is registered.
     let mut stream = support::wait_for(STEP, "health stream from the plugin", || {

@@ -196,6 +196,7 @@ fn the_daemonsets_paths_map_into_the_box() {
         kubelet_root: base.join("kubelet"),
         cdi_root: base.join("cdi"),
         driver_root: base.join("driver-root"),
+        pod_uid: "0b9e7c1e-5d7a-4a51-9f0c-2f6f3c1d2e4a".into(),
     };
     let command = support::deploy::container_command(NODE, &paths).unwrap();
     assert_eq!(

@@ -93,9 +93,10 @@ fn service_account() -> anyhow::Result<(String, String)> {
 
 /// Applies namespace, ServiceAccount, RBAC and node-isolation policy from deploy/, creates
 /// (or finds) the plugin pod stand-in on `node`, requests a token bound to it and writes a
-/// kubeconfig with that token into the box's state dir. Returns once the token can read
-/// its Node (RBAC in effect).
-pub async fn plugin_kubeconfig(b: &TestBox, node: &str) -> anyhow::Result<PathBuf> {
+/// kubeconfig with that token into the box's state dir. Returns the kubeconfig and the
+/// pod's UID (what the downward API gives the container) once the token can read its Node
+/// (RBAC in effect).
+pub async fn plugin_kubeconfig(b: &TestBox, node: &str) -> anyhow::Result<(PathBuf, String)> {
     let admin = b.client().await;
     for file in ["namespace.yaml", "rbac.yaml", "node-isolation.yaml"] {
         for doc in documents(file)? {
@@ -106,6 +107,11 @@ pub async fn plugin_kubeconfig(b: &TestBox, node: &str) -> anyhow::Result<PathBu
     }
     let (ns, sa) = service_account()?;
     let pod = plugin_pod(&admin, &ns, node).await?;
+    let pod_uid = pod
+        .metadata
+        .uid
+        .clone()
+        .context("plugin pod without a UID")?;
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             audiences: None,
@@ -156,7 +162,7 @@ pub async fn plugin_kubeconfig(b: &TestBox, node: &str) -> anyhow::Result<PathBu
         || async { Ok(nodes.get(node).await.map(|_| Some(()))?) },
     )
     .await?;
-    Ok(path)
+    Ok((path, pod_uid))
 }
 
 /// A client from `kubeconfig`.
@@ -200,6 +206,8 @@ pub struct HostPaths {
     pub cdi_root: PathBuf,
     /// For the driver root's host path (`/` or `/run/nvidia/driver`).
     pub driver_root: PathBuf,
+    /// The plugin pod's UID, for `metadata.uid` fields.
+    pub pod_uid: String,
 }
 
 impl HostPaths {
@@ -240,7 +248,7 @@ pub struct ContainerCommand {
 
 /// The plugin container's command line from deploy/daemonset.yaml, with
 /// container paths below a hostPath mount rewritten to the box directory of that host
-/// path and `spec.nodeName` fields set to `node`.
+/// path, `spec.nodeName` fields set to `node` and `metadata.uid` fields to the pod's UID.
 pub fn container_command(node: &str, paths: &HostPaths) -> anyhow::Result<ContainerCommand> {
     let ds = the_kind("daemonset.yaml", "DaemonSet")?;
     let spec = &ds["spec"]["template"]["spec"];
@@ -295,6 +303,8 @@ pub fn container_command(node: &str, paths: &HostPaths) -> anyhow::Result<Contai
             map_value(v)
         } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" {
             node.to_owned()
+        } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid" {
+            paths.pod_uid.clone()
         } else {
             bail!("env {name} of the plugin container has a source the box cannot provide");
         };

@@ -116,6 +116,7 @@ pub struct Plugin {
     args: Vec<String>,
     env: Vec<(String, String)>,
     http_address: std::net::SocketAddr,
+    dra_socket: PathBuf,
 }
 
 impl Plugin {
@@ -127,7 +128,7 @@ impl Plugin {
     /// Like [`Plugin::start`], but the driver root stays as it is (empty unless
     /// [`FakeGpus::install_driver`] ran): the plugin waits for the driver.
     pub fn start_before_driver(b: &TestBox, node: &str, gpus: &FakeGpus) -> anyhow::Result<Self> {
-        Self::launch(b, node, gpus, "", &[])
+        Self::launch(b, node, gpus, "", &[], true)
     }
 
     /// Like [`Plugin::start`] with `more` arguments appended (e.g. `--pod-uid=...`);
@@ -141,7 +142,19 @@ impl Plugin {
         more: &[String],
     ) -> anyhow::Result<Self> {
         gpus.install_driver(&target_dir())?;
-        Self::launch(b, node, gpus, instance, more)
+        Self::launch(b, node, gpus, instance, more, true)
+    }
+
+    /// Like [`Plugin::start_with`], but without the DaemonSet's `GPU_DRA_POD_UID`: a
+    /// manual run, or a DaemonSet that lost its rolling-update settings.
+    pub fn start_unmanaged(
+        b: &TestBox,
+        node: &str,
+        gpus: &FakeGpus,
+        instance: &str,
+    ) -> anyhow::Result<Self> {
+        gpus.install_driver(&target_dir())?;
+        Self::launch(b, node, gpus, instance, &[], false)
     }
 
     fn launch(
@@ -150,6 +163,7 @@ impl Plugin {
         gpus: &FakeGpus,
         instance: &str,
         more: &[String],
+        managed: bool,
     ) -> anyhow::Result<Self> {
         let target = target_dir();
         let lib = target.join("libnvidia_ml.so");
@@ -158,15 +172,8 @@ impl Plugin {
             "{} missing: run `cargo build --workspace` (make test does) before the tests",
             lib.display()
         );
-        let paths = super::deploy::HostPaths {
-            kubelet_root: b.kubelet_root(node),
-            cdi_root: b.cdi_dir(node),
-            driver_root: gpus.driver_root(),
-        };
-        let super::deploy::ContainerCommand { mut args, env } =
-            super::deploy::container_command(node, &paths)?;
         let identity_started = std::time::Instant::now();
-        let kubeconfig = std::thread::scope(|s| {
+        let (kubeconfig, pod_uid) = std::thread::scope(|s| {
             s.spawn(|| {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -180,6 +187,17 @@ impl Plugin {
             "support::driver: ServiceAccount token for {node} in {:.2}s",
             identity_started.elapsed().as_secs_f64()
         );
+        let paths = super::deploy::HostPaths {
+            kubelet_root: b.kubelet_root(node),
+            cdi_root: b.cdi_dir(node),
+            driver_root: gpus.driver_root(),
+            pod_uid: pod_uid.clone(),
+        };
+        let super::deploy::ContainerCommand { mut args, mut env } =
+            super::deploy::container_command(node, &paths)?;
+        if !managed {
+            env.retain(|(name, _)| name != "GPU_DRA_POD_UID");
+        }
         let http_address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         // What differs from a pod: no in-cluster config, the fake /proc, a free port; and
         // the kubelet's default directories mapped to the box unless the manifest sets them.
@@ -209,12 +227,28 @@ impl Plugin {
             "" => b.state_dir().join(format!("plugin-{node}.log")),
             name => b.state_dir().join(format!("plugin-{node}-{name}.log")),
         };
+        // The socket names the plugin derives from its pod UID (flag, else env).
+        let pod_uid = args
+            .iter()
+            .rev()
+            .find_map(|a| a.strip_prefix("--pod-uid="))
+            .map(str::to_owned)
+            .or_else(|| {
+                env.iter()
+                    .find(|(name, _)| name == "GPU_DRA_POD_UID")
+                    .map(|(_, v)| v.clone())
+            });
+        let dra_socket = gpu_dra::plugin::dra_socket_path(
+            &b.kubelet_root(node).join("plugins").join(DRIVER),
+            pod_uid.as_deref(),
+        );
         let mut plugin = Plugin {
             child: Mutex::new(None),
             log,
             args,
             env,
             http_address,
+            dra_socket,
         };
         plugin.spawn(gpus)?;
         Ok(plugin)
@@ -300,6 +334,11 @@ impl Plugin {
             anyhow::bail!("plugin exited with {status}; log:\n{}", self.log_tail(40));
         }
         Ok(())
+    }
+
+    /// The DRA service socket this instance serves (per-pod name under a DaemonSet).
+    pub fn dra_socket(&self) -> &Path {
+        &self.dra_socket
     }
 
     /// Where the plugin serves `/healthz` and `/readyz`.
