@@ -14,7 +14,7 @@
 //! plugins' watches at once). Slow (minutes), so not part of `make test`.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::collections::BTreeMap;

@@ -121,8 +121,8 @@ pub enum ClaimError {
         name: String,
         /// Claim UID.
         uid: String,
-        /// The live pod the claim is reserved for.
-        pod: PodRef,
+        /// The live pod the claim is reserved for (boxed: the variant is rare).
+        pod: Box<PodRef>,
     },
     /// The API server could not be asked.
     #[error("cannot read ResourceClaim {namespace}/{name} ({uid}) from the API server")]
@@ -162,7 +162,7 @@ impl ClaimError {
             namespace: claim.namespace.clone(),
             name: claim.name.clone(),
             uid: claim.uid.clone(),
-            pod,
+            pod: Box::new(pod),
         }
     }
 }

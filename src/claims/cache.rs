@@ -100,7 +100,7 @@ impl NodeCache {
     /// The returned claims count as being fetched until [`Self::store`] or
     /// [`Self::fetch_failed`].
     pub fn apply(&mut self, pod: PodClaims) -> Vec<ClaimKey> {
-        let fetch = self.to_fetch(&pod);
+        let fetch = self.claims_to_fetch(&pod);
         let uid = pod.pod.uid.clone();
         if pod.claims.is_empty() {
             self.pods.remove(&uid);
@@ -124,7 +124,7 @@ impl NodeCache {
 
     /// One pod of the re-list; returns the claims to fetch for it (as [`Self::apply`]).
     pub fn relist_apply(&mut self, pod: PodClaims) -> Vec<ClaimKey> {
-        let fetch = self.to_fetch(&pod);
+        let fetch = self.claims_to_fetch(&pod);
         if !pod.claims.is_empty() {
             self.relist
                 .get_or_insert_with(HashMap::new)
@@ -198,7 +198,7 @@ impl NodeCache {
         }
     }
 
-    fn to_fetch(&mut self, pod: &PodClaims) -> Vec<ClaimKey> {
+    fn claims_to_fetch(&mut self, pod: &PodClaims) -> Vec<ClaimKey> {
         if !pod.live {
             return Vec::new();
         }
