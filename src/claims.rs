@@ -3,8 +3,10 @@
 //! Owns the node's view of ResourceClaims: a watch of this node's pods only
 //! (`spec.nodeName` field selector) and the claims those pods reference, fetched when a
 //! pod is seen bound (the scheduler writes allocation and reservation before binding) and
-//! dropped when their pods go ([`cache`], [`watch`]); a GET on a cache miss or UID
-//! mismatch, so a just-allocated claim is never refused because the watch lags. No code
+//! dropped when their pods go ([`cache`], [`watch`]); a GET on a cache miss, a UID
+//! mismatch, or a copy that does not list this node's live pods of the claim in
+//! `reservedFor` (it may predate a re-allocation), so a just-allocated claim is never
+//! refused or answered stale because the watch lags. No code
 //! here watches or lists ResourceClaims: memory and API server watch load follow this
 //! node's pods, not the cluster's claims. Each claim is decoded on its own with a depth
 //! limit ([`decode`]), so a claim the plugin cannot read fails only itself.
@@ -271,7 +273,7 @@ impl ClaimSource {
 
 impl ClaimLookup for ClaimSource {
     async fn get(&self, claim: &ClaimRef) -> Result<Arc<ResourceClaim>, ClaimError> {
-        let cached = self.lock().claim(&claim.namespace, &claim.name);
+        let cached = self.lock().current_claim(&claim.namespace, &claim.name);
         if let Some(cached) = cached
             && cache_answers(claim, &cached)
         {

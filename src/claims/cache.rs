@@ -168,6 +168,24 @@ impl NodeCache {
             .cloned()
     }
 
+    /// The cached claim `namespace/name` if the copy can be trusted for prepare: it lists
+    /// in `status.reservedFor` every live pod here that references the claim, and at least
+    /// one. A copy that lists only pods that have ended may predate a deallocation and
+    /// a new allocation (a shared claim whose pods all went, then a new pod), so it is not
+    /// answered from.
+    pub fn current_claim(&self, namespace: &str, name: &str) -> Option<Arc<ResourceClaim>> {
+        let claim = self.claim(namespace, name)?;
+        let reserved = reserved_pod_uids(&claim);
+        let mut users = self
+            .pods
+            .values()
+            .filter(|p| p.live && p.pod.namespace == namespace && p.claims.contains(name))
+            .peekable();
+        let current =
+            users.peek().is_some() && users.all(|p| reserved.contains(p.pod.uid.as_str()));
+        current.then_some(claim)
+    }
+
     /// Live pods on this node the claim `namespace/name` with UID `uid` is reserved for:
     /// pods referencing the claim whose UID the cached claim's `status.reservedFor` lists.
     /// Empty when the claim is not cached with that UID (no evidence of use).

@@ -124,7 +124,14 @@ fn source_with(client: Client, cached: Option<ResourceClaim>) -> ClaimSource {
     {
         let mut cache = source.lock();
         cache.apply(PodClaims::from_pod(&pod("pod-1", "c")).unwrap());
-        if let Some(claim) = cached {
+        if let Some(mut claim) = cached {
+            if claim
+                .status
+                .as_ref()
+                .is_some_and(|s| s.reserved_for.is_none())
+            {
+                claim = reserved_for(claim, &["pod-1"]);
+            }
             assert!(cache.store(Arc::new(claim)));
         }
     }
@@ -488,4 +495,38 @@ fn cache_keeps_only_claims_of_known_pods() {
     assert_eq!(cache.stats().claims, 1, "kept until the re-list is done");
     cache.relist_done();
     assert_eq!(cache.stats(), CacheStats { pods: 1, claims: 0 });
+}
+
+#[tokio::test]
+async fn copy_reserved_only_for_ended_pods_is_not_answered_from() {
+    let (client, mut handle) = mock_client();
+    // Cached while pod-1 ran; pod-1 has ended and pod-2 is new: the claim may have been
+    // deallocated and allocated again since.
+    let source = source_with(client, Some(claim("u1", true)));
+    let mut done = pod("pod-1", "c");
+    done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    source.lock().apply(PodClaims::from_pod(&done).unwrap());
+    let lookup = tokio::spawn({
+        let source = source.clone();
+        async move { source.get(&claim_ref("u1")).await }
+    });
+    let fresh = reserved_for(claim("u1", true), &["pod-2"]);
+    expect_get(
+        &mut handle,
+        &format!("{CLAIMS}/c"),
+        json(200, &serde_json::to_value(fresh).unwrap()),
+    )
+    .await;
+    let found = lookup.await.unwrap().unwrap();
+    assert_eq!(
+        found
+            .status
+            .as_ref()
+            .unwrap()
+            .reserved_for
+            .as_ref()
+            .unwrap()[0]
+            .uid,
+        "pod-2"
+    );
 }
