@@ -254,8 +254,8 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
             private_shm: None,
         }),
     );
-    let (claims, claim_watch) = ClaimSource::new(client.clone());
-    tokio::spawn(claim_watch.run());
+    let (claims, pod_watch) = ClaimSource::new(client.clone(), &args.node_name);
+    tokio::spawn(pod_watch.run());
     let preparer = Preparer::new(
         PreparerConfig {
             driver_name: args.driver_name.clone(),

@@ -44,12 +44,15 @@ async fn driver_end_to_end() {
     };
     apply_device_classes(&env.client).await;
 
-    let steps: [(&str, Step); 7] = [
+    let steps: [(&str, Step); 8] = [
         ("slices published", |e| Box::pin(slices_are_published(e))),
         ("deleted slices repaired", |e| {
             Box::pin(deleted_slices_are_repaired(e))
         }),
         ("one GPU per pod", |e| Box::pin(pod_gets_one_gpu(e))),
+        ("undecodable claim fails alone", |e| {
+            Box::pin(undecodable_claim_fails_alone(e))
+        }),
         ("shared time-sliced claim", |e| {
             Box::pin(shared_claim_is_time_sliced(e))
         }),
@@ -252,6 +255,71 @@ async fn pod_gets_one_gpu(e: &mut Env) -> anyhow::Result<()> {
         result["env"]
     );
     delete_and_wait_gone(e, &pods, &["job".into()]).await?;
+    anyhow::ensure!(
+        cdi_specs(e).is_empty(),
+        "CDI specs left: {:?}",
+        cdi_specs(e)
+    );
+    Ok(())
+}
+
+/// A claim whose opaque parameters nest 200 levels deep (past serde_json's 128-level
+/// recursion limit) fails its own pod's prepare with an error naming it; a pod beside it
+/// on the same node still gets its GPU.
+async fn undecodable_claim_fails_alone(e: &mut Env) -> anyhow::Result<()> {
+    let ns = e.b.create_namespace("deep").await;
+    let mut params = json!(1);
+    for _ in 0..200 {
+        params = json!([params]);
+    }
+    let claim = |name: &str, parameters: Option<Value>| {
+        let config: Vec<Value> = parameters
+            .into_iter()
+            .map(|p| json!({"requests": ["gpu"], "opaque": {"driver": DRIVER, "parameters": p}}))
+            .collect();
+        json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"name": name},
+            "spec": {"devices": {
+                "requests": [{"name": "gpu", "exactly": {"deviceClassName": "gpu.gpu-dra.dev"}}],
+                "config": config}}
+        })
+    };
+    let url = <ResourceClaim as kube::Resource>::url_path(&(), Some(&ns));
+    // Raw requests: the typed client cannot decode the API server's answer for the deep one.
+    for (name, parameters) in [("deep", Some(json!({"x": params}))), ("fine", None)] {
+        let request = kube::core::Request::new(&url).create(
+            &PostParams::default(),
+            serde_json::to_vec(&claim(name, parameters))?,
+        )?;
+        e.client.request_text(request).await?;
+    }
+    let pods: Api<Pod> = Api::namespaced(e.client.clone(), &ns);
+    for name in ["deep", "fine"] {
+        pods.create(
+            &PostParams::default(),
+            &pod(name, json!({"name": "gpu", "resourceClaimName": name})),
+        )
+        .await?;
+    }
+    wait_running(e, &pods, "fine").await?;
+    let message =
+        e.b.wait(STEP, "prepare of the deep claim refused", || async {
+            let p = pods.get("deep").await?;
+            let failed = p
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "ResourcesPrepared" && c.status == "False");
+            Ok(failed.and_then(|c| c.message))
+        })
+        .await?;
+    anyhow::ensure!(
+        message.contains(&format!("{ns}/deep")) && message.contains("nested more than"),
+        "error for the deep claim: {message}"
+    );
+    delete_and_wait_gone(e, &pods, &["deep".into(), "fine".into()]).await?;
     anyhow::ensure!(
         cdi_specs(e).is_empty(),
         "CDI specs left: {:?}",

@@ -259,10 +259,19 @@ impl<L: ClaimLookup> Preparer<L> {
         Ok(cdi::claim_spec_with_common(claim_uid, &devices, common))
     }
 
-    /// Unprepares one claim; idempotent (an unknown claim succeeds).
+    /// Unprepares one claim; idempotent (an unknown claim succeeds). A prepared claim
+    /// still reserved for a live pod on this node is refused and kept as it is
+    /// ([`ClaimError::InUse`]): a kubelet bug must not pull devices from under a pod.
     pub async fn unprepare_claim(&self, claim: &ClaimRef) -> Result<(), PrepareError> {
-        self.with_claim_lock(&claim.uid, self.release(&claim.uid))
-            .await
+        self.with_claim_lock(&claim.uid, async {
+            if self.checkpoint.snapshot().claims.contains_key(&claim.uid)
+                && let Some(pod) = self.claims.in_use_by(claim).await
+            {
+                return Err(ClaimError::in_use(claim, pod).into());
+            }
+            self.release(&claim.uid).await
+        })
+        .await
     }
 
     /// Undoes everything of a claim: sharing policy and MPS daemon, CDI spec, checkpoint

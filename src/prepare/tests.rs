@@ -522,4 +522,43 @@ async fn admin_access_gets_the_device_without_touching_or_conflicting_with_the_h
     let err = out["uid-bad-monitor"].as_ref().unwrap_err();
     assert!(err.contains("adminAccess"), "{err}");
     assert_eq!(r.hw.calls(), held);
+
+#[tokio::test]
+async fn unprepare_of_a_claim_in_use_by_a_live_pod_is_refused_and_keeps_everything() {
+    let r = rig(vec![claim(
+        "a",
+        &[("gpu", "gpu-2")],
+        gpu_config(json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}})),
+    )]);
+    assert!(r.preparer.prepare(vec![cref("a")]).await["uid-a"].is_ok());
+    let pod = crate::claims::PodRef {
+        namespace: "ns".into(),
+        name: "runner".into(),
+        uid: "pod-1".into(),
+    };
+    r.preparer.claims.set_in_use("uid-a", Some(pod));
+    let calls_before = r.hw.calls();
+
+    let out = r.preparer.unprepare(vec![cref("a")]).await;
+    let err = out["uid-a"].as_ref().unwrap_err();
+    assert!(err.contains("ns/runner (pod-1)"), "{err}");
+    // Nothing released: checkpoint entry, CDI spec, time slice.
+    assert_eq!(
+        r.preparer.checkpoint().snapshot().claims["uid-a"].state,
+        ClaimState::PrepareCompleted
+    );
+    assert!(spec_json(&r, "uid-a").is_some());
+    assert_eq!(r.hw.calls(), calls_before);
+
+    // Once the pod has stopped, the kubelet's retry succeeds.
+    r.preparer.claims.set_in_use("uid-a", None);
+    assert!(r.preparer.unprepare(vec![cref("a")]).await["uid-a"].is_ok());
+    assert!(spec_json(&r, "uid-a").is_none());
+    assert!(
+        !r.preparer
+            .checkpoint()
+            .snapshot()
+            .claims
+            .contains_key("uid-a")
+    );
 }
