@@ -1,4 +1,6 @@
-//! MPS control daemons, one per claim, started and supervised by the plugin itself.
+//! MPS control daemons, one per claim, started and supervised by the plugin itself,
+//! detached from the plugin's process group, session or cgroup by a [`MpsLauncher`] so
+//! that a plugin restart or upgrade leaves them and their clients running.
 //!
 //! Owns: the per-claim directories `<plugin-dir>/mps/<claimUID>/{pipe,log,shm}`, starting
 //! `nvidia-cuda-mps-control -d` for a claim's GPU set, waiting for its control pipe,
