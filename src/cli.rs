@@ -91,6 +91,18 @@ pub struct PluginArgs {
     /// Address of the HTTP server for the kubelet's probes (/healthz, /readyz).
     #[arg(long, env = "GPU_DRA_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
     pub http_address: std::net::SocketAddr,
+    /// How MPS control daemons are detached from the plugin so that they outlive it:
+    /// `session` (own session and process group, via `setsid`; a plugin run as a host
+    /// process), `systemd-scope` (a transient scope unit of the host's systemd, via
+    /// `systemd-run --scope`; a plugin in a container, needs hostPID and the host's
+    /// /run/systemd and D-Bus socket), or `direct` (a child of the plugin).
+    #[arg(long, env = "GPU_DRA_MPS_LAUNCHER", value_enum, default_value_t = MpsLauncherKind::Session)]
+    pub mps_launcher: MpsLauncherKind,
+    /// Give each MPS daemon and its claim's containers a private `/dev/shm` (the claim's
+    /// `shm` dir; needs CAP_SYS_ADMIN and `unshare`). Without it, daemon and clients
+    /// must already share `/dev/shm` (the host's, e.g. with `hostIPC`).
+    #[arg(long, env = "GPU_DRA_MPS_PRIVATE_SHM")]
+    pub mps_private_shm: bool,
     /// Host /proc as seen by the plugin: device major numbers (`devices`) and MIG
     /// capability minors (`driver/nvidia/capabilities`) for the CDI device nodes.
     #[arg(long, env = "GPU_DRA_PROC_ROOT", default_value = "/proc", value_parser = parse_absolute)]
@@ -102,6 +114,17 @@ pub struct PluginArgs {
     /// fixed and a second instance on the node refuses to start.
     #[arg(long, env = "GPU_DRA_POD_UID", value_parser = parse_pod_uid)]
     pub pod_uid: Option<String>,
+}
+
+/// Values of `--mps-launcher` (see `sharing::launcher`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MpsLauncherKind {
+    /// A child of the plugin.
+    Direct,
+    /// Own session and process group (`setsid`).
+    Session,
+    /// A transient systemd scope unit of the host (`systemd-run --scope`).
+    SystemdScope,
 }
 
 impl PluginArgs {

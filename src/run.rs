@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH, LoadOutcome};
 use crate::claims::ClaimSource;
+use crate::cli::MpsLauncherKind;
 use crate::cli::{InventoryArgs, PluginArgs, WebhookArgs};
 use crate::driver_root::{self, DriverFiles, NotFound, Overrides};
 use crate::health::{HealthSnapshot, HealthState, start_nvml_watcher, unix_now};
@@ -35,7 +36,8 @@ use crate::plugin::{
 };
 use crate::prepare::{Preparer, PreparerConfig};
 use crate::sharing::{
-    MpsSettings, MpsSupervisor, NvidiaSmiTimeSlice, NvmlComputeControl, SharingManager,
+    MpsLauncher, MpsSettings, MpsSupervisor, NvidiaSmiTimeSlice, NvmlComputeControl, PrivateShm,
+    SharingManager,
 };
 use crate::slices::desired::{SliceFeatures, desired_slices};
 use crate::slices::reconcile::Reconciler;
@@ -251,7 +253,19 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
             root_dir: plugin_dir.join("mps"),
             ready_timeout: TOOL_TIMEOUT,
             command_timeout: TOOL_TIMEOUT,
-            private_shm: None,
+            private_shm: args.mps_private_shm.then(|| PrivateShm {
+                unshare_path: "unshare".into(),
+                shell_path: "/bin/sh".into(),
+            }),
+        })
+        .with_launcher(match args.mps_launcher {
+            MpsLauncherKind::Direct => MpsLauncher::Direct,
+            MpsLauncherKind::Session => MpsLauncher::Session {
+                setsid_path: "setsid".into(),
+            },
+            MpsLauncherKind::SystemdScope => MpsLauncher::SystemdScope {
+                systemd_run_path: "systemd-run".into(),
+            },
         }),
     );
     let (claims, pod_watch) = ClaimSource::new(client.clone(), &args.node_name);

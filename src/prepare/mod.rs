@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use futures::future::join_all;
+use futures::StreamExt as _;
 use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{Instrument, info_span, warn};
@@ -377,8 +377,13 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// Runs `op` for every claim concurrently and answers each claim UID with its result;
-/// errors become one line naming the claim (the gRPC edge logs them once).
+/// How many claims of one kubelet call are worked on at once: bounds the API server
+/// requests (claim lookups on a cache miss) and NVML work a single call can start.
+pub const MAX_CLAIMS_IN_FLIGHT: usize = 16;
+
+/// Runs `op` for the claims concurrently, at most [`MAX_CLAIMS_IN_FLIGHT`] at a time, and
+/// answers each claim UID with its result; errors become one line naming the claim (the
+/// gRPC edge logs them once).
 async fn each_claim<T, F, Fut>(
     op_name: &'static str,
     claims: Vec<ClaimRef>,
@@ -392,7 +397,9 @@ where
         let span = info_span!("claim", op = op_name, claim.uid = %claim.uid, claim.namespace = %claim.namespace, claim.name = %claim.name);
         op(claim).instrument(span)
     });
-    join_all(calls)
+    futures::stream::iter(calls)
+        .buffer_unordered(MAX_CLAIMS_IN_FLIGHT)
+        .collect::<Vec<_>>()
         .await
         .into_iter()
         .map(|(claim, result)| {

@@ -561,4 +561,27 @@ async fn unprepare_of_a_claim_in_use_by_a_live_pod_is_refused_and_keeps_everythi
             .claims
             .contains_key("uid-a")
     );
+
+#[tokio::test]
+async fn one_call_works_on_a_bounded_number_of_claims_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let claims: Vec<ClaimRef> = (0..1_000).map(|i| cref(&format!("c{i}"))).collect();
+    let answers = each_claim("prepare", claims, |claim| {
+        let (now, most) = (Arc::clone(&now), Arc::clone(&most));
+        async move {
+            let running = now.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(running, Ordering::SeqCst);
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            now.fetch_sub(1, Ordering::SeqCst);
+            (claim, Ok::<(), PrepareError>(()))
+        }
+    })
+    .await;
+    assert_eq!(answers.len(), 1_000, "every claim is answered");
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= MAX_CLAIMS_IN_FLIGHT, "{most} claims in flight");
+    assert!(most > 1, "claims still run concurrently");
 }

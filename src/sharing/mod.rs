@@ -20,6 +20,7 @@
 //! before setting, daemons supervised by the plugin, per-GPU rather than node-wide locking.
 
 pub mod control;
+pub mod launcher;
 pub mod mps;
 pub mod policy;
 
@@ -33,7 +34,7 @@ pub use control::{
     TimeSliceControl, TimeSliceState,
 };
 pub use mps::{
-    AdoptOutcome, ClaimEdits, MountSpec, MpsError, MpsSettings, MpsSupervisor, PrivateShm,
+    AdoptOutcome, ClaimEdits, MountSpec, MpsError, MpsLauncher, MpsSettings, MpsSupervisor, PrivateShm,
 };
 pub use policy::{Action, Conflict, Ledger, MpsLimits, Policy};
 

@@ -1,4 +1,6 @@
-//! MPS control daemons, one per claim, started and supervised by the plugin itself.
+//! MPS control daemons, one per claim, started and supervised by the plugin itself,
+//! detached from the plugin's process group, session or cgroup by a [`MpsLauncher`] so
+//! that a plugin restart or upgrade leaves them and their clients running.
 //!
 //! Owns: the per-claim directories `<plugin-dir>/mps/<claimUID>/{pipe,log,shm}`, starting
 //! `nvidia-cuda-mps-control -d` for a claim's GPU set, waiting for its control pipe,
@@ -30,6 +32,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
+pub use super::launcher::MpsLauncher;
 use super::policy::MpsLimits;
 
 /// Where the claim's containers find the control pipe (`CUDA_MPS_PIPE_DIRECTORY`).
@@ -247,6 +250,7 @@ pub fn limit_commands(
 #[derive(Debug, Clone)]
 pub struct MpsSupervisor {
     settings: MpsSettings,
+    launcher: MpsLauncher,
 }
 
 fn valid_claim_uid(claim_uid: &str) -> bool {
@@ -261,7 +265,18 @@ fn valid_claim_uid(claim_uid: &str) -> bool {
 impl MpsSupervisor {
     /// A supervisor with these settings; nothing is started yet.
     pub fn new(settings: MpsSettings) -> Self {
-        Self { settings }
+        Self {
+            settings,
+            launcher: MpsLauncher::Direct,
+        }
+    }
+
+    /// Starts daemons through `launcher` (see [`MpsLauncher`]); the default is
+    /// [`MpsLauncher::Direct`].
+    #[must_use]
+    pub fn with_launcher(mut self, launcher: MpsLauncher) -> Self {
+        self.launcher = launcher;
+        self
     }
 
     /// The directories of `claim_uid`. Errors: [`MpsError::InvalidClaimUid`].
@@ -317,8 +332,14 @@ impl MpsSupervisor {
         }
     }
 
-    /// The program and arguments that launch the daemon (pure).
+    /// The program and arguments that launch the daemon, wrapped by the launcher (pure).
     pub fn launch_command(&self, dirs: &ClaimDirs) -> (PathBuf, Vec<String>) {
+        let (program, args) = self.unwrapped_launch_command(dirs);
+        let claim_uid = dirs.root.file_name().unwrap_or_default().to_string_lossy();
+        self.launcher.wrap(&claim_uid, program, args)
+    }
+
+    fn unwrapped_launch_command(&self, dirs: &ClaimDirs) -> (PathBuf, Vec<String>) {
         let control = self.settings.control_path.display().to_string();
         match &self.settings.private_shm {
             None => (self.settings.control_path.clone(), vec!["-d".to_owned()]),

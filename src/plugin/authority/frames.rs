@@ -149,7 +149,7 @@ impl Limits {
     /// when it sees them, which is at most as lenient as the server itself. A malformed
     /// payload is left for h2 to reject and changes nothing.
     pub fn apply_settings(&mut self, payload: &[u8]) {
-        if payload.len() % 6 != 0 {
+        if !payload.len().is_multiple_of(6) {
             return;
         }
         for entry in payload.chunks_exact(6) {
@@ -259,10 +259,12 @@ impl ClientFrames {
                 Err(fail(Reason::Protocol, "CONTINUATION without HEADERS"))
             }
             (None, FRAME_PUSH_PROMISE) => Err(fail(Reason::Protocol, "PUSH_PROMISE from a client")),
-            (None, FRAME_HEADERS) if head.stream == 0 || head.stream % 2 == 0 => Err(fail(
-                Reason::Protocol,
-                format!("HEADERS on stream {}, not a client stream", head.stream),
-            )),
+            (None, FRAME_HEADERS) if head.stream == 0 || head.stream.is_multiple_of(2) => {
+                Err(fail(
+                    Reason::Protocol,
+                    format!("HEADERS on stream {}, not a client stream", head.stream),
+                ))
+            }
             (None, FRAME_HEADERS) if head.len > limits.header_list + 256 + 6 => Err(fail(
                 Reason::Calm,
                 "header block over SETTINGS_MAX_HEADER_LIST_SIZE",
