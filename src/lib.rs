@@ -15,6 +15,7 @@ pub mod health;
 pub mod http;
 pub mod inventory;
 pub mod logging;
+pub mod metrics;
 pub mod nvml_liveness;
 pub mod nvml_raw;
 pub mod plugin;

@@ -134,10 +134,13 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     );
     let shutdown = shutdown_on_signal()?;
     let (probes, probe_inputs) = probe_channels();
-    let http = HttpServer::bind(args.http_address, crate::http::probes::routes(probe_inputs))
+    let (metrics_tx, metrics_rx) = watch::channel(None);
+    let routes =
+        crate::http::probes::routes(probe_inputs).merge(crate::metrics::routes(metrics_rx));
+    let http = HttpServer::bind(args.http_address, routes)
         .await
         .context("starting the probe HTTP server")?;
-    info!(address = %http.local_addr(), "serving /healthz and /readyz");
+    info!(address = %http.local_addr(), "serving /healthz, /readyz and /metrics");
     let http_task = tokio::spawn(http.serve(shutdown.clone()));
     let Some((files, nvml)) = wait_for_driver(&args, &probes.driver, &shutdown).await else {
         return Ok(());
@@ -182,6 +185,15 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     );
     let (claims, claim_watch) = ClaimSource::new(client.clone());
     tokio::spawn(claim_watch.run());
+    metrics_tx.send_replace(Some(crate::metrics::Sources {
+        checkpoint: checkpoint.subscribe(),
+        writer: checkpoint.clone(),
+        health: health.subscribe(),
+        inventory: inventory_rx.clone(),
+    }));
+    tokio::spawn(crate::metrics::events::follow_publish(
+        probes.publish.subscribe(),
+    ));
     let preparer = Preparer::new(
         PreparerConfig {
             driver_name: args.driver_name.clone(),

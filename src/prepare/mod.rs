@@ -151,6 +151,7 @@ impl<L: ClaimLookup> Preparer<L> {
                 self.release(&claim.uid).await?;
             }
             let object = self.claims.get(claim).await?;
+            crate::metrics::events::record_claim_pods(&claim.uid, &object);
             // Planning is synchronous: the borrow of the inventory ends before any await.
             let plans = plan_claim(
                 &object,
@@ -387,7 +388,10 @@ where
         .await
         .into_iter()
         .map(|(claim, result)| {
-            let result = result.map_err(|err| format!("claim {claim}: {}", error_chain(&err)));
+            let result = result.map_err(|err| {
+                crate::metrics::events::claim_error(op_name, &err);
+                format!("claim {claim}: {}", error_chain(&err))
+            });
             (claim.uid, result)
         })
         .collect()
