@@ -127,7 +127,7 @@ pub fn registry(input: &StateInput<'_>) -> Registry {
             for pod in pods {
                 let mut set = labels(&[
                     ("UUID", &record.gpu_uuid),
-                    ("device", &record.device),
+                    ("dra_device", &record.device),
                     ("namespace", &entry.namespace),
                     ("pod", &pod),
                     ("claim", &entry.name),
@@ -285,7 +285,7 @@ mod tests {
         prometheus_client::encoding::text::encode(&mut out, &registry(&input)).expect("encode");
         for pod in ["a", "b"] {
             let line = format!(
-                "gpu_dra_prepared_device_info{{UUID=\"{}\",device=\"{}\",namespace=\"ml\",pod=\"{pod}\",claim=\"shared\",claim_uid=\"uid-1\"}} 1",
+                "gpu_dra_prepared_device_info{{UUID=\"{}\",dra_device=\"{}\",namespace=\"ml\",pod=\"{pod}\",claim=\"shared\",claim_uid=\"uid-1\"}} 1",
                 whole.uuid,
                 whole.device_name()
             );
