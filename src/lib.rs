@@ -24,4 +24,5 @@ pub mod proto;
 pub mod run;
 pub mod sharing;
 pub mod slices;
+pub mod status;
 pub mod webhook;

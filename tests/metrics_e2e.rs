@@ -6,7 +6,8 @@
 //! latency, the prepared claims, the sharing policy of the GPU and one info series per
 //! pod; the rule's join keys (`on (UUID, GPU_I_ID)`) must then match exactly one series
 //! of tests/fixtures/dcgm-exporter-dgx-h100-static-mig.prom (dcgm-exporter's own label
-//! names) for each pod, giving each pod the value of its own device.
+//! names) for each pod, giving each pod the value of its own device. Last, with the
+//! plugin stopped, `gpu-dra status -o json` still lists both pods on their devices.
 
 mod support;
 
@@ -277,4 +278,48 @@ async fn metrics_are_scraped_and_join_dcgm_per_pod() {
     // Different devices: each pod gets its own device's value.
     let active = |info: &Sample| join(info, "DCGM_FI_PROF_GR_ENGINE_ACTIVE")[0].value;
     assert!((active(trainer) - active(notebook)).abs() > 1e-9);
+
+    // `gpu-dra status` with the plugin down: checkpoint + NVML + the claims' pods.
+    let trainer_uuid = label(trainer, "UUID").to_owned();
+    let notebook_mig = label(notebook, "mig_uuid").to_owned();
+    let mut plugin = plugin;
+    plugin.kill();
+    let mut cmd = std::process::Command::new(support::driver::target_dir().join("gpu-dra"));
+    cmd.arg("status")
+        .arg("-o")
+        .arg("json")
+        .arg(format!("--kubelet-root={}", b.kubelet_root(NODE).display()))
+        .arg(format!(
+            "--nvml-lib-path={}",
+            support::driver::target_dir()
+                .join("libnvidia_ml.so")
+                .display()
+        ))
+        .arg(format!("--kubeconfig={}", b.kubeconfig().display()));
+    gpus.apply_env(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report.get("apiError").is_none(), "{report}");
+    let gpu = report["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["uuid"] == trainer_uuid.as_str())
+        .unwrap_or_else(|| panic!("{trainer_uuid} in {report}"));
+    assert_eq!(gpu["strategy"], "TimeSlicing", "{gpu}");
+    assert_eq!(gpu["timeSlice"], "Long", "{gpu}");
+    assert_eq!(gpu["claims"][0]["pods"], json!(["trainer"]), "{gpu}");
+    let mig = report["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["migDevices"].as_array().unwrap())
+        .find(|m| m["uuid"] == notebook_mig.as_str())
+        .unwrap_or_else(|| panic!("{notebook_mig} in {report}"));
+    assert_eq!(mig["claims"][0]["pods"], json!(["notebook"]), "{mig}");
 }
