@@ -72,11 +72,12 @@ pub struct StatusArgs {
     /// Search libnvidia-ml.so.1 below this driver root.
     #[arg(long, env = "GPU_DRA_DRIVER_ROOT", value_parser = parse_absolute)]
     pub driver_root: Option<PathBuf>,
-    /// Kubeconfig for the pod lookup (default: in-cluster or $KUBECONFIG).
-    #[arg(long, env = "KUBECONFIG")]
+    /// Kubeconfig for the pod lookup; without it the in-cluster config (or $KUBECONFIG /
+    /// ~/.kube/config) is used.
+    #[arg(long, env = "GPU_DRA_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Do not ask the API server (no pods column).
-    #[arg(long)]
+    #[arg(long, env = "GPU_DRA_NO_API")]
     pub no_api: bool,
 }
 
