@@ -169,13 +169,14 @@ async fn metrics_are_scraped_and_join_dcgm_per_pod() {
                 let (status, body) = plugin.probe("/metrics").await?;
                 anyhow::ensure!(status == 200, "/metrics answered {status}: {body}");
                 let samples = parse(&body);
-                let pods_seen = samples
-                    .iter()
-                    .filter(|s| {
-                        s.name == "gpu_dra_prepared_device_info" && label(s, "namespace") == ns
+                let named = |pod: &str| {
+                    samples.iter().any(|s| {
+                        s.name == "gpu_dra_prepared_device_info"
+                            && label(s, "namespace") == ns
+                            && label(s, "pod") == pod
                     })
-                    .count();
-                Ok((pods_seen == 2).then_some(samples))
+                };
+                Ok((named("trainer") && named("notebook")).then_some(samples))
             },
         )
         .await
@@ -215,11 +216,11 @@ async fn metrics_are_scraped_and_join_dcgm_per_pod() {
     let trainer = info
         .iter()
         .find(|s| label(s, "pod") == "trainer")
-        .expect("trainer info");
+        .unwrap_or_else(|| panic!("trainer info in {info:#?}"));
     let notebook = info
         .iter()
         .find(|s| label(s, "pod") == "notebook")
-        .expect("notebook info");
+        .unwrap_or_else(|| panic!("notebook info in {info:#?}"));
     assert!(label(trainer, "GPU_I_ID").is_empty(), "{trainer:?}");
     assert_eq!(label(notebook, "GPU_I_PROFILE"), "1g.10gb", "{notebook:?}");
     assert!(!label(notebook, "GPU_I_ID").is_empty(), "{notebook:?}");
@@ -278,6 +279,37 @@ async fn metrics_are_scraped_and_join_dcgm_per_pod() {
     // Different devices: each pod gets its own device's value.
     let active = |info: &Sample| join(info, "DCGM_FI_PROF_GR_ENGINE_ACTIVE")[0].value;
     assert!((active(trainer) - active(notebook)).abs() > 1e-9);
+
+    assert!(
+        value("gpu_dra_slice_publish_duration_seconds_count", &[]).is_some_and(|n| n >= 1.0),
+        "slice publish passes"
+    );
+
+    // An XID on an idle GPU: counted by code, and its device turns unhealthy.
+    let idle = scraped
+        .iter()
+        .find(|s| {
+            s.name == "gpu_dra_gpu_sharing_policy"
+                && label(s, "UUID") != label(trainer, "UUID")
+                && label(s, "UUID") != label(notebook, "UUID")
+        })
+        .map(|s| label(s, "UUID").to_owned())
+        .expect("an idle GPU");
+    nvidia_ml::control::inject_xid(&gpus.state_path(), &idle, 79).unwrap();
+    b.wait(STEP, "XID 79 counted and a device unhealthy", || async {
+        let (_, body) = plugin.probe("/metrics").await?;
+        let samples = parse(&body);
+        let has = |name: &str, want: &[(&str, &str)], min: f64| {
+            samples.iter().any(|s| {
+                s.name == name && want.iter().all(|(k, v)| label(s, k) == *v) && s.value >= min
+            })
+        };
+        Ok((has("gpu_dra_xid_events_total", &[("xid", "79")], 1.0)
+            && has("gpu_dra_devices", &[("health", "unhealthy")], 1.0))
+        .then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| fail(e));
 
     // `gpu-dra status` with the plugin down: checkpoint + NVML + the claims' pods.
     let trainer_uuid = label(trainer, "UUID").to_owned();

@@ -182,12 +182,21 @@ pub fn record_claim_pods(claim_uid: &str, claim: &ResourceClaim) {
     map.insert(claim_uid.to_owned(), pods);
 }
 
-/// The pods known for each claim of `checkpoint`; entries of claims no longer in the
-/// checkpoint are forgotten.
-pub fn claim_pods(checkpoint: &Checkpoint) -> BTreeMap<String, Vec<String>> {
+/// Forgets the pods of a claim that was unprepared (or failed to prepare).
+pub fn forget_claim(claim_uid: &str) {
     let mut map = EVENTS.pods.lock().unwrap_or_else(PoisonError::into_inner);
-    map.retain(|uid, _| checkpoint.claims.contains_key(uid));
-    map.clone()
+    map.remove(claim_uid);
+}
+
+/// The pods known for the claims of `checkpoint`, by claim UID. (Entries are removed by
+/// [`forget_claim`], not here: a claim being prepared is recorded before it reaches the
+/// checkpoint.)
+pub fn claim_pods(checkpoint: &Checkpoint) -> BTreeMap<String, Vec<String>> {
+    let map = EVENTS.pods.lock().unwrap_or_else(PoisonError::into_inner);
+    map.iter()
+        .filter(|(uid, _)| checkpoint.claims.contains_key(*uid))
+        .map(|(uid, pods)| (uid.clone(), pods.clone()))
+        .collect()
 }
 
 /// Follows the reconciler's status channel until it closes: every pass it reports is one

@@ -404,6 +404,9 @@ impl<L: ClaimLookup> NodeDriver for Preparer<L> {
     ) -> BTreeMap<String, Result<Vec<PreparedDevice>, String>> {
         each_claim("prepare", claims, |claim| async move {
             let result = self.prepare_claim(&claim).await;
+            if result.is_err() {
+                crate::metrics::events::forget_claim(&claim.uid);
+            }
             (claim, result)
         })
         .await
@@ -412,6 +415,9 @@ impl<L: ClaimLookup> NodeDriver for Preparer<L> {
     async fn unprepare(&self, claims: Vec<ClaimRef>) -> BTreeMap<String, Result<(), String>> {
         each_claim("unprepare", claims, |claim| async move {
             let result = self.unprepare_claim(&claim).await;
+            if result.is_ok() {
+                crate::metrics::events::forget_claim(&claim.uid);
+            }
             (claim, result)
         })
         .await
