@@ -37,6 +37,48 @@ pub enum Command {
     Inventory(InventoryArgs),
     /// Run the validating admission webhook for opaque device configs.
     Webhook(WebhookArgs),
+    /// Show this node's GPUs and MIG devices: sharing policy, the claims and pods holding
+    /// them, MPS daemons (checkpoint + NVML + API server; works while the plugin is down).
+    Status(StatusArgs),
+}
+
+/// Output format of `gpu-dra status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusOutput {
+    /// Aligned table.
+    Table,
+    /// JSON document.
+    Json,
+}
+
+/// Flags of `gpu-dra status`.
+#[derive(Clone, Debug, Args)]
+pub struct StatusArgs {
+    /// Output format.
+    #[arg(short = 'o', long, env = "GPU_DRA_OUTPUT", value_enum, default_value_t = StatusOutput::Table)]
+    pub output: StatusOutput,
+    /// Node name shown in the report.
+    #[arg(long, env = "GPU_DRA_NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// DRA driver name (selects the plugin directory holding the checkpoint).
+    #[arg(long, env = "GPU_DRA_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME, value_parser = parse_driver_name)]
+    pub driver_name: String,
+    /// The kubelet's root directory; the checkpoint is `<root>/plugins/<driver>/checkpoint.json`.
+    #[arg(long, env = "GPU_DRA_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
+    /// Path of libnvidia-ml.so to load instead of the system's libnvidia-ml.so.1.
+    #[arg(long, env = "GPU_DRA_NVML_LIB_PATH")]
+    pub nvml_lib_path: Option<PathBuf>,
+    /// Search libnvidia-ml.so.1 below this driver root.
+    #[arg(long, env = "GPU_DRA_DRIVER_ROOT", value_parser = parse_absolute)]
+    pub driver_root: Option<PathBuf>,
+    /// Kubeconfig for the pod lookup; without it the in-cluster config (or $KUBECONFIG /
+    /// ~/.kube/config) is used.
+    #[arg(long, env = "GPU_DRA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Do not ask the API server (no pods column).
+    #[arg(long, env = "GPU_DRA_NO_API")]
+    pub no_api: bool,
 }
 
 /// Logging flags, shared by all subcommands.

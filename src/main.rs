@@ -16,6 +16,7 @@ async fn main() -> ExitCode {
         Command::KubeletPlugin(args) => gpu_dra::run::kubelet_plugin(args).await,
         Command::Inventory(args) => gpu_dra::run::inventory(args).await,
         Command::Webhook(args) => gpu_dra::run::webhook(args).await,
+        Command::Status(args) => gpu_dra::run::status(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -162,10 +162,13 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         .context("claiming this node's plugin directory")?;
 
     let (probes, probe_inputs) = probe_channels();
-    let http = HttpServer::bind(args.http_address, crate::http::probes::routes(probe_inputs))
+    let (metrics_tx, metrics_rx) = watch::channel(None);
+    let routes =
+        crate::http::probes::routes(probe_inputs).merge(crate::metrics::routes(metrics_rx));
+    let http = HttpServer::bind(args.http_address, routes)
         .await
         .context("starting the probe HTTP server")?;
-    info!(address = %http.local_addr(), "serving /healthz and /readyz");
+    info!(address = %http.local_addr(), "serving /healthz, /readyz and /metrics");
     let http_task = tokio::spawn(http.serve(shutdown.clone()));
     let Some((files, nvml)) = wait_for_driver(&args, &probes.driver, &shutdown).await else {
         return Ok(());
@@ -270,6 +273,15 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     );
     let (claims, pod_watch) = ClaimSource::new(client.clone(), &args.node_name);
     tokio::spawn(pod_watch.run());
+    metrics_tx.send_replace(Some(crate::metrics::Sources {
+        checkpoint: checkpoint.subscribe(),
+        writer: checkpoint.clone(),
+        health: health.subscribe(),
+        inventory: inventory_rx.clone(),
+    }));
+    tokio::spawn(crate::metrics::events::follow_publish(
+        probes.publish.subscribe(),
+    ));
     let preparer = Preparer::new(
         PreparerConfig {
             driver_name: args.driver_name.clone(),
@@ -544,4 +556,90 @@ pub async fn webhook(args: WebhookArgs) -> anyhow::Result<()> {
         .context("admission webhook")?;
     info!("admission webhook stopped");
     Ok(())
+}
+
+/// `gpu-dra status`: reads NVML and the checkpoint (read only), asks the API server for
+/// the claims' pods unless `--no-api` or unreachable, prints a table or JSON.
+pub async fn status(args: crate::cli::StatusArgs) -> anyhow::Result<()> {
+    use crate::status::{NodeStatus, build, render_table};
+    let library = match (&args.nvml_lib_path, &args.driver_root) {
+        (None, Some(root)) => Some(
+            driver_root::locate(root, std::env::consts::ARCH, &Overrides::default())?.nvml_library,
+        ),
+        (given, _) => given.clone(),
+    };
+    let discovery =
+        NvmlDiscovery::new(library.as_deref(), SYSFS_ROOT).context("initialising NVML")?;
+    let inventory = discovery.discover().context("discovering GPUs")?;
+    let path = args
+        .kubelet_root
+        .join("plugins")
+        .join(&args.driver_name)
+        .join(crate::checkpoint::CHECKPOINT_FILE_NAME);
+    let (checkpoint, checkpoint_error) = match std::fs::read(&path) {
+        Ok(bytes) => match crate::checkpoint::model::decode(&bytes) {
+            Ok(cp) => (cp, None),
+            Err(reason) => (crate::checkpoint::Checkpoint::new(""), Some(reason)),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            (crate::checkpoint::Checkpoint::new(""), None)
+        }
+        Err(e) => (crate::checkpoint::Checkpoint::new(""), Some(e.to_string())),
+    };
+    let (pods, api_error) = if args.no_api {
+        (Default::default(), Some("--no-api".to_owned()))
+    } else {
+        match claim_pods(args.kubeconfig.as_deref(), &checkpoint).await {
+            Ok(p) => (p, None),
+            Err(e) => (Default::default(), Some(format!("{e:#}"))),
+        }
+    };
+    let report = NodeStatus {
+        node: args.node_name.clone(),
+        checkpoint: path.display().to_string(),
+        checkpoint_error,
+        api_error,
+        gpus: build(&inventory, &checkpoint, &pods),
+    };
+    match args.output {
+        crate::cli::StatusOutput::Table => print!("{}", render_table(&report)),
+        crate::cli::StatusOutput::Json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).context("encoding JSON")?
+            )
+        }
+    }
+    Ok(())
+}
+
+/// Pods in `status.reservedFor` of each checkpointed claim (one GET per claim; a claim
+/// replaced under the same name is skipped).
+async fn claim_pods(
+    kubeconfig: Option<&Path>,
+    checkpoint: &crate::checkpoint::Checkpoint,
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<String>>> {
+    use k8s_openapi::api::resource::v1::ResourceClaim;
+    let client = kube_client(kubeconfig).await?;
+    let mut out = std::collections::BTreeMap::new();
+    for (uid, entry) in &checkpoint.claims {
+        let api: kube::Api<ResourceClaim> = kube::Api::namespaced(client.clone(), &entry.namespace);
+        let claim = api
+            .get_opt(&entry.name)
+            .await
+            .with_context(|| format!("reading ResourceClaim {}/{}", entry.namespace, entry.name))?;
+        let Some(claim) = claim.filter(|c| c.metadata.uid.as_deref() == Some(uid.as_str())) else {
+            continue;
+        };
+        let pods = claim
+            .status
+            .and_then(|s| s.reserved_for)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.resource == "pods")
+            .map(|r| r.name)
+            .collect();
+        out.insert(uid.clone(), pods);
+    }
+    Ok(out)
 }

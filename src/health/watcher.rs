@@ -107,6 +107,7 @@ pub fn run_xid_loop<S: XidSource + ?Sized>(
 }
 
 fn record(state: &HealthState, event: &XidEvent, now: i64) {
+    crate::metrics::events::xid_event(event.xid);
     match classify(event.xid) {
         XidVerdict::Application => {
             info!(gpu = %event.gpu_uuid, xid = event.xid, "application XID; device stays healthy");

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span, warn};
 
 use super::driver::{ClaimRef, NodeDriver, PreparedDevice};
+use crate::metrics::events::Rpc;
 use crate::proto::{dra_v1 as v1, dra_v1beta1 as v1beta1};
 
 /// Error answered for a claim the driver left out of its answer.
@@ -131,8 +132,11 @@ async fn prepare<D: NodeDriver>(
         claim.uid = %uid_list(&claims),
     );
     async {
-        let answers = driver.prepare(claims.clone()).await;
-        complete(&claims, answers)
+        let started = std::time::Instant::now();
+        let answers = complete(&claims, driver.prepare(claims.clone()).await);
+        let ok = answers.values().all(Result::is_ok);
+        crate::metrics::events::observe_rpc(Rpc::Prepare, ok, started.elapsed());
+        answers
     }
     .instrument(span)
     .await
@@ -150,8 +154,11 @@ async fn unprepare<D: NodeDriver>(
         claim.uid = %uid_list(&claims),
     );
     async {
-        let answers = driver.unprepare(claims.clone()).await;
-        complete(&claims, answers)
+        let started = std::time::Instant::now();
+        let answers = complete(&claims, driver.unprepare(claims.clone()).await);
+        let ok = answers.values().all(Result::is_ok);
+        crate::metrics::events::observe_rpc(Rpc::Unprepare, ok, started.elapsed());
+        answers
     }
     .instrument(span)
     .await

@@ -151,6 +151,7 @@ impl<L: ClaimLookup> Preparer<L> {
                 self.release(&claim.uid).await?;
             }
             let object = self.claims.get(claim).await?;
+            crate::metrics::events::record_claim_pods(&claim.uid, &object);
             // Planning is synchronous: the borrow of the inventory ends before any await.
             let plans = plan_claim(
                 &object,
@@ -403,7 +404,10 @@ where
         .await
         .into_iter()
         .map(|(claim, result)| {
-            let result = result.map_err(|err| format!("claim {claim}: {}", error_chain(&err)));
+            let result = result.map_err(|err| {
+                crate::metrics::events::claim_error(op_name, &err);
+                format!("claim {claim}: {}", error_chain(&err))
+            });
             (claim.uid, result)
         })
         .collect()
@@ -416,6 +420,9 @@ impl<L: ClaimLookup> NodeDriver for Preparer<L> {
     ) -> BTreeMap<String, Result<Vec<PreparedDevice>, String>> {
         each_claim("prepare", claims, |claim| async move {
             let result = self.prepare_claim(&claim).await;
+            if result.is_err() {
+                crate::metrics::events::forget_claim(&claim.uid);
+            }
             (claim, result)
         })
         .await
@@ -424,6 +431,9 @@ impl<L: ClaimLookup> NodeDriver for Preparer<L> {
     async fn unprepare(&self, claims: Vec<ClaimRef>) -> BTreeMap<String, Result<(), String>> {
         each_claim("unprepare", claims, |claim| async move {
             let result = self.unprepare_claim(&claim).await;
+            if result.is_ok() {
+                crate::metrics::events::forget_claim(&claim.uid);
+            }
             (claim, result)
         })
         .await

@@ -40,6 +40,8 @@ pub struct PublishStatus {
     pub in_sync: bool,
     /// The last reconcile error, if the last attempt failed.
     pub last_error: Option<String>,
+    /// How long the last pass took (read by the metrics).
+    pub last_pass: Duration,
 }
 
 /// Errors of one reconcile pass (the loop retries with backoff).
@@ -190,8 +192,10 @@ impl Reconciler {
             let inv = inventory.borrow_and_update().clone();
             let existing: Vec<ResourceSlice> =
                 store.state().iter().map(|s| (**s).clone()).collect();
+            let started = tokio::time::Instant::now();
             match self.reconcile_once(&inv, &existing).await {
-                Ok(report) => {
+                Ok(mut report) => {
+                    report.status.last_pass = started.elapsed();
                     backoff = MIN_BACKOFF;
                     // A newly dropped field changes the desired slices: go again.
                     dirty = report.features_changed;
@@ -202,6 +206,7 @@ impl Reconciler {
                     status.send_modify(|s| {
                         s.in_sync = false;
                         s.last_error = Some(format!("{e}: {}", source_chain(&e)));
+                        s.last_pass = started.elapsed();
                     });
                     retry.as_mut().reset(tokio::time::Instant::now() + backoff);
                     retry_pending = true;
@@ -298,6 +303,7 @@ impl Reconciler {
                 dropped_fields: self.dropped.clone(),
                 in_sync: true,
                 last_error: None,
+                last_pass: Duration::ZERO,
             },
             features_changed,
         })
