@@ -20,4 +20,5 @@ pub mod proto;
 pub mod run;
 pub mod sharing;
 pub mod slices;
+pub mod state_files;
 pub mod webhook;

@@ -254,6 +254,12 @@ async fn report_checkpoint_outcome(
                 stale_claims.len()
             ),
         ),
+        LoadOutcome::TornFromPreviousBoot { reason } => (
+            "CheckpointFromPreviousBoot",
+            format!(
+                "checkpoint torn by the crash that ended the previous boot ({reason}) dropped; prepared state is rebuilt from the API server and the node"
+            ),
+        ),
         LoadOutcome::Quarantined { path, reason } => (
             "CheckpointQuarantined",
             format!(

@@ -469,3 +469,32 @@ async fn share_id_of_the_allocation_is_answered_back() {
     let again = r.preparer.prepare(vec![cref("s")]).await;
     assert_eq!(again["uid-s"].as_ref().unwrap(), devices);
 }
+
+#[tokio::test]
+async fn prepare_then_unprepare_leaves_no_trace() {
+    let exclusive = gpu_config(json!({"strategy": "Exclusive"}));
+    let r = rig(vec![
+        claim("plain", &[("gpu", "gpu-3")], json!([])),
+        claim("excl", &[("gpu", "gpu-2")], exclusive),
+    ]);
+    for name in ["plain", "excl"] {
+        let out = r.preparer.prepare(vec![cref(name)]).await;
+        assert!(out[&format!("uid-{name}")].is_ok(), "{out:?}");
+        let done = r.preparer.unprepare(vec![cref(name)]).await;
+        assert!(done[&format!("uid-{name}")].is_ok(), "{done:?}");
+    }
+    let gpu2 = dgx_h100().gpus[2].uuid.clone();
+    assert_eq!(
+        r.hw.calls(),
+        vec![
+            format!("compute {gpu2} ExclusiveProcess"),
+            format!("compute {gpu2} Default")
+        ]
+    );
+    assert!(r.preparer.checkpoint().snapshot().claims.is_empty());
+    let cdi_left: Vec<_> = std::fs::read_dir(r.dir.path().join("cdi"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(cdi_left.is_empty(), "{cdi_left:?}");
+}
