@@ -201,7 +201,11 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     fn mode(path: &Path) -> u32 {
-        fs::symlink_metadata(path).expect("stat").permissions().mode() & 0o7777
+        fs::symlink_metadata(path)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777
     }
 
     #[test]
@@ -228,7 +232,11 @@ mod tests {
         fs::create_dir(&shared).expect("mkdir");
         fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).expect("chmod");
         StateDir::create(&shared, false).expect("shared");
-        assert_eq!(mode(&shared), 0o755, "an existing shared dir keeps its mode");
+        assert_eq!(
+            mode(&shared),
+            0o755,
+            "an existing shared dir keeps its mode"
+        );
     }
 
     #[test]
@@ -240,7 +248,9 @@ mod tests {
         symlink(&target, state.path().join("f.json")).expect("link");
         let err = state.read("f.json").expect_err("a link is not read");
         assert!(is_symlink_error(&err), "{err}");
-        state.replace("f.json", b"new").expect("replace the link itself");
+        state
+            .replace("f.json", b"new")
+            .expect("replace the link itself");
         assert_eq!(fs::read(&target).expect("target"), b"precious");
         assert!(!state.is_symlink("f.json"));
         assert_eq!(state.read("f.json").expect("read"), Some(b"new".to_vec()));
@@ -257,11 +267,19 @@ mod tests {
         assert_eq!(state.names().expect("names"), ["checkpoint.json"]);
         fs::write(dir.path().join(".checkpoint.json.abc.tmp"), b"{").expect("temp");
         fs::write(dir.path().join(".other.json.abc.tmp"), b"{").expect("other");
-        assert_eq!(state.remove_temp_files("checkpoint.json").expect("clean"), 1);
+        assert_eq!(
+            state.remove_temp_files("checkpoint.json").expect("clean"),
+            1
+        );
         assert_eq!(
             state.names().expect("names"),
             [".other.json.abc.tmp", "checkpoint.json"]
         );
-        assert_eq!(StateDir::at(&dir.path().join("none")).read("x").expect("read"), None);
+        assert_eq!(
+            StateDir::at(&dir.path().join("none"))
+                .read("x")
+                .expect("read"),
+            None
+        );
     }
 }

@@ -71,10 +71,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| Path::new("."));
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no UTF-8 file name"))?;
+    let file_name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "path has no UTF-8 file name")
+    })?;
     StateDir::create(dir, false)?.replace(file_name, bytes)
 }
 
@@ -144,8 +143,8 @@ pub fn list_specs(cdi_root: &Path) -> Result<(Vec<SpecFile>, Vec<PathBuf>), CdiW
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
     use crate::cdi::claim_spec::{CdiDeviceInput, claim_spec};
+    use std::fs;
 
     #[test]
     fn write_read_list_remove() {

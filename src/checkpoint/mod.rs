@@ -33,7 +33,8 @@ pub use model::{
     CHECKPOINT_FILE_NAME, CHECKPOINT_VERSION, Checkpoint, ClaimEntry, ClaimState,
     PreparedDeviceRecord,
 };
-pub use store::{CheckpointError, CheckpointStore, DEFAULT_BOOT_ID_PATH, DEFAULT_PROC_STAT_PATH, LoadOutcome,
+pub use store::{
+    CheckpointError, CheckpointStore, DEFAULT_BOOT_ID_PATH, DEFAULT_PROC_STAT_PATH, LoadOutcome,
     Loaded,
 };
 pub use writer::CheckpointWriter;

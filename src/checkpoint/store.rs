@@ -209,8 +209,13 @@ impl CheckpointStore {
             Ok(None) => return Ok(loaded(Checkpoint::new(boot_id), LoadOutcome::Fresh)),
             Err(e) if is_symlink_error(&e) || self.dir.is_symlink(CHECKPOINT_FILE_NAME) => {
                 let path = self.quarantine()?;
-                let reason = "it is a symbolic link; the plugin never follows links in its directory".to_string();
-                return Ok(loaded(Checkpoint::new(boot_id), LoadOutcome::Quarantined { path, reason }));
+                let reason =
+                    "it is a symbolic link; the plugin never follows links in its directory"
+                        .to_string();
+                return Ok(loaded(
+                    Checkpoint::new(boot_id),
+                    LoadOutcome::Quarantined { path, reason },
+                ));
             }
             Err(e) => return Err(read_err(e)),
         };
@@ -493,7 +498,11 @@ mod tests {
         fs::create_dir_all(&dir).expect("dir");
         fs::write(f.store.path(), b"{\"version\": 1, \"bo").expect("torn");
         // The boot began after the file was written (an hour from now).
-        let boot = SystemTime::now().duration_since(UNIX_EPOCH).expect("now").as_secs() + 3600;
+        let boot = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("now")
+            .as_secs()
+            + 3600;
         let stat = f.dir.path().join("stat");
         fs::write(&stat, format!("cpu  1 2 3\nbtime {boot}\nprocesses 9\n")).expect("stat");
         let store = f.store.clone().with_proc_stat(&stat);
@@ -509,7 +518,12 @@ mod tests {
         fs::write(f.store.path(), b"{\"version\": 1, \"bo").expect("torn");
         let stat_past = f.dir.path().join("stat-past");
         fs::write(&stat_past, "btime 1000\n").expect("stat");
-        let loaded = f.store.clone().with_proc_stat(&stat_past).load().expect("load");
+        let loaded = f
+            .store
+            .clone()
+            .with_proc_stat(&stat_past)
+            .load()
+            .expect("load");
         assert!(matches!(loaded.outcome, LoadOutcome::Quarantined { .. }));
     }
 
@@ -528,11 +542,27 @@ mod tests {
             panic!("expected quarantine, got {:?}", loaded.outcome);
         };
         assert!(reason.contains("symbolic link"), "{reason}");
-        assert!(fs::symlink_metadata(path).expect("moved").file_type().is_symlink());
-        assert!(loaded.checkpoint.claims.is_empty(), "the link's target is not read");
+        assert!(
+            fs::symlink_metadata(path)
+                .expect("moved")
+                .file_type()
+                .is_symlink()
+        );
+        assert!(
+            loaded.checkpoint.claims.is_empty(),
+            "the link's target is not read"
+        );
         f.store.save(&cp).expect("save");
-        assert!(!fs::symlink_metadata(f.store.path()).expect("file").file_type().is_symlink());
-        assert_eq!(fs::read(&target).expect("target"), encode(&cp).expect("encode"));
+        assert!(
+            !fs::symlink_metadata(f.store.path())
+                .expect("file")
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            fs::read(&target).expect("target"),
+            encode(&cp).expect("encode")
+        );
     }
 
     #[test]
