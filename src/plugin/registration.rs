@@ -84,11 +84,7 @@ impl RegistrationService {
             endpoint: self.endpoint.to_string_lossy().into_owned(),
             supported_versions: DRA_SERVICE_VERSIONS
                 .iter()
-                .chain(
-                    HEALTH_SERVICE_VERSIONS
-                        .iter()
-                        .filter(|_| self.health_served),
-                )
+                .chain(HEALTH_SERVICE_VERSIONS.iter().filter(|_| self.health_served))
                 .map(|v| (*v).to_owned())
                 .collect(),
         }

@@ -183,11 +183,7 @@ async fn serve_both<D: NodeDriver>(
         .add_service(DraV1beta1Server::new(DraV1beta1::new(driver)))
         // Health streams never finish on their own: end them with the server.
         .add_optional_service(health.as_ref().map(|health| {
-            HealthV1Server::new(HealthService::new(
-                health.clone(),
-                RESEND_INTERVAL,
-                stop.clone(),
-            ))
+            HealthV1Server::new(HealthService::new(health.clone(), RESEND_INTERVAL, stop.clone()))
         }))
         .add_optional_service(health.map(|health| {
             HealthV1alpha1Server::new(HealthService::new(health, RESEND_INTERVAL, stop.clone()))

@@ -357,7 +357,7 @@ async fn health_stream_reports_xid_on_gpu_and_its_mig_devices() {
     use crate::health::{HealthState, XidEvent, spawn_xid_watcher};
     use crate::inventory::fixtures;
     use crate::proto::health_v1 as health;
-    use crate::proto::health_v1alpha1;
+    use crate::proto::health_v1alpha1 as health_v1alpha1;
 
     let inventory = fixtures::dgx_h100();
     let mig_gpu = inventory
@@ -413,9 +413,10 @@ async fn health_stream_reports_xid_on_gpu_and_its_mig_devices() {
     );
 
     // A 1.34-1.36 kubelet watches through v1alpha1 and gets the same complete list.
-    let mut old_client = health_v1alpha1::dra_resource_health_client::DraResourceHealthClient::new(
-        channel(&config.dra_socket).await,
-    );
+    let mut old_client =
+        health_v1alpha1::dra_resource_health_client::DraResourceHealthClient::new(
+            channel(&config.dra_socket).await,
+        );
     let old_first = old_client
         .node_watch_resources(health_v1alpha1::NodeWatchResourcesRequest {})
         .await
