@@ -10,7 +10,8 @@
 //! no-op, and a spec only matters to containers of the current boot. A plugin crash keeps
 //! the page cache, so the rename is all a reader needs; after an OS crash every claim is
 //! prepared again (the checkpoint's boot id voids the old state) and a spec left on a disk
-//! CDI dir from the previous boot is removed by recovery, so durability buys nothing.
+//! CDI dir from the previous boot (older than the boot time) is removed by recovery, so
+//! durability buys nothing.
 
 use std::io;
 use std::path::{Path, PathBuf};

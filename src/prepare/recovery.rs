@@ -61,7 +61,20 @@ impl<L: ClaimLookup> Preparer<L> {
     /// removed or stopped.
     pub async fn recover_after_loss(&self, live: Option<&[ResourceClaim]>) -> RecoveryReport {
         let spec_uids: BTreeSet<String> = match cdi::list_specs(&self.config.cdi_root) {
-            Ok((specs, _)) => specs.into_iter().map(|s| s.claim_uid).collect(),
+            // A spec written before this boot began describes a void preparation (the
+            // reboot reset the GPU policy): not rebuilt, so it is removed as an orphan and
+            // the kubelet prepares the claim again.
+            Ok((specs, _)) => {
+                let boot = boot_time(&self.config.proc_root);
+                specs
+                    .into_iter()
+                    .filter(|s| match (boot, std::fs::symlink_metadata(&s.path)) {
+                        (Some(boot), Ok(meta)) => meta.modified().is_ok_and(|m| m >= boot),
+                        _ => true,
+                    })
+                    .map(|s| s.claim_uid)
+                    .collect()
+            }
             Err(err) => {
                 warn!(error = %err, "listing CDI specs for recovery failed; nothing is removed");
                 return RecoveryReport {
@@ -175,4 +188,16 @@ impl<L: ClaimLookup> Preparer<L> {
         );
         report
     }
+}
+
+/// Boot time from `<proc_root>/stat` (`btime`, Unix seconds); `None` when unreadable.
+fn boot_time(proc_root: &std::path::Path) -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string(proc_root.join("stat")).ok()?;
+    let secs = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }

@@ -619,3 +619,26 @@ async fn unreachable_api_server_removes_nothing_and_unprepare_still_works() {
     assert!(done["uid-plain"].is_ok());
     assert!(spec_json(&r, "uid-plain").is_none());
 }
+
+#[tokio::test]
+async fn specs_from_before_the_boot_are_not_rebuilt() {
+    let r = rig(live_claims());
+    let out = r.preparer.prepare(vec![cref("plain"), cref("ts")]).await;
+    assert!(out.values().all(Result::is_ok), "{out:?}");
+    // The node rebooted after the specs were written (CDI dir on disk, not tmpfs).
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    std::fs::write(r.dir.path().join("proc/stat"), format!("btime {boot}\n")).unwrap();
+    let live = live_claims();
+    let p = restarted_without_checkpoint(&r, live.clone());
+    let report = p.recover_after_loss(Some(&live)).await;
+    assert!(report.rebuilt.is_empty(), "{:?}", report.rebuilt);
+    assert_eq!(report.orphan_specs_removed, vec!["uid-plain", "uid-ts"]);
+    // The kubelet prepares again and the policy is applied afresh.
+    let again = p.prepare(vec![cref("ts")]).await;
+    assert!(again["uid-ts"].is_ok(), "{again:?}");
+    assert_eq!(r.hw.calls().len(), 2, "{:?}", r.hw.calls());
+}
