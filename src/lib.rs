@@ -26,4 +26,5 @@ pub mod run;
 pub mod sharing;
 pub mod slices;
 pub mod status;
+pub mod state_files;
 pub mod webhook;

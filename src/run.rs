@@ -142,7 +142,7 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     );
     let shutdown = shutdown_on_signal()?;
     let plugin_dir = args.plugin_data_dir();
-    std::fs::create_dir_all(&plugin_dir)
+    crate::state_files::StateDir::create(&plugin_dir, true)
         .with_context(|| format!("creating plugin directory {}", plugin_dir.display()))?;
     let me = Holder::this_process(
         args.pod_uid.clone(),
@@ -294,7 +294,13 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         sharing,
         checkpoint,
     );
-    preparer.recover().await;
+    if loaded.outcome == LoadOutcome::Loaded {
+        preparer.recover().await;
+    } else {
+        let live = list_node_claims_with_retry(&client, &args).await;
+        let report = preparer.recover_after_loss(live.as_deref()).await;
+        report_rebuild(&client, &args, &report).await;
+    }
 
     let reconciler = Reconciler::for_node(
         client.clone(),
@@ -457,6 +463,80 @@ async fn follow_inventory(
     }
 }
 
+/// The claims allocated to this node, asking the API server a few times (about 15 s in
+/// all); `None` when it stays unreachable (recovery then removes nothing).
+async fn list_node_claims_with_retry(
+    client: &kube::Client,
+    args: &PluginArgs,
+) -> Option<Vec<k8s_openapi::api::resource::v1::ResourceClaim>> {
+    let mut delay = std::time::Duration::from_millis(500);
+    for attempt in 1..=5 {
+        match crate::prepare::rebuild::list_node_claims(client, &args.driver_name, &args.node_name)
+            .await
+        {
+            Ok(claims) => return Some(claims),
+            Err(err) => {
+                tracing::warn!(attempt, error = %err, "listing this node's ResourceClaims for recovery failed");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    None
+}
+
+/// Posts what recovery rebuilt after a checkpoint loss as a Node Event.
+async fn report_rebuild(
+    client: &kube::Client,
+    args: &PluginArgs,
+    report: &crate::prepare::RecoveryReport,
+) {
+    let (type_, reason, note) = if report.deferred {
+        (
+            EventType::Warning,
+            "CheckpointRebuildDeferred",
+            "API server unreachable at start: prepared claims not rebuilt; no CDI spec, MPS daemon or GPU policy was removed".to_string(),
+        )
+    } else {
+        (
+            EventType::Normal,
+            "CheckpointRebuilt",
+            format!(
+                "rebuilt {} prepared claim(s) from the API server and CDI specs ({} in use by pods); {} orphaned CDI spec(s) removed; {} MPS daemon(s) adopted, {} restarted",
+                report.rebuilt.len(),
+                report.in_use,
+                report.orphan_specs_removed.len(),
+                report.mps.adopted.len(),
+                report.mps.restarted.len()
+            ),
+        )
+    };
+    tracing::info!(reason, note = %note, "checkpoint recovery");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: args.driver_name.clone(),
+            instance: Some(args.node_name.clone()),
+        },
+    );
+    let node = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(args.node_name.clone()),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "RecoverClaims".into(),
+        secondary: None,
+    };
+    if let Err(err) = recorder.publish(&event, &node).await {
+        tracing::warn!(error = %err, "posting the recovery Event on the node failed");
+    }
+}
+
 /// Logs how the checkpoint was loaded; a quarantined or previous-boot checkpoint is also
 /// reported as a Warning Event on this node, so `kubectl describe node` shows it.
 async fn report_checkpoint_outcome(
@@ -476,10 +556,16 @@ async fn report_checkpoint_outcome(
                 stale_claims.len()
             ),
         ),
+        LoadOutcome::TornFromPreviousBoot { reason } => (
+            "CheckpointFromPreviousBoot",
+            format!(
+                "checkpoint torn by the crash that ended the previous boot ({reason}) dropped; prepared state is rebuilt from the API server and the node"
+            ),
+        ),
         LoadOutcome::Quarantined { path, reason } => (
             "CheckpointQuarantined",
             format!(
-                "unusable checkpoint moved to {} ({reason}); the plugin starts empty and orphaned CDI specs are removed",
+                "unusable checkpoint moved to {} ({reason}); prepared claims are rebuilt from the API server and the CDI specs on disk",
                 path.display()
             ),
         ),

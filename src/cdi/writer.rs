@@ -3,17 +3,24 @@
 //! Owns file I/O on `<cdi-root>/gpu-dra.dev-claim_*.json`; must not build spec content.
 //! Follows the CDI rule that runtimes watch the directory and load every `*.json`/`*.yaml`:
 //! a spec is written under a temporary name in the same directory that does not end in
-//! `.json` (so no runtime reads a half-written file), fsynced, renamed over the final
-//! name, and the directory is fsynced so the rename survives a crash.
+//! `.json` (so no runtime reads a half-written file) and renamed over the final name,
+//! through [`crate::state_files`] (mode 0600, no symbolic link below the CDI dir followed).
+//!
+//! No fsync: on real nodes the CDI dir (`/var/run/cdi`) is tmpfs, so an fsync there is a
+//! no-op, and a spec only matters to containers of the current boot. A plugin crash keeps
+//! the page cache, so the rename is all a reader needs; after an OS crash every claim is
+//! prepared again (the checkpoint's boot id voids the old state) and a spec left on a disk
+//! CDI dir from the previous boot (older than the boot time) is removed by recovery, so
+//! durability buys nothing.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
 use super::claim_spec::{SPEC_FILE_PREFIX, claim_uid_of_file_name, spec_path};
 use super::spec::Spec;
+use crate::state_files::StateDir;
 
 /// Errors of CDI spec file operations.
 #[derive(Debug, Error)]
@@ -57,30 +64,18 @@ pub enum CdiWriteError {
 }
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory (named
-/// `.<file name>.<random>.tmp`, never ending in `.json`), fsync, rename, directory fsync.
-/// Creates the directory when missing. Used for CDI specs and the plugin checkpoint.
+/// `.<file name>.<random>.tmp`, never ending in `.json`, mode 0600), then rename; no fsync
+/// (see the module docs). Creates the directory (0700) when missing. Errors: the path has
+/// no file name or parent, a symbolic link below the directory, I/O.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| Path::new("."));
-    fs::create_dir_all(dir)?;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", file_name.to_string_lossy()))
-        .suffix(".tmp")
-        .tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    sync_dir(dir)
-}
-
-/// Fsyncs a directory so a rename or unlink in it is durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    let file_name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "path has no UTF-8 file name")
+    })?;
+    StateDir::create(dir, false)?.replace(file_name, bytes)
 }
 
 /// Writes the spec of `claim_uid` to `<cdi_root>/gpu-dra.dev-claim_<uid>.json`
@@ -102,14 +97,13 @@ pub fn write_spec(cdi_root: &Path, claim_uid: &str, spec: &Spec) -> Result<PathB
 /// Removes the spec of `claim_uid`; `Ok(false)` when it did not exist (idempotent).
 pub fn remove_spec(cdi_root: &Path, claim_uid: &str) -> Result<bool, CdiWriteError> {
     let path = spec_path(cdi_root, claim_uid);
-    match fs::remove_file(&path) {
-        Ok(()) => {
-            sync_dir(cdi_root).map_err(|source| CdiWriteError::Remove { path, source })?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(CdiWriteError::Remove { path, source }),
-    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    StateDir::at(cdi_root)
+        .remove(&name)
+        .map_err(|source| CdiWriteError::Remove { path, source })
 }
 
 /// One of our spec files found in the CDI directory.
@@ -129,24 +123,17 @@ pub fn list_specs(cdi_root: &Path) -> Result<(Vec<SpecFile>, Vec<PathBuf>), CdiW
         dir: cdi_root.to_path_buf(),
         source,
     };
-    let entries = match fs::read_dir(cdi_root) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
-        Err(e) => return Err(list_err(e)),
-    };
+    let names = StateDir::at(cdi_root).names().map_err(list_err)?;
     let mut specs = Vec::new();
     let mut temps = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(list_err)?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(uid) = claim_uid_of_file_name(name) {
+    for name in names {
+        if let Some(uid) = claim_uid_of_file_name(&name) {
             specs.push(SpecFile {
                 claim_uid: uid.to_string(),
-                path: entry.path(),
+                path: cdi_root.join(&name),
             });
         } else if name.starts_with(&format!(".{SPEC_FILE_PREFIX}")) && name.ends_with(".tmp") {
-            temps.push(entry.path());
+            temps.push(cdi_root.join(&name));
         }
     }
     specs.sort();
@@ -158,6 +145,7 @@ pub fn list_specs(cdi_root: &Path) -> Result<(Vec<SpecFile>, Vec<PathBuf>), CdiW
 mod tests {
     use super::*;
     use crate::cdi::claim_spec::{CdiDeviceInput, claim_spec};
+    use std::fs;
 
     #[test]
     fn write_read_list_remove() {

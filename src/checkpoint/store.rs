@@ -8,21 +8,28 @@
 //! A checkpoint recorded under another boot id describes state the reboot wiped (CDI
 //! specs on tmpfs, compute policies, MPS daemons): it is reported as
 //! [`LoadOutcome::PreviousBoot`] with its claims, and the returned checkpoint is empty.
+//! A file that cannot be decoded but was last written before this boot began (`btime` in
+//! `/proc/stat`) is a write torn by the crash that ended that boot, not corruption: it is
+//! removed and reported as [`LoadOutcome::TornFromPreviousBoot`]. A symbolic link in place
+//! of the file is never followed: it is quarantined like a corrupt file. Temp files left by
+//! a process killed mid-write are removed at load.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
 use super::model::{CHECKPOINT_FILE_NAME, Checkpoint, ClaimEntry, decode, encode};
-use crate::cdi::writer::{sync_dir, write_atomic};
+use crate::state_files::{StateDir, is_symlink_error};
 
 /// The kernel's boot id file.
 pub const DEFAULT_BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+/// The kernel's statistics file, whose `btime` line is the boot time (Unix seconds).
+pub const DEFAULT_PROC_STAT_PATH: &str = "/proc/stat";
 
 /// Errors of checkpoint file operations (cheap to clone: one write error is shared by
 /// every caller of a batched write).
@@ -96,6 +103,12 @@ pub enum LoadOutcome {
         /// The claims it held (state the reboot wiped).
         stale_claims: BTreeMap<String, ClaimEntry>,
     },
+    /// The file could not be decoded and was last written before this boot began: a write
+    /// torn by the OS crash that ended the previous boot. Removed; an empty checkpoint is used.
+    TornFromPreviousBoot {
+        /// Why it could not be decoded.
+        reason: String,
+    },
     /// The file was unusable and has been moved to `path`; an empty checkpoint is used.
     Quarantined {
         /// Where the unusable file now is.
@@ -112,13 +125,17 @@ pub struct Loaded {
     pub checkpoint: Checkpoint,
     /// What happened; anything but `Fresh`/`Loaded` deserves a log line and a Node Event.
     pub outcome: LoadOutcome,
+    /// Leftover temp files of the checkpoint removed (from a process killed mid-write).
+    pub temp_files_removed: usize,
 }
 
 /// The checkpoint file and the boot id source.
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
     path: PathBuf,
+    dir: StateDir,
     boot_id_path: PathBuf,
+    proc_stat_path: PathBuf,
 }
 
 impl CheckpointStore {
@@ -127,8 +144,28 @@ impl CheckpointStore {
     pub fn new(plugin_dir: &Path, boot_id_path: &Path) -> Self {
         Self {
             path: plugin_dir.join(CHECKPOINT_FILE_NAME),
+            dir: StateDir::at(plugin_dir),
             boot_id_path: boot_id_path.to_path_buf(),
+            proc_stat_path: PathBuf::from(DEFAULT_PROC_STAT_PATH),
         }
+    }
+
+    /// The same store reading the boot time from `proc_stat` instead of `/proc/stat`.
+    pub fn with_proc_stat(mut self, proc_stat: &Path) -> Self {
+        self.proc_stat_path = proc_stat.to_path_buf();
+        self
+    }
+
+    /// The boot time (`btime` of `/proc/stat`); `None` when unreadable.
+    fn boot_time(&self) -> Option<SystemTime> {
+        let stat = fs::read_to_string(&self.proc_stat_path).ok()?;
+        let secs = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse::<u64>()
+            .ok()?;
+        Some(UNIX_EPOCH + Duration::from_secs(secs))
     }
 
     /// The checkpoint file path.
@@ -151,58 +188,90 @@ impl CheckpointStore {
     /// ([`LoadOutcome::PreviousBoot`]). Only I/O failures are errors.
     pub fn load(&self) -> Result<Loaded, CheckpointError> {
         let boot_id = self.current_boot_id()?;
-        let bytes = match fs::read(&self.path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok(Loaded {
-                    checkpoint: Checkpoint::new(boot_id),
-                    outcome: LoadOutcome::Fresh,
-                });
+        let temp_files_removed = self
+            .dir
+            .remove_temp_files(CHECKPOINT_FILE_NAME)
+            .unwrap_or_else(|e| {
+                tracing::warn!(dir = %self.dir.path().display(), error = %e, "removing leftover checkpoint temp files failed");
+                0
+            });
+        let loaded = |checkpoint, outcome| Loaded {
+            checkpoint,
+            outcome,
+            temp_files_removed,
+        };
+        let read_err = |e| CheckpointError::Read {
+            path: self.path.clone(),
+            source: Arc::new(e),
+        };
+        let bytes = match self.dir.read(CHECKPOINT_FILE_NAME) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(loaded(Checkpoint::new(boot_id), LoadOutcome::Fresh)),
+            Err(e) if is_symlink_error(&e) || self.dir.is_symlink(CHECKPOINT_FILE_NAME) => {
+                let path = self.quarantine()?;
+                let reason =
+                    "it is a symbolic link; the plugin never follows links in its directory"
+                        .to_string();
+                return Ok(loaded(
+                    Checkpoint::new(boot_id),
+                    LoadOutcome::Quarantined { path, reason },
+                ));
             }
-            Err(e) => {
-                return Err(CheckpointError::Read {
-                    path: self.path.clone(),
-                    source: Arc::new(e),
-                });
-            }
+            Err(e) => return Err(read_err(e)),
         };
         match decode(&bytes) {
+            Err(reason) if self.written_before_boot() => {
+                self.dir.remove(CHECKPOINT_FILE_NAME).map_err(read_err)?;
+                Ok(loaded(
+                    Checkpoint::new(boot_id),
+                    LoadOutcome::TornFromPreviousBoot { reason },
+                ))
+            }
             Err(reason) => {
                 let path = self.quarantine()?;
-                Ok(Loaded {
-                    checkpoint: Checkpoint::new(boot_id),
-                    outcome: LoadOutcome::Quarantined { path, reason },
-                })
+                Ok(loaded(
+                    Checkpoint::new(boot_id),
+                    LoadOutcome::Quarantined { path, reason },
+                ))
             }
-            Ok(cp) if cp.boot_id != boot_id => Ok(Loaded {
-                checkpoint: Checkpoint::new(boot_id),
-                outcome: LoadOutcome::PreviousBoot {
+            Ok(cp) if cp.boot_id != boot_id => Ok(loaded(
+                Checkpoint::new(boot_id),
+                LoadOutcome::PreviousBoot {
                     previous_boot_id: cp.boot_id,
                     stale_claims: cp.claims,
                 },
-            }),
-            Ok(cp) => Ok(Loaded {
-                checkpoint: cp,
-                outcome: LoadOutcome::Loaded,
-            }),
+            )),
+            Ok(cp) => Ok(loaded(cp, LoadOutcome::Loaded)),
         }
     }
 
-    /// Writes `checkpoint` atomically (temp file, fsync, rename, directory fsync),
-    /// creating the plugin dir when missing.
+    /// Whether the checkpoint file was last modified before this boot began.
+    fn written_before_boot(&self) -> bool {
+        match (self.dir.modified(CHECKPOINT_FILE_NAME), self.boot_time()) {
+            (Ok(Some(modified)), Some(boot)) => modified < boot,
+            _ => false,
+        }
+    }
+
+    /// Writes `checkpoint` atomically (temp file, rename; no fsync: boot-scoped, see the
+    /// module docs of [`crate::checkpoint`]), creating the plugin dir (0700) when missing.
     pub fn save(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
         let bytes = encode(checkpoint).map_err(|e| CheckpointError::Encode {
             path: self.path.clone(),
             source: Arc::new(e),
         })?;
-        write_atomic(&self.path, &bytes).map_err(|e| CheckpointError::Write {
+        let write_err = |e| CheckpointError::Write {
             path: self.path.clone(),
             source: Arc::new(e),
-        })
+        };
+        StateDir::create(self.dir.path(), true)
+            .map_err(write_err)?
+            .replace(CHECKPOINT_FILE_NAME, &bytes)
+            .map_err(write_err)
     }
 
     /// Renames the checkpoint to `checkpoint.json.corrupt-<UTC time>` (with `.N` added if
-    /// taken) and fsyncs the directory.
+    /// taken); a symbolic link is moved, not followed.
     fn quarantine(&self) -> Result<PathBuf, CheckpointError> {
         let stamp = utc_stamp(SystemTime::now());
         let base = format!("{}.corrupt-{stamp}", self.path.display());
@@ -217,10 +286,13 @@ impl CheckpointStore {
             to: to.clone(),
             source: Arc::new(e),
         };
-        fs::rename(&self.path, &to).map_err(|e| err(&to, e))?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir).map_err(|e| err(&to, e))?;
-        }
+        let to_name = to
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.dir
+            .rename(CHECKPOINT_FILE_NAME, &to_name)
+            .map_err(|e| err(&to, e))?;
         Ok(to)
     }
 }
@@ -312,7 +384,8 @@ mod tests {
             again,
             Loaded {
                 checkpoint: cp,
-                outcome: LoadOutcome::Loaded
+                outcome: LoadOutcome::Loaded,
+                temp_files_removed: 0,
             }
         );
         assert_eq!(
@@ -416,6 +489,96 @@ mod tests {
             .save(&Checkpoint::new("boot-a"))
             .expect_err("cannot replace a dir");
         assert!(err.to_string().contains("checkpoint.json"), "{err}");
+    }
+
+    #[test]
+    fn torn_file_written_before_this_boot_is_previous_boot_not_corruption() {
+        let f = fixture("boot-b");
+        let dir = f.store.path().parent().expect("dir").to_path_buf();
+        fs::create_dir_all(&dir).expect("dir");
+        fs::write(f.store.path(), b"{\"version\": 1, \"bo").expect("torn");
+        // The boot began after the file was written (an hour from now).
+        let boot = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("now")
+            .as_secs()
+            + 3600;
+        let stat = f.dir.path().join("stat");
+        fs::write(&stat, format!("cpu  1 2 3\nbtime {boot}\nprocesses 9\n")).expect("stat");
+        let store = f.store.clone().with_proc_stat(&stat);
+        let loaded = store.load().expect("load");
+        assert!(
+            matches!(&loaded.outcome, LoadOutcome::TornFromPreviousBoot { reason } if reason.starts_with("not valid JSON")),
+            "{:?}",
+            loaded.outcome
+        );
+        assert_eq!(loaded.checkpoint, Checkpoint::new("boot-b"));
+        assert!(files(&dir).is_empty(), "removed, not quarantined");
+        // The same bytes written during this boot are corruption.
+        fs::write(f.store.path(), b"{\"version\": 1, \"bo").expect("torn");
+        let stat_past = f.dir.path().join("stat-past");
+        fs::write(&stat_past, "btime 1000\n").expect("stat");
+        let loaded = f
+            .store
+            .clone()
+            .with_proc_stat(&stat_past)
+            .load()
+            .expect("load");
+        assert!(matches!(loaded.outcome, LoadOutcome::Quarantined { .. }));
+    }
+
+    #[test]
+    fn symlinked_checkpoint_is_quarantined_without_being_followed() {
+        let f = fixture("boot-a");
+        let dir = f.store.path().parent().expect("dir").to_path_buf();
+        fs::create_dir_all(&dir).expect("dir");
+        let target = f.dir.path().join("elsewhere.json");
+        let mut cp = Checkpoint::new("boot-a");
+        cp.claims.insert("u".into(), entry());
+        fs::write(&target, encode(&cp).expect("encode")).expect("target");
+        std::os::unix::fs::symlink(&target, f.store.path()).expect("link");
+        let loaded = f.store.load().expect("load");
+        let LoadOutcome::Quarantined { path, reason } = &loaded.outcome else {
+            panic!("expected quarantine, got {:?}", loaded.outcome);
+        };
+        assert!(reason.contains("symbolic link"), "{reason}");
+        assert!(
+            fs::symlink_metadata(path)
+                .expect("moved")
+                .file_type()
+                .is_symlink()
+        );
+        assert!(
+            loaded.checkpoint.claims.is_empty(),
+            "the link's target is not read"
+        );
+        f.store.save(&cp).expect("save");
+        assert!(
+            !fs::symlink_metadata(f.store.path())
+                .expect("file")
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            fs::read(&target).expect("target"),
+            encode(&cp).expect("encode")
+        );
+    }
+
+    #[test]
+    fn leftover_temp_files_are_removed_at_load_and_modes_are_exact() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = fixture("boot-a");
+        f.store.save(&Checkpoint::new("boot-a")).expect("save");
+        let dir = f.store.path().parent().expect("dir").to_path_buf();
+        fs::write(dir.join(".checkpoint.json.0123abcd.tmp"), b"{").expect("temp");
+        fs::write(dir.join(".checkpoint.json.4567.tmp"), b"").expect("temp");
+        let loaded = f.store.load().expect("load");
+        assert_eq!(loaded.temp_files_removed, 2);
+        assert_eq!(files(&dir), ["checkpoint.json"]);
+        let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(f.store.path()), 0o600);
     }
 
     #[test]

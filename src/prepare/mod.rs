@@ -13,6 +13,7 @@
 
 pub mod allocation;
 pub mod plan;
+pub mod rebuild;
 mod recovery;
 #[cfg(test)]
 mod tests;

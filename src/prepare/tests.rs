@@ -584,4 +584,176 @@ async fn one_call_works_on_a_bounded_number_of_claims_at_once() {
     let most = most.load(Ordering::SeqCst);
     assert!(most <= MAX_CLAIMS_IN_FLIGHT, "{most} claims in flight");
     assert!(most > 1, "claims still run concurrently");
+
+#[tokio::test]
+async fn prepare_then_unprepare_leaves_no_trace() {
+    let exclusive = gpu_config(json!({"strategy": "Exclusive"}));
+    let r = rig(vec![
+        claim("plain", &[("gpu", "gpu-3")], json!([])),
+        claim("excl", &[("gpu", "gpu-2")], exclusive),
+    ]);
+    for name in ["plain", "excl"] {
+        let out = r.preparer.prepare(vec![cref(name)]).await;
+        assert!(out[&format!("uid-{name}")].is_ok(), "{out:?}");
+        let done = r.preparer.unprepare(vec![cref(name)]).await;
+        assert!(done[&format!("uid-{name}")].is_ok(), "{done:?}");
+    }
+    let gpu2 = dgx_h100().gpus[2].uuid.clone();
+    assert_eq!(
+        r.hw.calls(),
+        vec![
+            format!("compute {gpu2} ExclusiveProcess"),
+            format!("compute {gpu2} Default")
+        ]
+    );
+    assert!(r.preparer.checkpoint().snapshot().claims.is_empty());
+    let cdi_left: Vec<_> = std::fs::read_dir(r.dir.path().join("cdi"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(cdi_left.is_empty(), "{cdi_left:?}");
+}
+
+/// A fresh plugin process over `r`'s directories and hardware, starting from an empty
+/// checkpoint (as after a quarantine), with `claims` in the API server.
+fn restarted_without_checkpoint(r: &Rig, claims: Vec<ResourceClaim>) -> Preparer<FixedClaims> {
+    let plugin_dir = r.dir.path().join("plugin");
+    let store = CheckpointStore::new(&plugin_dir, &r.dir.path().join("boot_id"));
+    let (checkpoint, _task) = CheckpointWriter::spawn(store, Checkpoint::new("boot-1"));
+    let mps = MpsSupervisor::new(MpsSettings {
+        control_path: r.dir.path().join("no-mps-control"),
+        root_dir: plugin_dir.join("mps"),
+        ready_timeout: Duration::from_secs(5),
+        command_timeout: Duration::from_secs(5),
+        private_shm: None,
+    });
+    let sharing = SharingManager::new(r.hw.clone(), r.hw.clone(), mps);
+    let mut fixed = FixedClaims::new();
+    for c in claims {
+        fixed.insert(c);
+    }
+    let (_tx, inventory) = watch::channel(dgx_h100());
+    let config = PreparerConfig {
+        driver_name: DRIVER.into(),
+        node_name: NODE.into(),
+        cdi_root: r.dir.path().join("cdi"),
+        proc_root: r.dir.path().join("proc"),
+    };
+    Preparer::new(config, fixed, inventory, sharing, checkpoint)
+}
+
+fn live_claims() -> Vec<ResourceClaim> {
+    let long =
+        gpu_config(json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}));
+    let mut in_use = claim("plain", &[("gpu", "gpu-3")], json!([]));
+    in_use.status.as_mut().unwrap().reserved_for = Some(vec![
+        serde_json::from_value(json!({"resource": "pods", "name": "p", "uid": "pod-1"})).unwrap(),
+    ]);
+    vec![
+        in_use,
+        claim("ts", &[("gpu", "gpu-0")], long),
+        claim(
+            "excl",
+            &[("gpu", "gpu-2")],
+            gpu_config(json!({"strategy": "Exclusive"})),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn lost_checkpoint_keeps_live_claims_and_rebuilds_them() {
+    let mut claims = live_claims();
+    claims.push(claim("gone", &[("gpu", "gpu-4")], json!([])));
+    let r = rig(claims);
+    let out = r
+        .preparer
+        .prepare(vec![cref("plain"), cref("ts"), cref("excl"), cref("gone")])
+        .await;
+    assert!(out.values().all(Result::is_ok), "{out:?}");
+    let applied = r.hw.calls();
+    assert_eq!(applied.len(), 2, "{applied:?}");
+
+    // The checkpoint is lost; "gone" was deleted from the API server meanwhile.
+    let live = live_claims();
+    let p = restarted_without_checkpoint(&r, live.clone());
+    let report = p.recover_after_loss(Some(&live)).await;
+    assert_eq!(report.rebuilt, vec!["uid-excl", "uid-plain", "uid-ts"]);
+    assert_eq!(report.in_use, 1);
+    assert_eq!(report.orphan_specs_removed, vec!["uid-gone"]);
+    assert!(!report.deferred);
+    for uid in ["uid-plain", "uid-ts", "uid-excl"] {
+        assert!(spec_json(&r, uid).is_some(), "spec of live {uid} kept");
+    }
+    assert!(spec_json(&r, "uid-gone").is_none());
+    assert_eq!(
+        r.hw.calls(),
+        applied,
+        "no GPU setting of a live claim touched"
+    );
+    let snap = p.checkpoint().snapshot();
+    assert!(
+        snap.claims
+            .values()
+            .all(|e| e.state == ClaimState::PrepareCompleted)
+    );
+    // Answers come from the rebuilt entries, and the ledger owns the policies again:
+    // a conflicting claim is refused, the last unprepare restores the default.
+    let again = p.prepare(vec![cref("ts")]).await;
+    assert_eq!(
+        again["uid-ts"].as_ref().unwrap(),
+        out["uid-ts"].as_ref().unwrap()
+    );
+    let done = p.unprepare(vec![cref("excl")]).await;
+    assert!(done["uid-excl"].is_ok());
+    let gpu2 = dgx_h100().gpus[2].uuid.clone();
+    assert_eq!(
+        r.hw.calls().last().unwrap(),
+        &format!("compute {gpu2} Default")
+    );
+}
+
+#[tokio::test]
+async fn unreachable_api_server_removes_nothing_and_unprepare_still_works() {
+    let r = rig(live_claims());
+    let out = r
+        .preparer
+        .prepare(vec![cref("plain"), cref("ts"), cref("excl")])
+        .await;
+    assert!(out.values().all(Result::is_ok), "{out:?}");
+    let applied = r.hw.calls();
+    let p = restarted_without_checkpoint(&r, vec![]);
+    let report = p.recover_after_loss(None).await;
+    assert!(report.deferred);
+    assert!(report.orphan_specs_removed.is_empty());
+    for uid in ["uid-plain", "uid-ts", "uid-excl"] {
+        assert!(spec_json(&r, uid).is_some(), "spec of {uid} kept");
+    }
+    assert_eq!(r.hw.calls(), applied);
+    // The kubelet's unprepare is served from the files on disk.
+    let done = p.unprepare(vec![cref("plain")]).await;
+    assert!(done["uid-plain"].is_ok());
+    assert!(spec_json(&r, "uid-plain").is_none());
+}
+
+#[tokio::test]
+async fn specs_from_before_the_boot_are_not_rebuilt() {
+    let r = rig(live_claims());
+    let out = r.preparer.prepare(vec![cref("plain"), cref("ts")]).await;
+    assert!(out.values().all(Result::is_ok), "{out:?}");
+    // The node rebooted after the specs were written (CDI dir on disk, not tmpfs).
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    std::fs::write(r.dir.path().join("proc/stat"), format!("btime {boot}\n")).unwrap();
+    let live = live_claims();
+    let p = restarted_without_checkpoint(&r, live.clone());
+    let report = p.recover_after_loss(Some(&live)).await;
+    assert!(report.rebuilt.is_empty(), "{:?}", report.rebuilt);
+    assert_eq!(report.orphan_specs_removed, vec!["uid-plain", "uid-ts"]);
+    // The kubelet prepares again and the policy is applied afresh.
+    let again = p.prepare(vec![cref("ts")]).await;
+    assert!(again["uid-ts"].is_ok(), "{again:?}");
+    assert_eq!(r.hw.calls().len(), 2, "{:?}", r.hw.calls());
 }

@@ -1,0 +1,113 @@
+//! Rebuilds the checkpoint from what is true when the checkpoint file is lost, unusable or
+//! from another boot: the ResourceClaims the API server says are allocated to this node for
+//! this driver, and the CDI specs on disk.
+//!
+//! Owns the one-off LIST of claims at start (the claim cache is for prepare) and the pure
+//! rule: a claim is re-recorded `PrepareCompleted` when its spec exists (the spec is
+//! written after every GPU side effect) and the API server still has it, same UID,
+//! allocated here; its policy comes from its allocation's config, as at prepare. The
+//! normal recovery then re-adopts its MPS daemon and keeps its spec and GPU policy. A spec
+//! of a claim the API server no longer has is an orphan. Must not touch GPUs, daemons or
+//! files itself. ResourceClaims have no field selector beyond name and namespace (upstream
+//! `resourceclaim` strategy), so the LIST is paginated and filtered here, keeping only this
+//! node's claims.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+
+use super::allocation::allocated_devices;
+use super::plan::plan_claim;
+use super::records;
+use crate::checkpoint::{ClaimEntry, ClaimState};
+use crate::inventory::Inventory;
+use crate::plugin::ClaimRef;
+
+/// Page size of the LIST.
+const PAGE: u32 = 250;
+
+/// Lists the ResourceClaims allocated to `node` for `driver` (all namespaces, paginated,
+/// managed fields dropped). Errors: the API server could not be asked.
+pub async fn list_node_claims(
+    client: &Client,
+    driver: &str,
+    node: &str,
+) -> Result<Vec<ResourceClaim>, kube::Error> {
+    let api: Api<ResourceClaim> = Api::all(client.clone());
+    let mut params = ListParams::default().limit(PAGE);
+    let mut found = Vec::new();
+    loop {
+        let page = api.list(&params).await?;
+        for mut claim in page.items {
+            if allocated_devices(&claim, driver, node).is_ok() {
+                claim.managed_fields_mut().clear();
+                found.push(claim);
+            }
+        }
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(found),
+        }
+    }
+}
+
+/// What [`rebuild_entries`] found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Rebuilt {
+    /// Entries to record, by claim UID.
+    pub entries: BTreeMap<String, ClaimEntry>,
+    /// Claims with a spec that are live but could not be planned (uid, error); their spec is
+    /// kept, the kubelet's unprepare removes it.
+    pub unplanned: Vec<(String, String)>,
+    /// Live claims (allocated here) with at least one pod in `reservedFor`.
+    pub in_use: usize,
+}
+
+/// Pure: the entries for claims that have a spec in `spec_uids` and are in `live` (claims
+/// allocated to this node for `driver`).
+pub fn rebuild_entries(
+    live: &[ResourceClaim],
+    spec_uids: &BTreeSet<String>,
+    inventory: &Inventory,
+    driver: &str,
+    node: &str,
+) -> Rebuilt {
+    let mut out = Rebuilt::default();
+    for claim in live {
+        let uid = claim.uid().unwrap_or_default();
+        if claim
+            .status
+            .as_ref()
+            .and_then(|s| s.reserved_for.as_ref())
+            .is_some_and(|r| !r.is_empty())
+        {
+            out.in_use += 1;
+        }
+        if !spec_uids.contains(&uid) {
+            continue;
+        }
+        let cref = ClaimRef {
+            namespace: claim.namespace().unwrap_or_default(),
+            name: claim.name_any(),
+            uid: uid.clone(),
+        };
+        match plan_claim(claim, inventory, driver, node) {
+            Ok(plans) => {
+                out.entries.insert(
+                    uid,
+                    ClaimEntry {
+                        state: ClaimState::PrepareCompleted,
+                        namespace: cref.namespace.clone(),
+                        name: cref.name.clone(),
+                        devices: records(&cref, &plans),
+                        extra: BTreeMap::new(),
+                    },
+                );
+            }
+            Err(err) => out.unplanned.push((uid, err.to_string())),
+        }
+    }
+    out
+}
