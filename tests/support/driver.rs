@@ -77,11 +77,29 @@ pub struct Plugin {
     child: Mutex<Option<Child>>,
     log: PathBuf,
     args: Vec<String>,
+    /// Spawn in a process group of its own (see [`Plugin::start_in_group`]).
+    own_group: bool,
 }
 
 impl Plugin {
     /// Starts `gpu-dra kubelet-plugin` for `node` of `b` on the fake GPUs `gpus`.
     pub fn start(b: &TestBox, node: &str, gpus: &FakeGpus) -> anyhow::Result<Self> {
+        Self::start_with(b, node, gpus, false)
+    }
+
+    /// Like [`Plugin::start`], but the plugin (and every restart) leads a process group of
+    /// its own, which [`Plugin::kill_group`] kills whole, as a container runtime kills a
+    /// container with everything it started.
+    pub fn start_in_group(b: &TestBox, node: &str, gpus: &FakeGpus) -> anyhow::Result<Self> {
+        Self::start_with(b, node, gpus, true)
+    }
+
+    fn start_with(
+        b: &TestBox,
+        node: &str,
+        gpus: &FakeGpus,
+        own_group: bool,
+    ) -> anyhow::Result<Self> {
         let target = target_dir();
         let lib = target.join("libnvidia_ml.so");
         anyhow::ensure!(
@@ -108,6 +126,7 @@ impl Plugin {
             child: Mutex::new(None),
             log,
             args,
+            own_group,
         };
         plugin.spawn(gpus)?;
         Ok(plugin)
@@ -125,6 +144,9 @@ impl Plugin {
             .stdout(log.try_clone()?)
             .stderr(log);
         gpus.apply_env(&mut cmd);
+        if self.own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         *self.child.get_mut().unwrap_or_else(|p| p.into_inner()) =
             Some(cmd.spawn().context("spawning gpu-dra kubelet-plugin")?);
         Ok(())
@@ -139,6 +161,22 @@ impl Plugin {
             .take()
         {
             let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILLs the plugin's whole process group (`kill(-pgid, SIGKILL)`) and reaps the
+    /// plugin. Only for a plugin from [`Plugin::start_in_group`].
+    pub fn kill_group(&mut self) {
+        if let Some(mut child) = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            if let Some(pgid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+            }
             let _ = child.wait();
         }
     }

@@ -57,7 +57,10 @@ impl MpsEnv {
 pub fn record_start(store: &StateStore, env: &MpsEnv, pid: u32) -> Result<(), String> {
     let r = store
         .update(|s| {
-            if s.mps_daemons.get(&env.pipe_dir).is_some_and(|d| d.running) {
+            if s.mps_daemons
+                .get(&env.pipe_dir)
+                .is_some_and(|d| d.running && process_alive(d.pid))
+            {
                 return Err("An instance of this daemon is already running".to_string());
             }
             s.mps_daemons.insert(
@@ -108,6 +111,15 @@ pub fn take_start_fault(store: &StateStore, env: &MpsEnv) -> Option<String> {
         .ok()
         .flatten()
         .map(|code| format!("nvidia-cuda-mps-control: cannot start the MPS control daemon (error {code})"))
+}
+
+/// Whether process `pid` exists and is not a zombie (`/proc/<pid>/stat`). Daemon records of
+/// processes that no longer exist (killed with their process group) count as not running.
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 /// Whether the daemon for `pipe_dir` with `pid` is still recorded as running.
@@ -253,7 +265,13 @@ pub fn client(
             }
         }
         let r = store.update(|s| {
-            let visible = match s.mps_daemons.get(&env.pipe_dir) {
+            let visible = match s.mps_daemons.get_mut(&env.pipe_dir) {
+                // A daemon killed without `quit` (its process gone) answers no client, as a
+                // real control FIFO without a reader does not.
+                Some(d) if d.running && !process_alive(d.pid) => {
+                    d.running = false;
+                    return None;
+                }
                 Some(d) if d.running => d.visible_devices.clone(),
                 _ => return None,
             };
@@ -319,7 +337,7 @@ mod tests {
         assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 1);
         assert!(String::from_utf8_lossy(&err).contains("Cannot find MPS control daemon"));
 
-        record_start(&store, &e, 4242).unwrap();
+        record_start(&store, &e, std::process::id()).unwrap();
         assert!(Path::new(&e.pipe_dir).join("control").exists());
         assert!(record_start(&store, &e, 1).is_err());
         let mut out = Vec::new();
@@ -341,8 +359,8 @@ mod tests {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut input: &[u8] = b"set_default_active_thread_percentage 140\nquit\n";
         assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 1);
-        assert!(!is_running(&store, &e.pipe_dir, 4242));
-        daemon_loop(&store, &e, 4242, Duration::from_secs(1));
+        assert!(!is_running(&store, &e.pipe_dir, std::process::id()));
+        daemon_loop(&store, &e, std::process::id(), Duration::from_secs(1));
         assert!(!Path::new(&e.pipe_dir).join("control").exists());
     }
 
@@ -367,16 +385,16 @@ mod tests {
             .unwrap();
         assert!(take_start_fault(&store, &e).is_some());
         assert!(take_start_fault(&store, &e).is_none(), "one-shot");
-        record_start(&store, &e, 7).unwrap();
+        record_start(&store, &e, std::process::id()).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut input: &[u8] = b"quit\n";
         assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 1);
-        assert!(is_running(&store, &e.pipe_dir, 7), "a refused quit leaves the daemon");
+        assert!(is_running(&store, &e.pipe_dir, std::process::id()), "a refused quit leaves the daemon");
         let s = store.read().unwrap();
         assert!(s.mps_daemons[&e.pipe_dir].commands.is_empty());
         assert_eq!(s.faults.len(), 1, "the other GPU's fault stays");
         let mut input: &[u8] = b"quit\n";
         assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 0);
-        assert!(!is_running(&store, &e.pipe_dir, 7));
+        assert!(!is_running(&store, &e.pipe_dir, std::process::id()));
     }
 }
