@@ -71,8 +71,12 @@ impl Kind {
         };
         let request = json!([{"name": "gpu", "exactly": {"deviceClassName": class}}]);
         let sharing = match self {
-            Kind::TimeSliced => json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}),
-            Kind::Mps => json!({"strategy": "MPS", "mpsConfig": {"defaultActiveThreadPercentage": 50}}),
+            Kind::TimeSliced => {
+                json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}})
+            }
+            Kind::Mps => {
+                json!({"strategy": "MPS", "mpsConfig": {"defaultActiveThreadPercentage": 50}})
+            }
             Kind::Exclusive => json!({"strategy": "Exclusive"}),
             Kind::Plain | Kind::Mig => return json!({"requests": request}),
         };
@@ -84,12 +88,12 @@ impl Kind {
 /// The seed from [`SEED_ENV`] (or the default) and the number of kill points from
 /// [`KILLS_ENV`] (or the default). Panics on a value that is not a number.
 pub fn settings() -> (u64, usize) {
-    let seed = std::env::var(SEED_ENV)
-        .ok()
-        .map_or(DEFAULT_SEED, |s| s.parse().expect("GPU_DRA_CHAOS_SEED: a u64"));
-    let kills = std::env::var(KILLS_ENV)
-        .ok()
-        .map_or(DEFAULT_KILLS, |s| s.parse().expect("GPU_DRA_CHAOS_KILLS: a count"));
+    let seed = std::env::var(SEED_ENV).ok().map_or(DEFAULT_SEED, |s| {
+        s.parse().expect("GPU_DRA_CHAOS_SEED: a u64")
+    });
+    let kills = std::env::var(KILLS_ENV).ok().map_or(DEFAULT_KILLS, |s| {
+        s.parse().expect("GPU_DRA_CHAOS_KILLS: a count")
+    });
     (seed, kills)
 }
 
@@ -145,18 +149,33 @@ fn spec_file(uid: &str) -> String {
 pub fn check(live: &[LiveClaim], snap: &NodeSnapshot) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut v = |invariant: &'static str, detail: String| out.push(Violation { invariant, detail });
-    let entries = snap.checkpoint["claims"].as_object().cloned().unwrap_or_default();
+    let entries = snap.checkpoint["claims"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     let live_uids: BTreeSet<&str> = live.iter().map(|c| c.uid.as_str()).collect();
     // GPU UUID -> kinds holding it (from the checkpoint's device records).
     let mut holders: BTreeMap<String, Vec<Kind>> = BTreeMap::new();
     for c in live {
         let entry = &entries.get(&c.uid).cloned().unwrap_or(Value::Null);
         if entry["state"] != "PrepareCompleted" {
-            v("claim-prepared", format!("{} claim {} ({:?}): checkpoint state {}", c.pod, c.uid, c.kind, entry["state"]));
+            v(
+                "claim-prepared",
+                format!(
+                    "{} claim {} ({:?}): checkpoint state {}",
+                    c.pod, c.uid, c.kind, entry["state"]
+                ),
+            );
         }
         let specs = snap.cdi_files.iter().filter(|f| f.contains(&c.uid)).count();
         if specs != 1 || !snap.cdi_files.contains(&spec_file(&c.uid)) {
-            v("one-cdi-spec", format!("{} claim {} ({:?}): {specs} CDI spec files", c.pod, c.uid, c.kind));
+            v(
+                "one-cdi-spec",
+                format!(
+                    "{} claim {} ({:?}): {specs} CDI spec files",
+                    c.pod, c.uid, c.kind
+                ),
+            );
         }
         for d in entry["devices"].as_array().into_iter().flatten() {
             if let Some(gpu) = d["gpuUuid"].as_str()
@@ -167,12 +186,18 @@ pub fn check(live: &[LiveClaim], snap: &NodeSnapshot) -> Vec<Violation> {
         }
     }
     for uid in entries.keys().filter(|u| !live_uids.contains(u.as_str())) {
-        v("no-leftover-entry", format!("checkpoint entry for claim {uid}, which no running pod uses"));
+        v(
+            "no-leftover-entry",
+            format!("checkpoint entry for claim {uid}, which no running pod uses"),
+        );
     }
     for f in &snap.cdi_files {
         let owned = live_uids.iter().any(|u| *f == spec_file(u));
         if f.starts_with("gpu-dra.dev-claim_") && !owned {
-            v("no-leftover-spec", format!("CDI spec {f}, which no running pod uses"));
+            v(
+                "no-leftover-spec",
+                format!("CDI spec {f}, which no running pod uses"),
+            );
         }
     }
     let mut mps_of: BTreeMap<&str, usize> = BTreeMap::new();
@@ -181,10 +206,22 @@ pub fn check(live: &[LiveClaim], snap: &NodeSnapshot) -> Vec<Violation> {
             .iter()
             .find(|c| c.kind == Kind::Mps && pipe.contains(&format!("/{}/", c.uid)));
         match owner {
-            None => v("no-leftover-daemon", format!("MPS daemon pid {} ({pipe}) runs for no live MPS claim", d.pid)),
+            None => v(
+                "no-leftover-daemon",
+                format!(
+                    "MPS daemon pid {} ({pipe}) runs for no live MPS claim",
+                    d.pid
+                ),
+            ),
             Some(c) => {
                 if snap.dead_daemon_pids.contains(&d.pid) {
-                    v("mps-daemon-running", format!("{} claim {}: MPS daemon pid {} recorded running, process gone", c.pod, c.uid, d.pid));
+                    v(
+                        "mps-daemon-running",
+                        format!(
+                            "{} claim {}: MPS daemon pid {} recorded running, process gone",
+                            c.pod, c.uid, d.pid
+                        ),
+                    );
                 } else {
                     *mps_of.entry(c.uid.as_str()).or_default() += 1;
                 }
@@ -194,23 +231,44 @@ pub fn check(live: &[LiveClaim], snap: &NodeSnapshot) -> Vec<Violation> {
     for c in live.iter().filter(|c| c.kind == Kind::Mps) {
         let n = mps_of.get(c.uid.as_str()).copied().unwrap_or(0);
         if n != 1 {
-            v("mps-daemon-running", format!("{} claim {}: {n} live MPS daemons", c.pod, c.uid));
+            v(
+                "mps-daemon-running",
+                format!("{} claim {}: {n} live MPS daemons", c.pod, c.uid),
+            );
         }
     }
     for (uuid, g) in &snap.gpus.gpus {
         let kinds = holders.get(uuid).cloned().unwrap_or_default();
-        let exclusive = kinds.iter().any(|k| matches!(k, Kind::Mps | Kind::Exclusive));
+        let exclusive = kinds
+            .iter()
+            .any(|k| matches!(k, Kind::Mps | Kind::Exclusive));
         let want_mode = if exclusive {
             nvidia_ml::control::ComputeMode::ExclusiveProcess
         } else {
             nvidia_ml::control::ComputeMode::Default
         };
         if g.compute_mode != want_mode {
-            v("gpu-compute-mode", format!("GPU {uuid} held by {kinds:?}: compute mode {:?}, want {want_mode:?}", g.compute_mode));
+            v(
+                "gpu-compute-mode",
+                format!(
+                    "GPU {uuid} held by {kinds:?}: compute mode {:?}, want {want_mode:?}",
+                    g.compute_mode
+                ),
+            );
         }
-        let want_slice = if kinds.contains(&Kind::TimeSliced) { 3 } else { 0 };
+        let want_slice = if kinds.contains(&Kind::TimeSliced) {
+            3
+        } else {
+            0
+        };
         if g.timeslice != want_slice {
-            v("gpu-time-slice", format!("GPU {uuid} held by {kinds:?}: time slice {}, want {want_slice}", g.timeslice));
+            v(
+                "gpu-time-slice",
+                format!(
+                    "GPU {uuid} held by {kinds:?}: time slice {}, want {want_slice}",
+                    g.timeslice
+                ),
+            );
         }
     }
     out

@@ -110,7 +110,9 @@ pub fn take_start_fault(store: &StateStore, env: &MpsEnv) -> Option<String> {
         .update(|s| s.take_fault_visible(&command_fault("-d"), env.visible_devices.as_deref()))
         .ok()
         .flatten()
-        .map(|code| format!("nvidia-cuda-mps-control: cannot start the MPS control daemon (error {code})"))
+        .map(|code| {
+            format!("nvidia-cuda-mps-control: cannot start the MPS control daemon (error {code})")
+        })
 }
 
 /// Whether process `pid` exists and is not a zombie (`/proc/<pid>/stat`). Daemon records of
@@ -378,8 +380,10 @@ mod tests {
         };
         store
             .update(|s| {
-                s.faults.push(fault("nvidia-cuda-mps-control -d", Some("GPU-other")));
-                s.faults.push(fault("nvidia-cuda-mps-control -d", Some("GPU-x")));
+                s.faults
+                    .push(fault("nvidia-cuda-mps-control -d", Some("GPU-other")));
+                s.faults
+                    .push(fault("nvidia-cuda-mps-control -d", Some("GPU-x")));
                 s.faults.push(fault("nvidia-cuda-mps-control quit", None));
             })
             .unwrap();
@@ -389,7 +393,10 @@ mod tests {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut input: &[u8] = b"quit\n";
         assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 1);
-        assert!(is_running(&store, &e.pipe_dir, std::process::id()), "a refused quit leaves the daemon");
+        assert!(
+            is_running(&store, &e.pipe_dir, std::process::id()),
+            "a refused quit leaves the daemon"
+        );
         let s = store.read().unwrap();
         assert!(s.mps_daemons[&e.pipe_dir].commands.is_empty());
         assert_eq!(s.faults.len(), 1, "the other GPU's fault stays");
