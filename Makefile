@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export GOTOOLCHAIN := local
 
-.PHONY: all build test bench demo fake-nvml rig clean tools deploy-manifests image image-check
+.PHONY: all build test bench chaos demo fake-nvml rig clean tools deploy-manifests image image-check
 
 all: build
 
@@ -20,6 +20,12 @@ test: rig tools image-check
 bench:
 	$(CARGO) build -p fake-nvml
 	$(CARGO) bench --bench prepare
+
+# Kill campaign at 1,000 kill points (tests/e2e_chaos.rs); prints the seed and the counts
+# (kill points, pods, violations). GPU_DRA_CHAOS_SEED picks another seed.
+chaos: rig
+	$(CARGO) build --workspace
+	GPU_DRA_CHAOS_KILLS=$${GPU_DRA_CHAOS_KILLS:-1000} $(CARGO) test --test e2e_chaos -- --nocapture
 
 clean:
 	$(CARGO) clean

@@ -117,6 +117,8 @@ pub struct Plugin {
     env: Vec<(String, String)>,
     http_address: std::net::SocketAddr,
     dra_socket: PathBuf,
+    /// Spawn in a process group of its own (see [`Plugin::start_in_group`]).
+    own_group: bool,
 }
 
 impl Plugin {
@@ -128,7 +130,7 @@ impl Plugin {
     /// Like [`Plugin::start`], but the driver root stays as it is (empty unless
     /// [`FakeGpus::install_driver`] ran): the plugin waits for the driver.
     pub fn start_before_driver(b: &TestBox, node: &str, gpus: &FakeGpus) -> anyhow::Result<Self> {
-        Self::launch(b, node, gpus, "", &[], true)
+        Self::launch(b, node, gpus, "", &[], true, false)
     }
 
     /// Like [`Plugin::start`] with `more` arguments appended (e.g. `--pod-uid=...`);
@@ -142,7 +144,7 @@ impl Plugin {
         more: &[String],
     ) -> anyhow::Result<Self> {
         gpus.install_driver(&target_dir())?;
-        Self::launch(b, node, gpus, instance, more, true)
+        Self::launch(b, node, gpus, instance, more, true, false)
     }
 
     /// Like [`Plugin::start_with`], but without the DaemonSet's `GPU_DRA_POD_UID`: a
@@ -154,7 +156,15 @@ impl Plugin {
         instance: &str,
     ) -> anyhow::Result<Self> {
         gpus.install_driver(&target_dir())?;
-        Self::launch(b, node, gpus, instance, &[], false)
+        Self::launch(b, node, gpus, instance, &[], false, false)
+    }
+
+    /// Like [`Plugin::start`], but the plugin (and every restart) leads a process group of
+    /// its own, which [`Plugin::kill_group`] kills whole, as a container runtime kills a
+    /// container with everything it started.
+    pub fn start_in_group(b: &TestBox, node: &str, gpus: &FakeGpus) -> anyhow::Result<Self> {
+        gpus.install_driver(&target_dir())?;
+        Self::launch(b, node, gpus, "", &[], true, true)
     }
 
     fn launch(
@@ -164,6 +174,7 @@ impl Plugin {
         instance: &str,
         more: &[String],
         managed: bool,
+        own_group: bool,
     ) -> anyhow::Result<Self> {
         let target = target_dir();
         let lib = target.join("libnvidia_ml.so");
@@ -249,6 +260,7 @@ impl Plugin {
             env,
             http_address,
             dra_socket,
+            own_group,
         };
         plugin.spawn(gpus)?;
         Ok(plugin)
@@ -269,6 +281,9 @@ impl Plugin {
             .stdout(log.try_clone()?)
             .stderr(log);
         gpus.apply_env(&mut cmd);
+        if self.own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         *self.child.get_mut().unwrap_or_else(|p| p.into_inner()) =
             Some(cmd.spawn().context("spawning gpu-dra kubelet-plugin")?);
         Ok(())
@@ -283,6 +298,22 @@ impl Plugin {
             .take()
         {
             let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILLs the plugin's whole process group (`kill(-pgid, SIGKILL)`) and reaps the
+    /// plugin. Only for a plugin from [`Plugin::start_in_group`].
+    pub fn kill_group(&mut self) {
+        if let Some(mut child) = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            if let Some(pgid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+            }
             let _ = child.wait();
         }
     }

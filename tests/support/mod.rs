@@ -5,6 +5,7 @@
 //! items unused by one test binary are allowed.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod cluster;
 pub mod deploy;
 pub mod driver;

@@ -57,7 +57,10 @@ impl MpsEnv {
 pub fn record_start(store: &StateStore, env: &MpsEnv, pid: u32) -> Result<(), String> {
     let r = store
         .update(|s| {
-            if s.mps_daemons.get(&env.pipe_dir).is_some_and(|d| d.running) {
+            if s.mps_daemons
+                .get(&env.pipe_dir)
+                .is_some_and(|d| d.running && process_alive(d.pid))
+            {
                 return Err("An instance of this daemon is already running".to_string());
             }
             s.mps_daemons.insert(
@@ -92,6 +95,33 @@ pub fn record_start(store: &StateStore, env: &MpsEnv, pid: u32) -> Result<(), St
         writeln!(log, "[fake] Startup (pid {pid})")
     })();
     files.map_err(|e| format!("creating MPS directories: {e}"))
+}
+
+/// The fault name of client command `word` (`nvidia-cuda-mps-control quit`, ...); the daemon
+/// start is `nvidia-cuda-mps-control -d`.
+pub fn command_fault(word: &str) -> String {
+    format!("nvidia-cuda-mps-control {word}")
+}
+
+/// Consumes an injected `nvidia-cuda-mps-control -d` fault for `env`'s devices; its error
+/// text if one fired (the daemon then does not start, as when the real one fails to).
+pub fn take_start_fault(store: &StateStore, env: &MpsEnv) -> Option<String> {
+    store
+        .update(|s| s.take_fault_visible(&command_fault("-d"), env.visible_devices.as_deref()))
+        .ok()
+        .flatten()
+        .map(|code| {
+            format!("nvidia-cuda-mps-control: cannot start the MPS control daemon (error {code})")
+        })
+}
+
+/// Whether process `pid` exists and is not a zombie (`/proc/<pid>/stat`). Daemon records of
+/// processes that no longer exist (killed with their process group) count as not running.
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 /// Whether the daemon for `pipe_dir` with `pid` is still recorded as running.
@@ -236,13 +266,31 @@ pub fn client(
                 return 1;
             }
         }
-        let r = store.update(|s| match s.mps_daemons.get_mut(&env.pipe_dir) {
-            Some(d) if d.running => Some((apply_command(d, &line), d.log_dir.clone())),
-            _ => None,
+        let r = store.update(|s| {
+            let visible = match s.mps_daemons.get_mut(&env.pipe_dir) {
+                // A daemon killed without `quit` (its process gone) answers no client, as a
+                // real control FIFO without a reader does not.
+                Some(d) if d.running && !process_alive(d.pid) => {
+                    d.running = false;
+                    return None;
+                }
+                Some(d) if d.running => d.visible_devices.clone(),
+                _ => return None,
+            };
+            let word = line.split_whitespace().next().unwrap_or_default();
+            let fault = s.take_fault_visible(&command_fault(word), visible.as_deref());
+            let d = s.mps_daemons.get_mut(&env.pipe_dir)?;
+            Some(match fault {
+                // Refused as a failing daemon refuses: not applied, not recorded.
+                Some(code) => ((None, Some(format!("{word}: failed (error {code})"))), None),
+                None => (apply_command(d, &line), Some(d.log_dir.clone())),
+            })
         });
         let r = r.map(|found| {
             found.map(|(result, log_dir)| {
-                log_command(Path::new(&log_dir), line.trim());
+                if let Some(log_dir) = log_dir {
+                    log_command(Path::new(&log_dir), line.trim());
+                }
                 result
             })
         });
@@ -291,7 +339,7 @@ mod tests {
         assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 1);
         assert!(String::from_utf8_lossy(&err).contains("Cannot find MPS control daemon"));
 
-        record_start(&store, &e, 4242).unwrap();
+        record_start(&store, &e, std::process::id()).unwrap();
         assert!(Path::new(&e.pipe_dir).join("control").exists());
         assert!(record_start(&store, &e, 1).is_err());
         let mut out = Vec::new();
@@ -313,8 +361,47 @@ mod tests {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut input: &[u8] = b"set_default_active_thread_percentage 140\nquit\n";
         assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 1);
-        assert!(!is_running(&store, &e.pipe_dir, 4242));
-        daemon_loop(&store, &e, 4242, Duration::from_secs(1));
+        assert!(!is_running(&store, &e.pipe_dir, std::process::id()));
+        daemon_loop(&store, &e, std::process::id(), Duration::from_secs(1));
         assert!(!Path::new(&e.pipe_dir).join("control").exists());
+    }
+
+    #[test]
+    fn injected_faults_refuse_one_command_and_one_start() {
+        use crate::state::{Fault, Times};
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("s.json"), None);
+        let e = env(dir.path());
+        let fault = |function: &str, gpu: Option<&str>| Fault {
+            function: function.into(),
+            gpu_uuid: gpu.map(Into::into),
+            error: 999,
+            times: Times::Once,
+        };
+        store
+            .update(|s| {
+                s.faults
+                    .push(fault("nvidia-cuda-mps-control -d", Some("GPU-other")));
+                s.faults
+                    .push(fault("nvidia-cuda-mps-control -d", Some("GPU-x")));
+                s.faults.push(fault("nvidia-cuda-mps-control quit", None));
+            })
+            .unwrap();
+        assert!(take_start_fault(&store, &e).is_some());
+        assert!(take_start_fault(&store, &e).is_none(), "one-shot");
+        record_start(&store, &e, std::process::id()).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut input: &[u8] = b"quit\n";
+        assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 1);
+        assert!(
+            is_running(&store, &e.pipe_dir, std::process::id()),
+            "a refused quit leaves the daemon"
+        );
+        let s = store.read().unwrap();
+        assert!(s.mps_daemons[&e.pipe_dir].commands.is_empty());
+        assert_eq!(s.faults.len(), 1, "the other GPU's fault stays");
+        let mut input: &[u8] = b"quit\n";
+        assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 0);
+        assert!(!is_running(&store, &e.pipe_dir, std::process::id()));
     }
 }

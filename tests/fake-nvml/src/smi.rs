@@ -389,6 +389,16 @@ fn compute_policy(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
     if !list {
         return io.fail(2, HINT);
     }
+    for g in &gpus {
+        if let Err(c) = apply(machine, |e| {
+            e.fault("nvidia-smi compute-policy -l", Some(*g))
+        }) {
+            return io.fail(
+                exit_code(c),
+                &format!("Failed to list compute policies: {}", err_text(c)),
+            );
+        }
+    }
     let state = match machine.snapshot() {
         Ok(s) => s,
         Err(e) => return io.fail(255, &e.to_string()),

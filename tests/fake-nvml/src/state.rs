@@ -187,6 +187,34 @@ impl State {
         self.gpus.iter().find(|(_, g)| g.index == index)
     }
 
+    /// Consume the first fault matching `function` on any GPU of `visible` (a
+    /// `CUDA_VISIBLE_DEVICES` list of GPU/MIG UUIDs; a MIG UUID counts as its parent GPU),
+    /// or a GPU-less fault when `visible` names none. Used by the tools, which see UUIDs
+    /// rather than NVML handles.
+    pub fn take_fault_visible(&mut self, function: &str, visible: Option<&str>) -> Option<u32> {
+        let gpus: Vec<String> = visible
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| self.parent_uuid(u).unwrap_or_else(|| u.to_string()))
+            .collect();
+        if gpus.is_empty() {
+            return self.take_fault(function, None);
+        }
+        gpus.iter().find_map(|g| self.take_fault(function, Some(g)))
+    }
+
+    fn parent_uuid(&self, uuid: &str) -> Option<String> {
+        self.gpus.iter().find_map(|(gpu, g)| {
+            g.gpu_instances
+                .values()
+                .flat_map(|gi| gi.compute_instances.values())
+                .any(|ci| ci.uuid == uuid)
+                .then(|| gpu.clone())
+        })
+    }
+
     /// Consume the first fault matching `function` on `gpu_uuid`; its error if one fired.
     pub fn take_fault(&mut self, function: &str, gpu_uuid: Option<&str>) -> Option<u32> {
         let pos = self.faults.iter().position(|f| {

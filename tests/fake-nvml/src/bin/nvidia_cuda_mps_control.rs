@@ -55,8 +55,14 @@ fn main() {
 }
 
 fn start_background(store: &nvidia_ml::store::StateStore, env: &MpsEnv) -> i32 {
+    if let Some(message) = mps::take_start_fault(store, env) {
+        eprintln!("{message}");
+        return 1;
+    }
     if let Ok(s) = store.read()
-        && s.mps_daemons.get(&env.pipe_dir).is_some_and(|d| d.running)
+        && s.mps_daemons
+            .get(&env.pipe_dir)
+            .is_some_and(|d| d.running && mps::process_alive(d.pid))
     {
         eprintln!("An instance of this daemon is already running");
         return 1;
