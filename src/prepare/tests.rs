@@ -522,6 +522,7 @@ async fn admin_access_gets_the_device_without_touching_or_conflicting_with_the_h
     let err = out["uid-bad-monitor"].as_ref().unwrap_err();
     assert!(err.contains("adminAccess"), "{err}");
     assert_eq!(r.hw.calls(), held);
+}
 
 #[tokio::test]
 async fn unprepare_of_a_claim_in_use_by_a_live_pod_is_refused_and_keeps_everything() {
@@ -561,6 +562,7 @@ async fn unprepare_of_a_claim_in_use_by_a_live_pod_is_refused_and_keeps_everythi
             .claims
             .contains_key("uid-a")
     );
+}
 
 #[tokio::test]
 async fn one_call_works_on_a_bounded_number_of_claims_at_once() {
@@ -584,6 +586,7 @@ async fn one_call_works_on_a_bounded_number_of_claims_at_once() {
     let most = most.load(Ordering::SeqCst);
     assert!(most <= MAX_CLAIMS_IN_FLIGHT, "{most} claims in flight");
     assert!(most > 1, "claims still run concurrently");
+}
 
 #[tokio::test]
 async fn prepare_then_unprepare_leaves_no_trace() {
