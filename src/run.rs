@@ -19,8 +19,11 @@ use tokio::sync::watch;
 
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH, LoadOutcome};
 use crate::claims::ClaimSource;
-use crate::cli::{InventoryArgs, PluginArgs, WebhookArgs};
-use crate::health::{HealthSnapshot, HealthState, start_nvml_watcher, unix_now};
+use crate::cli::{ClearUnhealthyArgs, InventoryArgs, PluginArgs, WebhookArgs};
+use crate::health::{
+    HealthSnapshot, HealthState, VerdictStore, VerdictsLoaded, persist_verdicts,
+    start_nvml_watcher, unix_now,
+};
 use crate::inventory::{
     Discover, NvmlDiscovery, refresh_inventory, render_inventory, render_slices,
 };
@@ -118,19 +121,34 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     );
     let inventory = discovery.discover().context("discovering GPUs")?;
     info!(gpus = inventory.gpus.len(), driver_version = %inventory.driver_version, "discovered GPUs");
-    let health = Arc::new(HealthState::new(
-        args.node_name.clone(),
-        inventory.clone(),
-        unix_now(),
-    ));
-    let (inventory_tx, inventory_rx) = watch::channel(inventory);
-    let inventory_rx_for_health = inventory_rx.clone();
     let client = kube_client(args.kubeconfig.as_deref()).await?;
 
     let plugin_dir = args.plugin_data_dir();
     std::fs::create_dir_all(&plugin_dir)
         .with_context(|| format!("creating plugin directory {}", plugin_dir.display()))?;
     let store = CheckpointStore::new(&plugin_dir, Path::new(DEFAULT_BOOT_ID_PATH));
+    let verdicts = VerdictStore::new(
+        &plugin_dir,
+        store.current_boot_id().context("reading the boot id")?,
+    );
+    let health = Arc::new(HealthState::restore(
+        args.node_name.clone(),
+        inventory.clone(),
+        unix_now(),
+        load_verdicts(&verdicts)?,
+    ));
+    tokio::spawn(persist_verdicts(
+        verdicts,
+        health.subscribe_unhealthy(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::health::clear::serve_clear_requests(
+        plugin_dir.clone(),
+        Arc::clone(&health),
+        shutdown.clone(),
+    ));
+    let (inventory_tx, inventory_rx) = watch::channel(inventory);
+    let inventory_rx_for_health = inventory_rx.clone();
     let loaded = store.load().context("reading the checkpoint")?;
     report_checkpoint_outcome(&client, &args, &loaded.outcome).await;
     let (checkpoint, _writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
@@ -172,7 +190,8 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         SliceFeatures::default(),
     )
     .await
-    .context("looking up this node for the ResourceSlices' owner")?;
+    .context("looking up this node for the ResourceSlices' owner")?
+    .with_health(health.subscribe_unhealthy(), args.unhealthy_taint_effect);
     let (status_tx, _status_rx) = watch::channel(PublishStatus::default());
     let slices_stop = shutdown.clone();
     tokio::spawn(async move {
@@ -207,12 +226,63 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     let served = serve_plugin(&args, Arc::new(preparer), Some(health_rx), shutdown.clone()).await;
     // The server returns on shutdown or failure; either way the health watch stops.
     shutdown.cancel();
-    match health_watch.await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => tracing::warn!(error = %err, "GPU health watch had stopped"),
-        Err(err) => tracing::warn!(error = %err, "GPU health watch task failed"),
+    if let Err(err) = health_watch.await {
+        tracing::warn!(error = %err, "GPU health watch task failed");
     }
     served
+}
+
+/// Restores the unhealthy verdicts of this boot, logging what was found.
+fn load_verdicts(store: &VerdictStore) -> anyhow::Result<crate::health::UnhealthyGpus> {
+    let loaded = store.load().context("reading GPU health verdicts")?;
+    match &loaded {
+        VerdictsLoaded::Fresh => {}
+        VerdictsLoaded::Restored(gpus) => {
+            for (uuid, gpu) in gpus {
+                tracing::warn!(gpu = %uuid, xid = gpu.xid, "GPU stays unhealthy (verdict restored); clear it with `gpu-dra clear-unhealthy` once repaired");
+            }
+        }
+        VerdictsLoaded::PreviousBoot { boot_id, gpus } => {
+            info!(%boot_id, gpus, "dropping GPU health verdicts of a previous boot (the reboot reset the GPUs)");
+        }
+        VerdictsLoaded::Corrupt { moved_to, reason } => {
+            tracing::warn!(moved_to = %moved_to.display(), %reason, "unusable GPU health verdicts moved aside; every GPU starts healthy");
+        }
+    }
+    Ok(loaded.into_gpus())
+}
+
+/// `gpu-dra clear-unhealthy`: asks the running plugin to clear a GPU's unhealthy verdict
+/// and waits until it did.
+pub async fn clear_unhealthy(args: ClearUnhealthyArgs) -> anyhow::Result<()> {
+    let dir = args.plugin_data_dir();
+    let request = crate::health::clear::request_clear(&dir, &args.gpu).with_context(|| {
+        format!(
+            "asking the plugin in {} to clear {}",
+            dir.display(),
+            args.gpu
+        )
+    })?;
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_secs(args.timeout_seconds);
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(200));
+    while request.exists() {
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "the plugin did not pick up {} within {} s (is gpu-dra kubelet-plugin running with --kubelet-root {} --driver-name {}?); the request stays and is applied when it starts",
+                request.display(),
+                args.timeout_seconds,
+                args.kubelet_root.display(),
+                args.driver_name
+            );
+        }
+        ticks.tick().await;
+    }
+    println!(
+        "cleared the unhealthy verdict of {}; its device taints are removed with the next ResourceSlice update",
+        args.gpu
+    );
+    Ok(())
 }
 
 /// Keeps the health list's devices in step with the inventory until `stop`.
