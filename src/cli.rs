@@ -40,6 +40,9 @@ pub enum Command {
     /// Show this node's GPUs and MIG devices: sharing policy, the claims and pods holding
     /// them, MPS daemons (checkpoint + NVML + API server; works while the plugin is down).
     Status(StatusArgs),
+    /// Clear the unhealthy verdict (and device taint) of a repaired GPU on this node;
+    /// run it where the plugin runs, e.g. `kubectl exec <plugin pod> -- gpu-dra clear-unhealthy --gpu gpu-0`.
+    ClearUnhealthy(ClearUnhealthyArgs),
 }
 
 /// Output format of `gpu-dra status`.
@@ -156,6 +159,10 @@ pub struct PluginArgs {
     /// fixed and a second instance on the node refuses to start.
     #[arg(long, env = "GPU_DRA_POD_UID", value_parser = parse_pod_uid)]
     pub pod_uid: Option<String>,
+    /// Effect of the device taint on the devices of a GPU made unhealthy by a critical
+    /// XID: NoSchedule (no new claims) or NoExecute (also evict the pods using it).
+    #[arg(long, env = "GPU_DRA_UNHEALTHY_TAINT_EFFECT", value_enum, default_value_t = crate::slices::taints::TaintEffect::NoSchedule)]
+    pub unhealthy_taint_effect: crate::slices::taints::TaintEffect,
 }
 
 /// Values of `--mps-launcher` (see `sharing::launcher`).
@@ -236,6 +243,30 @@ pub struct WebhookArgs {
     /// PEM private key of the certificate.
     #[arg(long, env = "GPU_DRA_TLS_KEY_FILE")]
     pub tls_key_file: PathBuf,
+}
+
+/// Flags of `gpu-dra clear-unhealthy`.
+#[derive(Clone, Debug, Args)]
+pub struct ClearUnhealthyArgs {
+    /// The GPU to clear: its UUID (GPU-...), its device name gpu-<minor>, or all.
+    #[arg(long, env = "GPU_DRA_GPU")]
+    pub gpu: String,
+    /// DRA driver name of the plugin (locates its directory).
+    #[arg(long, env = "GPU_DRA_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME, value_parser = parse_driver_name)]
+    pub driver_name: String,
+    /// Kubelet root directory of the plugin; its directory is <root>/plugins/<driver>.
+    #[arg(long, env = "GPU_DRA_KUBELET_ROOT", default_value = "/var/lib/kubelet", value_parser = parse_absolute)]
+    pub kubelet_root: PathBuf,
+    /// Seconds to wait for the running plugin to act on the request.
+    #[arg(long, env = "GPU_DRA_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub timeout_seconds: u64,
+}
+
+impl ClearUnhealthyArgs {
+    /// Plugin data directory: `<kubelet-root>/plugins/<driver>`.
+    pub fn plugin_data_dir(&self) -> PathBuf {
+        self.kubelet_root.join("plugins").join(&self.driver_name)
+    }
 }
 
 /// Accepts a DRA driver name: a lowercase DNS subdomain of at most 63 characters.

@@ -25,6 +25,6 @@ pub mod proto;
 pub mod run;
 pub mod sharing;
 pub mod slices;
-pub mod status;
 pub mod state_files;
+pub mod status;
 pub mod webhook;

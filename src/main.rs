@@ -17,6 +17,7 @@ async fn main() -> ExitCode {
         Command::Inventory(args) => gpu_dra::run::inventory(args).await,
         Command::Webhook(args) => gpu_dra::run::webhook(args).await,
         Command::Status(args) => gpu_dra::run::status(args).await,
+        Command::ClearUnhealthy(args) => gpu_dra::run::clear_unhealthy(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

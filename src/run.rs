@@ -20,9 +20,12 @@ use tokio::sync::watch;
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH, LoadOutcome};
 use crate::claims::ClaimSource;
 use crate::cli::MpsLauncherKind;
-use crate::cli::{InventoryArgs, PluginArgs, WebhookArgs};
+use crate::cli::{ClearUnhealthyArgs, InventoryArgs, PluginArgs, WebhookArgs};
 use crate::driver_root::{self, DriverFiles, NotFound, Overrides};
-use crate::health::{HealthSnapshot, HealthState, start_nvml_watcher, unix_now};
+use crate::health::{
+    HealthSnapshot, HealthState, VerdictStore, VerdictsLoaded, persist_verdicts,
+    start_nvml_watcher, unix_now,
+};
 use crate::http::HttpServer;
 use crate::http::probes::{DriverStatus, probe_channels};
 use crate::instance::{HandOverDriver, Holder, TAKE_OVER_TIMEOUT, startup};
@@ -177,13 +180,19 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     let discovery: Arc<dyn Discover> = nvml.clone();
     let inventory = discovery.discover().context("discovering GPUs")?;
     info!(gpus = inventory.gpus.len(), driver_version = %inventory.driver_version, "discovered GPUs");
-    let health = Arc::new(HealthState::new(
+    // Verdicts are read now (a successor serves health while it forwards); only the
+    // lock holder writes them.
+    let store = CheckpointStore::new(&plugin_dir, Path::new(DEFAULT_BOOT_ID_PATH));
+    let verdicts = VerdictStore::new(
+        &plugin_dir,
+        store.current_boot_id().context("reading the boot id")?,
+    );
+    let health = Arc::new(HealthState::restore(
         args.node_name.clone(),
         inventory.clone(),
         unix_now(),
+        load_verdicts(&verdicts)?,
     ));
-    let (inventory_tx, inventory_rx) = watch::channel(inventory);
-    let inventory_rx_for_health = inventory_rx.clone();
     let client = kube_client(args.kubeconfig.as_deref()).await?;
 
     // Read-only: runs while a successor forwards, so its health stream is current.
@@ -237,7 +246,18 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         startup::remove_sockets_left_by(previous, &me);
     }
 
-    let store = CheckpointStore::new(&plugin_dir, Path::new(DEFAULT_BOOT_ID_PATH));
+    tokio::spawn(persist_verdicts(
+        verdicts,
+        health.subscribe_unhealthy(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::health::clear::serve_clear_requests(
+        plugin_dir.clone(),
+        Arc::clone(&health),
+        shutdown.clone(),
+    ));
+    let (inventory_tx, inventory_rx) = watch::channel(inventory);
+    let inventory_rx_for_health = inventory_rx.clone();
     let loaded = store.load().context("reading the checkpoint")?;
     report_checkpoint_outcome(&client, &args, &loaded.outcome).await;
     let (checkpoint, writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
@@ -309,7 +329,8 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         SliceFeatures::default(),
     )
     .await
-    .context("looking up this node for the ResourceSlices' owner")?;
+    .context("looking up this node for the ResourceSlices' owner")?
+    .with_health(health.subscribe_unhealthy(), args.unhealthy_taint_effect);
     let status_tx = probes.publish;
     let slices_stop = shutdown.clone();
     tokio::spawn(async move {
@@ -362,10 +383,8 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     }
     // The server returns on shutdown or failure; either way the health watch stops.
     shutdown.cancel();
-    match health_watch.await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => tracing::warn!(error = %err, "GPU health watch had stopped"),
-        Err(err) => tracing::warn!(error = %err, "GPU health watch task failed"),
+    if let Err(err) = health_watch.await {
+        tracing::warn!(error = %err, "GPU health watch task failed");
     }
     match http_task.await {
         Ok(Ok(())) => {}
@@ -378,6 +397,59 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     info!(lock = %instance_lock.path().display(), "releasing the instance lock");
     drop(instance_lock);
     served
+}
+
+/// Restores the unhealthy verdicts of this boot, logging what was found.
+fn load_verdicts(store: &VerdictStore) -> anyhow::Result<crate::health::UnhealthyGpus> {
+    let loaded = store.load().context("reading GPU health verdicts")?;
+    match &loaded {
+        VerdictsLoaded::Fresh => {}
+        VerdictsLoaded::Restored(gpus) => {
+            for (uuid, gpu) in gpus {
+                tracing::warn!(gpu = %uuid, xid = gpu.xid, "GPU stays unhealthy (verdict restored); clear it with `gpu-dra clear-unhealthy` once repaired");
+            }
+        }
+        VerdictsLoaded::PreviousBoot { boot_id, gpus } => {
+            info!(%boot_id, gpus, "dropping GPU health verdicts of a previous boot (the reboot reset the GPUs)");
+        }
+        VerdictsLoaded::Corrupt { moved_to, reason } => {
+            tracing::warn!(moved_to = %moved_to.display(), %reason, "unusable GPU health verdicts moved aside; every GPU starts healthy");
+        }
+    }
+    Ok(loaded.into_gpus())
+}
+
+/// `gpu-dra clear-unhealthy`: asks the running plugin to clear a GPU's unhealthy verdict
+/// and waits until it did.
+pub async fn clear_unhealthy(args: ClearUnhealthyArgs) -> anyhow::Result<()> {
+    let dir = args.plugin_data_dir();
+    let request = crate::health::clear::request_clear(&dir, &args.gpu).with_context(|| {
+        format!(
+            "asking the plugin in {} to clear {}",
+            dir.display(),
+            args.gpu
+        )
+    })?;
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_secs(args.timeout_seconds);
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(200));
+    while request.exists() {
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "the plugin did not pick up {} within {} s (is gpu-dra kubelet-plugin running with --kubelet-root {} --driver-name {}?); the request stays and is applied when it starts",
+                request.display(),
+                args.timeout_seconds,
+                args.kubelet_root.display(),
+                args.driver_name
+            );
+        }
+        ticks.tick().await;
+    }
+    println!(
+        "cleared the unhealthy verdict of {}; its device taints are removed with the next ResourceSlice update",
+        args.gpu
+    );
+    Ok(())
 }
 
 /// Searches the driver root and initialises NVML, again every [`DRIVER_RETRY`] until it

@@ -5,7 +5,8 @@
 //! `EventTypes::CRITICAL_XID_ERROR` on every GPU (NVML `nvmlDeviceRegisterEvents` /
 //! `nvmlEventSetWait_v2`). It must not decide what an XID means (that is `xid`) nor
 //! serve anything. The loop runs on a blocking thread and checks for shutdown between
-//! waits, so it stops within one wait timeout.
+//! waits, so it stops within one wait timeout. A watch that cannot be set up, or fails
+//! later, is set up again with exponential backoff; meanwhile devices read UNKNOWN.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -132,26 +133,97 @@ pub fn spawn_xid_watcher<S: XidSource + Send + 'static>(
     tokio::task::spawn_blocking(move || run_xid_loop(&mut source, &state, &stop))
 }
 
+/// First delay before the event watch is set up again after a failure; doubles up to
+/// [`MAX_RETRY_DELAY`].
+pub const MIN_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Longest delay between two attempts to set up the event watch.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+/// Runs `attempt` on blocking threads until `stop`, retrying it with exponential backoff
+/// ([`MIN_RETRY_DELAY`] doubling to [`MAX_RETRY_DELAY`]) whenever it fails.
+///
+/// `attempt(state, stop, registered)` sets up an event watch, calls `registered` once its
+/// events are registered, then watches until `stop` (`Ok`) or a failure (`Err`). After a
+/// failure the devices read UNKNOWN until an attempt registers again; then they are
+/// healthy (unhealthy verdicts stay) and the backoff starts over. `settled` is sent after
+/// the first attempt registered or failed.
+pub async fn watch_with_retry<F>(
+    attempt: F,
+    state: Arc<HealthState>,
+    stop: CancellationToken,
+    settled: tokio::sync::oneshot::Sender<()>,
+) where
+    F: Fn(&HealthState, &CancellationToken, &mut dyn FnMut()) -> Result<(), WatchError>
+        + Send
+        + Sync
+        + 'static,
+{
+    let attempt = Arc::new(attempt);
+    let mut settled = Some(settled);
+    let mut delay = MIN_RETRY_DELAY;
+    let (registered_tx, mut registered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    while !stop.is_cancelled() {
+        let (attempt, state_for, stop_for) =
+            (Arc::clone(&attempt), Arc::clone(&state), stop.clone());
+        let registered_tx = registered_tx.clone();
+        let mut task = tokio::task::spawn_blocking(move || {
+            let mut on_registered = || {
+                state_for.watch_restored(unix_now());
+                let _ = registered_tx.send(());
+            };
+            attempt(&state_for, &stop_for, &mut on_registered)
+        });
+        let outcome = loop {
+            tokio::select! {
+                Some(()) = registered_rx.recv() => {
+                    delay = MIN_RETRY_DELAY;
+                    if let Some(s) = settled.take() { let _ = s.send(()); }
+                }
+                joined = &mut task => break joined,
+            }
+        };
+        let err = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => err.to_string(),
+            Err(join) => format!("health watch task failed: {join}"),
+        };
+        if stop.is_cancelled() {
+            return;
+        }
+        error!(error = %err, retry_in_s = delay.as_secs(), "GPU health watch failed; devices read UNKNOWN until it runs again");
+        state.watch_failed(&err, unix_now());
+        if let Some(s) = settled.take() {
+            let _ = s.send(());
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_RETRY_DELAY);
+    }
+}
+
 /// Watches XIDs through NVML loaded from `lib_path` (default: the loader's
-/// `libnvidia-ml.so.1`) on a blocking thread until `stop`. Returns once the event set is
-/// registered (so no XID raised after this returns is missed) or has failed; on failure
-/// the devices are marked unknown and the task ends with the error.
+/// `libnvidia-ml.so.1`) until `stop`, setting the watch up again with backoff whenever
+/// NVML init, `nvmlEventSetCreate`, `nvmlDeviceRegisterEvents` or repeated waits fail
+/// ([`watch_with_retry`]). Returns once the first attempt registered its events (so no
+/// XID raised after this returns is missed) or failed.
 pub async fn start_nvml_watcher(
     lib_path: Option<&Path>,
     state: Arc<HealthState>,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<Result<(), WatchError>> {
+) -> tokio::task::JoinHandle<()> {
     let lib_path: Option<PathBuf> = lib_path.map(Path::to_owned);
-    let (registered, ready) = tokio::sync::oneshot::channel();
-    let task = tokio::task::spawn_blocking(move || {
-        let result = watch_nvml(lib_path.as_deref(), &state, &stop, registered);
-        if let Err(err) = &result {
-            error!(error = %err, "GPU health watch stopped");
-            state.watch_failed(&err.to_string(), unix_now());
-        }
-        result
-    });
-    // Dropped unsent when setting up failed: either way the watch is settled.
+    let (settled, ready) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(watch_with_retry(
+        move |state: &HealthState, stop: &CancellationToken, registered: &mut dyn FnMut()| {
+            watch_nvml(lib_path.as_deref(), state, stop, registered)
+        },
+        state,
+        stop,
+        settled,
+    ));
+    // Dropped unsent only if the task ended early: either way the watch is settled.
     let _ = ready.await;
     task
 }
@@ -160,7 +232,7 @@ fn watch_nvml(
     lib_path: Option<&Path>,
     state: &HealthState,
     stop: &CancellationToken,
-    registered: tokio::sync::oneshot::Sender<()>,
+    registered: &mut dyn FnMut(),
 ) -> Result<(), WatchError> {
     let init = match lib_path {
         Some(path) => Nvml::builder().lib_path(path.as_os_str()).init(),
@@ -175,7 +247,7 @@ fn watch_nvml(
     })?;
     let mut source = NvmlXidSource::new(&nvml)?;
     info!(gpus = source.gpus, "watching GPUs for XID critical errors");
-    let _ = registered.send(());
+    registered();
     run_xid_loop(&mut source, state, stop)
 }
 
@@ -293,6 +365,62 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), task)
             .await
             .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_watch_reads_unknown_and_is_set_up_again() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+
+        let state = Arc::new(HealthState::new("node-1", fixtures::dgx_h100(), 100));
+        let mut rx = state.subscribe();
+        let attempts = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&attempts);
+        let (settled_tx, settled_rx) = tokio::sync::oneshot::channel();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(watch_with_retry(
+            move |_: &HealthState, stop: &CancellationToken, registered: &mut dyn FnMut()| {
+                // nvmlEventSetCreate fails once, as NVML answers NVML_ERROR_UNKNOWN.
+                if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(WatchError::Register {
+                        index: 0,
+                        source: NvmlError::Unknown,
+                    });
+                }
+                registered();
+                futures::executor::block_on(stop.cancelled());
+                Ok(())
+            },
+            Arc::clone(&state),
+            stop.clone(),
+            settled_tx,
+        ));
+        settled_rx.await.unwrap();
+        let unknown = tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|s| s.devices.iter().all(|d| d.health == Health::Unknown)),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+        assert!(
+            unknown.devices[0]
+                .message
+                .contains("cannot register XID events")
+        );
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            rx.wait_for(|s| s.devices.iter().all(|d| d.health == Health::Healthy)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
             .unwrap()
             .unwrap();
     }

@@ -34,6 +34,7 @@ pub async fn refresh_inventory(
         let d = Arc::clone(&discover);
         match tokio::task::spawn_blocking(move || d.discover()).await {
             Ok(Ok(inv)) => {
+                let inv = keep_mig_shape(&tx.borrow(), inv);
                 let changed = tx.send_if_modified(|cur| {
                     if *cur == inv {
                         false
@@ -52,6 +53,23 @@ pub async fn refresh_inventory(
             Err(e) => tracing::warn!(error = %e, "inventory discovery task failed"),
         }
     }
+}
+
+/// `next` with every GPU that was MIG-capable in `last` but reads as not MIG-capable now
+/// (a transient NOT_SUPPORTED from `nvmlDeviceGetMigMode`; MIG capability is a property
+/// of the GPU model and does not go away) replaced by its last known shape, so a MIG GPU
+/// is never republished whole. Pure.
+pub fn keep_mig_shape(last: &Inventory, mut next: Inventory) -> Inventory {
+    for gpu in &mut next.gpus {
+        if let Some(prev) = last.gpus.iter().find(|p| p.uuid == gpu.uuid)
+            && prev.mig.capable
+            && !gpu.mig.capable
+        {
+            tracing::warn!(gpu = %gpu.uuid, "GPU reads as not MIG-capable; keeping its last known MIG shape");
+            *gpu = prev.clone();
+        }
+    }
+    next
 }
 
 #[cfg(test)]
@@ -78,6 +96,20 @@ mod tests {
                 profile_id: 99,
             })
         }
+    }
+
+    #[test]
+    fn a_mig_gpu_is_never_republished_whole() {
+        let last = dgx_h100();
+        let mut next = last.clone();
+        let mig = next
+            .gpus
+            .iter_mut()
+            .find(|g| g.mig.enabled)
+            .expect("MIG GPU");
+        mig.mig = crate::inventory::MigState::default();
+        mig.mig_devices.clear();
+        assert_eq!(keep_mig_shape(&last, next), last);
     }
 
     #[tokio::test(start_paused = true)]

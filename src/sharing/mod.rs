@@ -34,7 +34,8 @@ pub use control::{
     TimeSliceControl, TimeSliceState,
 };
 pub use mps::{
-    AdoptOutcome, ClaimEdits, MountSpec, MpsError, MpsLauncher, MpsSettings, MpsSupervisor, PrivateShm,
+    AdoptOutcome, ClaimEdits, MountSpec, MpsError, MpsLauncher, MpsSettings, MpsSupervisor,
+    PrivateShm,
 };
 pub use policy::{Action, Conflict, Ledger, MpsLimits, Policy};
 

@@ -7,6 +7,10 @@
 //! attributes (design/COMPAT.md). Static MIG only: a GPU in MIG mode is announced as its
 //! existing MIG devices, not as a full GPU. It must not do I/O; the reconciler applies
 //! the result. The pool generation passed in is written as is (the reconciler decides it).
+//!
+//! Health comes in as [`HealthTaints`]: the devices of an unhealthy GPU carry its taint.
+//! When device taints cannot be published (the API server drops the field), those
+//! devices are withheld instead: an unhealthy GPU is never offered untainted.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +21,7 @@ use k8s_openapi::api::resource::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
+use super::taints::HealthTaints;
 use crate::inventory::{Gpu, Inventory, MigDevice};
 
 /// Most devices a slice may hold.
@@ -108,7 +113,29 @@ pub fn desired_slices(
     generation: i64,
     features: &SliceFeatures,
 ) -> Vec<ResourceSlice> {
-    let devices = desired_devices(inv, features);
+    desired_slices_with(
+        inv,
+        &HealthTaints::default(),
+        driver,
+        node,
+        node_uid,
+        generation,
+        features,
+    )
+}
+
+/// [`desired_slices`] with the unhealthy GPUs of `health` tainted (or withheld when
+/// `features.device_taints` is off).
+pub fn desired_slices_with(
+    inv: &Inventory,
+    health: &HealthTaints,
+    driver: &str,
+    node: &str,
+    node_uid: &str,
+    generation: i64,
+    features: &SliceFeatures,
+) -> Vec<ResourceSlice> {
+    let devices = desired_devices_with(inv, health, features);
     let per_slice = if devices
         .iter()
         .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()))
@@ -154,24 +181,41 @@ pub fn desired_slices(
         .collect()
 }
 
-/// All devices of the pool in publication order.
+/// All devices of the pool in publication order (every GPU healthy).
 pub fn desired_devices(inv: &Inventory, features: &SliceFeatures) -> Vec<Device> {
+    desired_devices_with(inv, &HealthTaints::default(), features)
+}
+
+/// All devices of the pool in publication order; the devices of a GPU unhealthy in
+/// `health` carry its taint, or are left out when `features.device_taints` is off.
+pub fn desired_devices_with(
+    inv: &Inventory,
+    health: &HealthTaints,
+    features: &SliceFeatures,
+) -> Vec<Device> {
     let mut gpus: Vec<&Gpu> = inv.gpus.iter().collect();
     gpus.sort_by_key(|g| g.minor);
     let mut out = Vec::new();
     for gpu in gpus {
+        if !features.device_taints && health.is_unhealthy(&gpu.uuid) {
+            continue;
+        }
+        let taints = taints(gpu, health, features);
         if gpu.mig.enabled {
             let mut migs: Vec<&MigDevice> = gpu.mig_devices.iter().collect();
             migs.sort_by_key(|m| (m.placement.start, m.gi_profile_id, m.ci_placement.start));
-            out.extend(migs.into_iter().map(|m| mig_device(inv, gpu, m, features)));
+            out.extend(
+                migs.into_iter()
+                    .map(|m| mig_device(inv, gpu, m, taints.clone())),
+            );
         } else {
-            out.push(gpu_device(inv, gpu, features));
+            out.push(gpu_device(inv, gpu, taints));
         }
     }
     out
 }
 
-fn gpu_device(inv: &Inventory, gpu: &Gpu, features: &SliceFeatures) -> Device {
+fn gpu_device(inv: &Inventory, gpu: &Gpu, taints: Option<Vec<DeviceTaint>>) -> Device {
     let mut attrs = common_attributes(inv, gpu);
     attrs.insert("type".into(), string_attr("gpu"));
     attrs.insert("uuid".into(), string_attr(&gpu.uuid));
@@ -180,12 +224,17 @@ fn gpu_device(inv: &Inventory, gpu: &Gpu, features: &SliceFeatures) -> Device {
         name: gpu.device_name(),
         attributes: Some(attrs),
         capacity: Some(capacity),
-        taints: taints(gpu, features),
+        taints,
         ..Default::default()
     }
 }
 
-fn mig_device(inv: &Inventory, gpu: &Gpu, mig: &MigDevice, features: &SliceFeatures) -> Device {
+fn mig_device(
+    inv: &Inventory,
+    gpu: &Gpu,
+    mig: &MigDevice,
+    taints: Option<Vec<DeviceTaint>>,
+) -> Device {
     let mut attrs = common_attributes(inv, gpu);
     attrs.insert("type".into(), string_attr("mig"));
     attrs.insert("uuid".into(), string_attr(&mig.uuid));
@@ -207,7 +256,7 @@ fn mig_device(inv: &Inventory, gpu: &Gpu, mig: &MigDevice, features: &SliceFeatu
         name: mig.device_name(),
         attributes: Some(attrs),
         capacity: Some(capacity),
-        taints: taints(gpu, features),
+        taints,
         ..Default::default()
     }
 }
@@ -260,17 +309,23 @@ fn pci_bus_id_for_attribute(nvml_bus_id: &str) -> String {
     }
 }
 
-fn taints(gpu: &Gpu, features: &SliceFeatures) -> Option<Vec<DeviceTaint>> {
-    if features.device_taints && gpu.mig.capable && gpu.mig.pending != gpu.mig.enabled {
-        Some(vec![DeviceTaint {
+/// The taints of `gpu`'s devices, sorted by key; `None` when there are none.
+fn taints(gpu: &Gpu, health: &HealthTaints, features: &SliceFeatures) -> Option<Vec<DeviceTaint>> {
+    if !features.device_taints {
+        return None;
+    }
+    let mut out = Vec::new();
+    if gpu.mig.capable && gpu.mig.pending != gpu.mig.enabled {
+        out.push(DeviceTaint {
             key: MIG_MODE_PENDING_TAINT.to_string(),
             value: None,
             effect: "NoSchedule".to_string(),
             time_added: None,
-        }])
-    } else {
-        None
+        });
     }
+    out.extend(health.taint_for(&gpu.uuid));
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    (!out.is_empty()).then_some(out)
 }
 
 fn string_attr(v: &str) -> DeviceAttribute {
@@ -626,6 +681,87 @@ mod tests {
                 .flatten()
                 .all(|d| d.taints.is_none())
         );
+    }
+
+    fn unhealthy_gpu1() -> (Inventory, HealthTaints) {
+        let inv = dgx_h100();
+        let gpu1 = inv
+            .gpus
+            .iter()
+            .find(|g| g.minor == 1)
+            .expect("gpu-1")
+            .uuid
+            .clone();
+        let gpus = crate::health::UnhealthyGpus::from([(
+            gpu1,
+            crate::health::UnhealthyGpu {
+                xid: 79,
+                since: 1_764_625_000,
+                message: "XID 79".into(),
+                gone: false,
+            },
+        )]);
+        let health = HealthTaints::new(DRIVER, super::super::taints::TaintEffect::NoSchedule, gpus);
+        (inv, health)
+    }
+
+    #[test]
+    fn dgx_h100_unhealthy_mig_gpu_golden() {
+        let (inv, health) = unhealthy_gpu1();
+        let slices = desired_slices_with(
+            &inv,
+            &health,
+            DRIVER,
+            "node-a",
+            "uid-1",
+            1,
+            &SliceFeatures::default(),
+        );
+        let yaml = crate::inventory::render_slices(&slices).expect("render");
+        golden("dgx-h100-slices-unhealthy-gpu-1.yaml", &yaml);
+    }
+
+    #[test]
+    fn unhealthy_gpu_taints_its_mig_devices_or_is_withheld() {
+        let (inv, health) = unhealthy_gpu1();
+        let devices = desired_devices_with(&inv, &health, &SliceFeatures::default());
+        let mut tainted = 0;
+        for d in &devices {
+            let on_gpu1 = d.name.starts_with("gpu-1-mig-");
+            match &d.taints {
+                Some(t) => {
+                    assert!(on_gpu1, "{}", d.name);
+                    assert_eq!(t.len(), 1);
+                    assert_eq!(t[0].key, "gpu.gpu-dra.dev/xid");
+                    assert_eq!(t[0].value.as_deref(), Some("79"));
+                    assert_eq!(t[0].effect, "NoSchedule");
+                    assert!(t[0].time_added.is_some());
+                    tainted += 1;
+                }
+                None => assert!(!on_gpu1, "{} untainted", d.name),
+            }
+        }
+        assert_eq!(tainted, 3);
+        let slices = desired_slices_with(
+            &inv,
+            &health,
+            DRIVER,
+            "n",
+            "u",
+            1,
+            &SliceFeatures::default(),
+        );
+        assert!(validate_slice(&slices[0]).is_empty());
+
+        // The API server drops taints: the unhealthy GPU is not offered at all.
+        let features =
+            SliceFeatures::default().without_dropped(&["spec.devices[*].taints".to_string()]);
+        let names: Vec<String> = desired_devices_with(&inv, &health, &features)
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
+        assert_eq!(names.len(), devices.len() - 3);
+        assert!(names.iter().all(|n| !n.starts_with("gpu-1-")), "{names:?}");
     }
 
     #[test]

@@ -7,3 +7,4 @@
 pub mod desired;
 pub mod plan;
 pub mod reconcile;
+pub mod taints;

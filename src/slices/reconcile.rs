@@ -8,7 +8,9 @@
 //! The decisions are pure and live in [`super::plan`]; the loop in [`Reconciler::run`]
 //! only executes plans. A dropped field is reported once (log and
 //! [`PublishStatus::dropped_fields`]), the matching [`SliceFeatures`] flag is turned off,
-//! and it is ignored when comparing, so we never re-apply in a loop.
+//! and it is ignored when comparing, so we never re-apply in a loop. Device taints of
+//! unhealthy GPUs ([`Reconciler::with_health`]) are re-published on every health change;
+//! when the API server drops taints, those GPUs' devices are withheld instead.
 //!
 
 use std::collections::BTreeSet;
@@ -21,8 +23,10 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::watch;
 
-use super::desired::{SliceFeatures, desired_slices};
+use super::desired::{SliceFeatures, desired_slices_with};
 use super::plan::{Published, dropped_fields, plan, with_generation};
+use super::taints::{HealthTaints, TaintEffect};
+use crate::health::UnhealthyGpus;
 use crate::inventory::Inventory;
 
 /// Where publication stands; sent on a watch channel after every reconcile.
@@ -96,6 +100,10 @@ pub struct Reconciler {
     features: SliceFeatures,
     last: Option<Published>,
     dropped: BTreeSet<String>,
+    unhealthy: watch::Receiver<UnhealthyGpus>,
+    taint_effect: TaintEffect,
+    /// Keeps the default (empty) health channel open when none was given.
+    _no_health: Option<watch::Sender<UnhealthyGpus>>,
 }
 
 impl Reconciler {
@@ -108,6 +116,7 @@ impl Reconciler {
         node_uid: &str,
         features: SliceFeatures,
     ) -> Self {
+        let (no_health, unhealthy) = watch::channel(UnhealthyGpus::new());
         Reconciler {
             api: Api::all(client),
             driver: driver.to_string(),
@@ -116,7 +125,23 @@ impl Reconciler {
             features,
             last: None,
             dropped: BTreeSet::new(),
+            unhealthy,
+            taint_effect: TaintEffect::default(),
+            _no_health: Some(no_health),
         }
+    }
+
+    /// Taints the devices of the GPUs on `unhealthy` with `effect` (see
+    /// [`super::taints`]), re-publishing on every change.
+    pub fn with_health(
+        mut self,
+        unhealthy: watch::Receiver<UnhealthyGpus>,
+        effect: TaintEffect,
+    ) -> Self {
+        self.unhealthy = unhealthy;
+        self.taint_effect = effect;
+        self._no_health = None;
+        self
     }
 
     /// Like [`Reconciler::new`], reading the Node's UID (for the owner reference) from the
@@ -162,6 +187,7 @@ impl Reconciler {
         let mut ready = false;
         let mut dirty = true;
         let mut inventory_open = true;
+        let mut health_open = true;
         let mut backoff = MIN_BACKOFF;
         // The retry backoff timer, reset after each failed pass; a select! arm, not a
         // synchronisation sleep.
@@ -175,6 +201,10 @@ impl Reconciler {
                     changed = inventory.changed(), if inventory_open => {
                         // A closed sender leaves the last inventory in place.
                         inventory_open = changed.is_ok();
+                        dirty = true;
+                    }
+                    changed = self.unhealthy.changed(), if health_open => {
+                        health_open = changed.is_ok();
                         dirty = true;
                     }
                     event = events.next() => match event {
@@ -224,7 +254,20 @@ impl Reconciler {
         existing: &[ResourceSlice],
     ) -> Result<PassReport, ReconcileError> {
         let features = self.features.without_dropped(&self.dropped);
-        let desired = desired_slices(inv, &self.driver, &self.node, &self.node_uid, 0, &features);
+        let health = HealthTaints::new(
+            &self.driver,
+            self.taint_effect,
+            self.unhealthy.borrow_and_update().clone(),
+        );
+        let desired = desired_slices_with(
+            inv,
+            &health,
+            &self.driver,
+            &self.node,
+            &self.node_uid,
+            0,
+            &features,
+        );
         let plan = plan(&desired, existing, self.last.as_ref(), &self.dropped);
         self.last = Some(Published {
             generation: plan.generation,
@@ -278,6 +321,12 @@ impl Reconciler {
                 field = %path,
                 "the API server dropped this ResourceSlice field (feature gate off?); publishing without it"
             );
+            if path.starts_with("spec.devices[*].taints") && !health.gpus.is_empty() {
+                tracing::warn!(
+                    gpus = ?health.gpus.keys().collect::<Vec<_>>(),
+                    "device taints are not kept: the devices of unhealthy GPUs are withheld instead"
+                );
+            }
         }
         let features_changed = !newly_dropped.is_empty()
             && self
