@@ -16,6 +16,7 @@ pub mod http;
 pub mod instance;
 pub mod inventory;
 pub mod logging;
+pub mod migrate;
 pub mod nvml_liveness;
 pub mod nvml_raw;
 pub mod plugin;

@@ -16,6 +16,7 @@ async fn main() -> ExitCode {
         Command::KubeletPlugin(args) => gpu_dra::run::kubelet_plugin(args).await,
         Command::Inventory(args) => gpu_dra::run::inventory(args).await,
         Command::Webhook(args) => gpu_dra::run::webhook(args).await,
+        Command::Migrate(args) => gpu_dra::run::migrate(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
