@@ -140,13 +140,14 @@ pub fn map_profile(name: &str, config: &LegacyConfig) -> Result<Profile, Vec<Map
                 ));
                 continue;
             }
-            if let Some(devices) = &r.devices {
-                if devices.as_str() != Some("all") {
-                    errors.push(err(
-                        format!("{path}.devices"),
-                        "cannot map a subset of devices: a DeviceClass applies to every GPU; drop `devices` or split the GPUs onto nodes with their own config",
-                    ));
-                }
+            if r.devices
+                .as_ref()
+                .is_some_and(|d| d.as_str() != Some("all"))
+            {
+                errors.push(err(
+                    format!("{path}.devices"),
+                    "cannot map a subset of devices: a DeviceClass applies to every GPU; drop `devices` or split the GPUs onto nodes with their own config",
+                ));
             }
             if r.replicas < 1 {
                 errors.push(err(
