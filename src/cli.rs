@@ -43,6 +43,10 @@ pub enum Command {
     /// Clear the unhealthy verdict (and device taint) of a repaired GPU on this node;
     /// run it where the plugin runs, e.g. `kubectl exec <plugin pod> -- gpu-dra clear-unhealthy --gpu gpu-0`.
     ClearUnhealthy(ClearUnhealthyArgs),
+    /// Turn the legacy NVIDIA device plugin's config (ConfigMap or file, all named
+    /// configs) and the Nodes' nvidia.com/device-plugin.config labels into DRA objects
+    /// (YAML on stdout or --output) and a report (stderr).
+    Migrate(MigrateArgs),
 }
 
 /// Output format of `gpu-dra status`.
@@ -438,4 +442,42 @@ mod tests {
         }
         assert!(parse_driver_name("gpu.nvidia.com").is_ok());
     }
+}
+
+/// Flags of `gpu-dra migrate`.
+#[derive(Clone, Debug, Args)]
+pub struct MigrateArgs {
+    /// A device plugin config file, or a ConfigMap YAML holding named configs.
+    #[arg(
+        long,
+        conflicts_with = "configmap",
+        required_unless_present = "configmap"
+    )]
+    pub from_file: Option<PathBuf>,
+    /// The device plugin's ConfigMap in the cluster, as NAMESPACE/NAME.
+    #[arg(long)]
+    pub configmap: Option<String>,
+    /// Nodes as YAML (`kubectl get nodes -o yaml`); without it the Nodes are listed from
+    /// the cluster when --configmap is given, and none are read with --from-file.
+    #[arg(long)]
+    pub nodes_file: Option<PathBuf>,
+    /// Kubeconfig file for --configmap.
+    #[arg(long, env = "GPU_DRA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Config used by nodes without the label (the device plugin's default config name);
+    /// also the name of a bare config file's single config.
+    #[arg(long, default_value = "default")]
+    pub default_config: String,
+    /// DRA driver name used in the DeviceClass selectors and configs.
+    #[arg(long, env = "GPU_DRA_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME, value_parser = parse_driver_name)]
+    pub driver_name: String,
+    /// Namespace of the ResourceClaimTemplates written.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Write the objects of the configs that map even when others do not (still exits non-zero).
+    #[arg(long)]
+    pub partial: bool,
+    /// Write the objects to this file instead of stdout.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
 }

@@ -17,6 +17,7 @@ pub mod instance;
 pub mod inventory;
 pub mod logging;
 pub mod metrics;
+pub mod migrate;
 pub mod nvml_liveness;
 pub mod nvml_raw;
 pub mod plugin;

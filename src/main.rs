@@ -18,6 +18,7 @@ async fn main() -> ExitCode {
         Command::Webhook(args) => gpu_dra::run::webhook(args).await,
         Command::Status(args) => gpu_dra::run::status(args).await,
         Command::ClearUnhealthy(args) => gpu_dra::run::clear_unhealthy(args).await,
+        Command::Migrate(args) => gpu_dra::run::migrate(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -801,3 +801,97 @@ async fn claim_pods(
     }
     Ok(out)
 }
+
+/// `gpu-dra migrate`: reads the legacy config (file or ConfigMap) and the Nodes, writes
+/// the DRA objects and prints the report on stderr. Any unmappable field fails the
+/// command (no objects written unless `--partial`).
+pub async fn migrate(args: crate::cli::MigrateArgs) -> anyhow::Result<()> {
+    use crate::migrate::{MigrateInput, legacy, objects};
+    use k8s_openapi::api::core::v1::{ConfigMap, Node};
+    use std::collections::BTreeMap;
+    let mut client = None;
+    let configs = match (&args.from_file, &args.configmap) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            legacy::named_configs(&text, &args.default_config)
+                .with_context(|| format!("{}", path.display()))?
+        }
+        (None, Some(reference)) => {
+            let (namespace, name) = reference
+                .split_once('/')
+                .context("--configmap must be NAMESPACE/NAME")?;
+            let c = kube_client(args.kubeconfig.as_deref()).await?;
+            let cm = kube::Api::<ConfigMap>::namespaced(c.clone(), namespace)
+                .get(name)
+                .await
+                .with_context(|| format!("reading ConfigMap {reference}"))?;
+            client = Some(c);
+            cm.data.unwrap_or_default().into_iter().collect()
+        }
+        (None, None) => anyhow::bail!("give --from-file or --configmap"),
+    };
+    let label = |labels: Option<&BTreeMap<String, String>>| {
+        labels.and_then(|l| l.get(legacy::NODE_CONFIG_LABEL).cloned())
+    };
+    let nodes: BTreeMap<String, Option<String>> = if let Some(path) = &args.nodes_file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let list: k8s_openapi::List<Node> = serde_yaml::from_str(&text)
+            .with_context(|| format!("{}: not a NodeList", path.display()))?;
+        list.items
+            .iter()
+            .map(|n| {
+                (
+                    n.metadata.name.clone().unwrap_or_default(),
+                    label(n.metadata.labels.as_ref()),
+                )
+            })
+            .collect()
+    } else if let Some(c) = client {
+        kube::Api::<Node>::all(c)
+            .list(&Default::default())
+            .await
+            .context("listing Nodes")?
+            .items
+            .iter()
+            .map(|n| {
+                (
+                    n.metadata.name.clone().unwrap_or_default(),
+                    label(n.metadata.labels.as_ref()),
+                )
+            })
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    let migration = crate::migrate::migrate(&MigrateInput {
+        configs,
+        nodes,
+        default_config: args.default_config,
+        driver_name: args.driver_name,
+        namespace: args.namespace,
+    });
+    eprint!("{}", migration.report());
+    if migration.errors.is_empty() || args.partial {
+        let yaml = objects::render(&migration.objects).context("rendering objects")?;
+        match &args.output {
+            Some(path) => {
+                std::fs::write(path, yaml).with_context(|| format!("writing {}", path.display()))?
+            }
+            None => print!("{yaml}"),
+        }
+    }
+    if !migration.errors.is_empty() {
+        anyhow::bail!(
+            "{} field(s) cannot be mapped (listed above){}",
+            migration.errors.len(),
+            if args.partial {
+                ""
+            } else {
+                "; nothing written (--partial writes the rest)"
+            }
+        );
+    }
+    Ok(())
+}
