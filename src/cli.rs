@@ -450,34 +450,35 @@ pub struct MigrateArgs {
     /// A device plugin config file, or a ConfigMap YAML holding named configs.
     #[arg(
         long,
+        env = "GPU_DRA_MIGRATE_FROM_FILE",
         conflicts_with = "configmap",
         required_unless_present = "configmap"
     )]
     pub from_file: Option<PathBuf>,
     /// The device plugin's ConfigMap in the cluster, as NAMESPACE/NAME.
-    #[arg(long)]
+    #[arg(long, env = "GPU_DRA_MIGRATE_CONFIGMAP")]
     pub configmap: Option<String>,
     /// Nodes as YAML (`kubectl get nodes -o yaml`); without it the Nodes are listed from
     /// the cluster when --configmap is given, and none are read with --from-file.
-    #[arg(long)]
+    #[arg(long, env = "GPU_DRA_MIGRATE_NODES_FILE")]
     pub nodes_file: Option<PathBuf>,
     /// Kubeconfig file for --configmap.
     #[arg(long, env = "GPU_DRA_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Config used by nodes without the label (the device plugin's default config name);
     /// also the name of a bare config file's single config.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", env = "GPU_DRA_MIGRATE_DEFAULT_CONFIG")]
     pub default_config: String,
     /// DRA driver name used in the DeviceClass selectors and configs.
     #[arg(long, env = "GPU_DRA_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME, value_parser = parse_driver_name)]
     pub driver_name: String,
     /// Namespace of the ResourceClaimTemplates written.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", env = "GPU_DRA_MIGRATE_NAMESPACE")]
     pub namespace: String,
     /// Write the objects of the configs that map even when others do not (still exits non-zero).
-    #[arg(long)]
+    #[arg(long, env = "GPU_DRA_MIGRATE_PARTIAL")]
     pub partial: bool,
     /// Write the objects to this file instead of stdout.
-    #[arg(long, short = 'o')]
+    #[arg(long, short = 'o', env = "GPU_DRA_MIGRATE_OUTPUT")]
     pub output: Option<PathBuf>,
 }
