@@ -697,7 +697,7 @@ fn file_blocks(label: &str, dir: &Path) -> anyhow::Result<Vec<(String, Vec<Durat
         (format!("{l}: fsync of a 1.5 KB file"), fsync_file),
         (format!("{l}: fsync of the directory"), fsync_dir),
         (
-            format!("{l}: write_atomic 1.5 KB (temp+fsync+rename+dir fsync)"),
+            format!("{l}: write_atomic 1.5 KB (temp+rename, no fsync)"),
             atomic,
         ),
         (
