@@ -467,7 +467,11 @@ pub struct MigrateArgs {
     pub kubeconfig: Option<PathBuf>,
     /// Config used by nodes without the label (the device plugin's default config name);
     /// also the name of a bare config file's single config.
-    #[arg(long, default_value = "default", env = "GPU_DRA_MIGRATE_DEFAULT_CONFIG")]
+    #[arg(
+        long,
+        default_value = "default",
+        env = "GPU_DRA_MIGRATE_DEFAULT_CONFIG"
+    )]
     pub default_config: String,
     /// DRA driver name used in the DeviceClass selectors and configs.
     #[arg(long, env = "GPU_DRA_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME, value_parser = parse_driver_name)]
