@@ -100,6 +100,8 @@ pub fn run_xid_loop<S: XidSource + ?Sized>(
                     state.watch_failed(&err.to_string(), unix_now());
                     return Err(err);
                 }
+                // Back off one wait period before the next try, so a failing NVML
+                // call does not spin this thread.
                 std::thread::sleep(WAIT_TIMEOUT);
             }
         }

@@ -129,6 +129,7 @@ pub async fn claim(
             let mut holder = busy.holder();
             let deadline = tokio::time::Instant::now() + HOLDER_RECORD_WAIT;
             while holder.is_none() && tokio::time::Instant::now() < deadline {
+                // The record is a plain file with no change notification: poll it.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 holder = busy.holder();
             }
@@ -154,6 +155,7 @@ async fn wait_lockless_gone(registration_socket: &Path, dra_socket: &Path) {
         if polls.is_multiple_of(LOCKLESS_DIAL_EVERY) && !dials(dra_socket).await {
             return;
         }
+        // A release without the lock gives no signal when it exits: poll for it.
         tokio::time::sleep(LOCKLESS_POLL).await;
     }
 }

@@ -518,6 +518,7 @@ async fn list_node_claims_with_retry(
             Ok(claims) => return Some(claims),
             Err(err) => {
                 tracing::warn!(attempt, error = %err, "listing this node's ResourceClaims for recovery failed");
+                // Exponential backoff between LIST attempts while the API server is away.
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
