@@ -28,6 +28,12 @@
 //!   because `systemd-run` is systemd's own, maintained client of that API.
 //! - [`MpsLauncher::Direct`]: no wrapper (the daemon is the plugin's descendant);
 //!   for tests of the supervisor itself.
+//!
+//! Tested as a container runtime stops a container, every process of the plugin's cgroup
+//! killed at once (cgroup v2 `cgroup.kill`), in tests/mps_cgroup_kill.rs: a `session`
+//! daemon dies with the cgroup; a `systemd-scope` daemon, started through the real
+//! `systemd-run` of a real systemd (PID 1 of its own namespaces), lives on in its scope
+//! and is re-adopted. tests/mps_detached.rs covers the process-group kill.
 
 use std::path::PathBuf;
 
