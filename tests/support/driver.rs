@@ -220,6 +220,10 @@ impl Plugin {
             format!("--kubeconfig={}", kubeconfig.display()),
             format!("--proc-root={}", gpus.proc_root().display()),
             format!("--http-address={http_address}"),
+            // The box's plugin is a host process on a machine whose PID 1 is not systemd:
+            // MPS daemons detach with setsid (tests/mps_cgroup_kill.rs runs systemd-scope
+            // against a real systemd).
+            "--mps-launcher=session".to_owned(),
         ];
         if !set("kubelet-root", "GPU_DRA_KUBELET_ROOT") {
             extra.push(format!("--kubelet-root={}", b.kubelet_root(node).display()));
