@@ -221,6 +221,10 @@ pub struct InventoryArgs {
     /// DRA driver name written into the slices.
     #[arg(long, env = "GPU_DRA_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME, value_parser = parse_driver_name)]
     pub driver_name: String,
+    /// The kubelet's root directory: the plugin's checkpoint there (read only, if any)
+    /// says which MIG devices are in use, as the plugin weighs them at start.
+    #[arg(long, env = "GPU_DRA_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
     /// Path of libnvidia-ml.so to load instead of the system's libnvidia-ml.so.1.
     #[arg(long, env = "GPU_DRA_NVML_LIB_PATH")]
     pub nvml_lib_path: Option<PathBuf>,

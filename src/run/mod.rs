@@ -6,6 +6,7 @@
 //! `anyhow` here and nowhere below.
 
 mod commands;
+mod withheld;
 
 pub use commands::{clear_unhealthy, inventory, migrate, status, webhook};
 
@@ -33,7 +34,7 @@ use crate::health::{
 use crate::http::HttpServer;
 use crate::http::probes::{DriverStatus, probe_channels};
 use crate::instance::{HandOverDriver, Holder, TAKE_OVER_TIMEOUT, startup};
-use crate::inventory::{Discover, NvmlDiscovery, refresh_inventory};
+use crate::inventory::{Discover, Holdback, NvmlDiscovery, Refresh, refresh_inventory, resolve};
 use crate::nvml_liveness::{self, NvmlPing};
 use crate::plugin::{
     NodeDriver, PluginServer, PluginServerConfig, RegistrationState, SHUTDOWN_GRACE,
@@ -51,6 +52,8 @@ use crate::slices::reconcile::Reconciler;
 const SYSFS_ROOT: &str = "/sys";
 /// How often the inventory is re-read (MIG instances created outside the driver).
 const INVENTORY_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+/// First retry of a GPU discovery could not read as it is (doubles up to the refresh).
+const INVENTORY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long a stopping instance waits for its last checkpoint write before exiting.
 const CHECKPOINT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// Time limit of one nvidia-smi or MPS control command.
@@ -180,8 +183,10 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     };
     let nvml_library = files.nvml_library.clone();
     let discovery: Arc<dyn Discover> = nvml.clone();
-    let inventory = discovery.discover().context("discovering GPUs")?;
-    info!(gpus = inventory.gpus.len(), driver_version = %inventory.driver_version, "discovered GPUs");
+    // GPUs whose MIG shape could not be read are set apart; what is published of them is
+    // decided once the checkpoint says what is in use.
+    let survey = discovery.survey().context("discovering GPUs")?;
+    info!(gpus = survey.inventory.gpus.len(), unresolved = survey.unresolved.len(), driver_version = %survey.inventory.driver_version, "discovered GPUs");
     // Verdicts are read now (a successor serves health while it forwards); only the
     // lock holder writes them.
     let store = CheckpointStore::new(&plugin_dir, Path::new(DEFAULT_BOOT_ID_PATH));
@@ -191,7 +196,7 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     );
     let health = Arc::new(HealthState::restore(
         args.node_name.clone(),
-        inventory.clone(),
+        survey.inventory.clone(),
         unix_now(),
         load_verdicts(&verdicts)?,
     ));
@@ -258,11 +263,27 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         Arc::clone(&health),
         shutdown.clone(),
     ));
-    let (inventory_tx, inventory_rx) = watch::channel(inventory);
-    let inventory_rx_for_health = inventory_rx.clone();
     let loaded = store.load().context("reading the checkpoint")?;
-    report_checkpoint_outcome(&client, &args, &loaded.outcome).await;
+    let resolved = resolve(None, survey, &withheld::in_use_of(&loaded.checkpoint));
+    crate::inventory::refresh::log_change(&Holdback::default(), &resolved.holdback);
+    health.set_inventory(resolved.inventory.clone());
+    let (holdback_tx, holdback_rx) = watch::channel(resolved.holdback);
+    tokio::spawn(withheld::report_holdback(
+        client.clone(),
+        args.driver_name.clone(),
+        args.node_name.clone(),
+        holdback_rx,
+        shutdown.clone(),
+    ));
+    let (inventory_tx, inventory_rx) = watch::channel(resolved.inventory);
+    let inventory_rx_for_health = inventory_rx.clone();
+    // Posted aside: an API server away at start must not hold the start up.
+    tokio::spawn({
+        let (client, args, outcome) = (client.clone(), args.clone(), loaded.outcome.clone());
+        async move { report_checkpoint_outcome(&client, &args, &outcome).await }
+    });
     let (checkpoint, writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
+    let checkpoint_now = checkpoint.subscribe();
 
     let sharing = SharingManager::new(
         Arc::new(
@@ -324,19 +345,31 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         report_rebuild(&client, &args, &report).await;
     }
 
-    let reconciler = Reconciler::for_node(
-        client.clone(),
-        &args.driver_name,
-        &args.node_name,
-        SliceFeatures::default(),
-    )
-    .await
-    .context("looking up this node for the ResourceSlices' owner")?
-    .with_health(health.subscribe_unhealthy(), args.unhealthy_taint_effect);
+    // The kubelet is served from local state while the API server is away; slices are
+    // published once it answers (`/readyz` stays false until then).
     let status_tx = probes.publish;
     let slices_stop = shutdown.clone();
+    let (slices_client, unhealthy, taint_effect) = (
+        client.clone(),
+        health.subscribe_unhealthy(),
+        args.unhealthy_taint_effect,
+    );
+    let (driver_name, node_name) = (args.driver_name.clone(), args.node_name.clone());
     tokio::spawn(async move {
+        let Some(reconciler) = Reconciler::for_node_when_reachable(
+            slices_client,
+            &driver_name,
+            &node_name,
+            SliceFeatures::default(),
+            &status_tx,
+            slices_stop.cancelled(),
+        )
+        .await
+        else {
+            return;
+        };
         if let Err(err) = reconciler
+            .with_health(unhealthy, taint_effect)
             .run(inventory_rx, status_tx, slices_stop.cancelled_owned())
             .await
         {
@@ -345,9 +378,14 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     });
     let refresh_stop = shutdown.clone();
     tokio::spawn(refresh_inventory(
-        discovery,
-        INVENTORY_REFRESH,
+        Refresh {
+            discover: discovery,
+            in_use: Arc::new(move || withheld::in_use_of(&checkpoint_now.borrow())),
+            interval: INVENTORY_REFRESH,
+            retry: INVENTORY_RETRY,
+        },
         inventory_tx,
+        holdback_tx,
         refresh_stop.cancelled_owned(),
     ));
 

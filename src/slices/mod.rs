@@ -7,4 +7,7 @@
 pub mod desired;
 pub mod plan;
 pub mod reconcile;
+#[cfg(test)]
+mod reconcile_tests;
+pub mod start;
 pub mod taints;
