@@ -162,7 +162,8 @@ fn control_wrapper(dir: &Path, gpus: &FakeGpus) -> PathBuf {
 
 /// Starts a stand-in plugin in cgroup `cgroup` that runs `sup`'s launch command for
 /// [`CLAIM`] and then stays; `enter` is the `nsenter` target (PID and mount namespaces)
-/// or `None` for this machine's. Returns it once the daemon's control pipe is up.
+/// or `None` for this machine's. Entered, it sees `/run/systemd` read-only, as the
+/// chart mounts it. Returns it once the daemon's control pipe is up.
 fn plugin_with_daemon(sup: &MpsSupervisor, cgroup: &Path, enter: Option<i32>) -> Child {
     let dirs = sup.dirs(CLAIM).unwrap();
     for dir in [&dirs.pipe, &dirs.log, &dirs.shm] {
@@ -173,7 +174,7 @@ fn plugin_with_daemon(sup: &MpsSupervisor, cgroup: &Path, enter: Option<i32>) ->
     cmd.arg("-c").arg(
         r#"echo $$ > "$1/cgroup.procs" || exit 1
 enter=$2; shift 2
-if [ -n "$enter" ]; then exec nsenter -t "$enter" --pid --mount -- /bin/sh -c '"$@" && exec sleep 600' plugin "$@"; fi
+if [ -n "$enter" ]; then exec nsenter -t "$enter" --pid --mount -- unshare --mount --propagation private -- /bin/sh -c 'mount --bind /run/systemd /run/systemd && mount -o remount,bind,ro /run/systemd && "$@" && exec sleep 600' plugin "$@"; fi
 "$@" && exec sleep 600"#,
     );
     cmd.arg("plugin")
