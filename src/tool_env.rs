@@ -173,7 +173,10 @@ mod tests {
         for (link, target) in [
             ("libnvidia-ml.so.1", "/usr/lib64/libnvidia-ml.so.570.124.06"),
             ("libcuda.so.1", "/usr/lib64/libcuda.so.570.124.06"),
-            ("libnvidia-ptxjitcompiler.so.1", "libnvidia-ptxjitcompiler.so.570.124.06"),
+            (
+                "libnvidia-ptxjitcompiler.so.1",
+                "libnvidia-ptxjitcompiler.so.570.124.06",
+            ),
             ("libnvidia-gone.so.1", "/usr/lib64/libnvidia-gone.so.1.0"),
         ] {
             symlink(target, lib.join(link)).unwrap();
@@ -191,7 +194,10 @@ mod tests {
         let env = prepare(root.path(), &lib.join("libnvidia-ml.so.570.124.06"), &dir).unwrap();
         assert_eq!(
             env,
-            vec![(OsString::from("LD_LIBRARY_PATH"), dir.as_os_str().to_owned())]
+            vec![(
+                OsString::from("LD_LIBRARY_PATH"),
+                dir.as_os_str().to_owned()
+            )]
         );
         assert_eq!(
             std::env::var_os(LD_LIBRARY_PATH),
@@ -251,19 +257,30 @@ mod tests {
         );
         assert!(!dir.join("libnvidia-ptxjitcompiler.so.1").exists());
         assert!(
-            std::fs::read_dir(&dir)
+            std::fs::read_dir(&dir).unwrap().all(|e| !e
                 .unwrap()
-                .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")),
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".tmp")),
             "no temp links left"
         );
     }
 
     #[test]
     fn only_nvidia_library_names_are_driver_libraries() {
-        for name in ["libnvidia-ml.so.1", "libcuda.so.1", "libnvidia-cfg.so.570.1"] {
+        for name in [
+            "libnvidia-ml.so.1",
+            "libcuda.so.1",
+            "libnvidia-cfg.so.570.1",
+        ] {
             assert!(is_driver_library(OsStr::new(name)), "{name}");
         }
-        for name in ["libc.so.6", "libcudart.so.12", "libnvidia-ml.txt", "nvidia-smi"] {
+        for name in [
+            "libc.so.6",
+            "libcudart.so.12",
+            "libnvidia-ml.txt",
+            "nvidia-smi",
+        ] {
             assert!(!is_driver_library(OsStr::new(name)), "{name}");
         }
     }
@@ -302,7 +319,9 @@ mod tests {
             active_thread_percentage: Some(50),
             ..MpsLimits::default()
         };
-        mps.start("c", &["GPU-1".to_owned()], &limits).await.unwrap();
+        mps.start("c", &["GPU-1".to_owned()], &limits)
+            .await
+            .unwrap();
         let lines = std::fs::read_to_string(&record).unwrap();
         let expected = dir.path().join(LIBRARY_DIR).display().to_string();
         let runs: Vec<&str> = lines.lines().collect();

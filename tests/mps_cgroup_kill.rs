@@ -123,8 +123,7 @@ impl Drop for Cgroup {
 
 fn executable(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
 fn supervisor(control: &Path, root: &Path, launcher: MpsLauncher) -> MpsSupervisor {
@@ -269,7 +268,9 @@ impl Systemd {
         // Its API socket, in its mount namespace, exists once it accepts requests; then
         // `--wait` blocks until the start-up job is done (systemd's own readiness).
         let private = PathBuf::from(format!("/proc/{pid}/root/run/systemd/private"));
-        wait_until("systemd listens on /run/systemd/private", || private.exists());
+        wait_until("systemd listens on /run/systemd/private", || {
+            private.exists()
+        });
         let state = systemd
             .command("systemctl")
             .args(["is-system-running", "--wait"])
@@ -357,7 +358,9 @@ async fn systemd_scope_daemon_survives_the_plugin_cgroup_and_is_re_adopted() {
         .join("system.slice")
         .join(MpsLauncher::unit_name(CLAIM));
     // The launcher (`-d` forks the daemon, then returns) ends; the daemon stays in the scope.
-    wait_until("only the daemon is left in its scope", || procs(&unit).len() == 1);
+    wait_until("only the daemon is left in its scope", || {
+        procs(&unit).len() == 1
+    });
     let daemon = procs(&unit)[0];
     let cmdline = std::fs::read(format!("/proc/{daemon}/cmdline")).unwrap_or_default();
     assert!(
@@ -373,7 +376,11 @@ async fn systemd_scope_daemon_survives_the_plugin_cgroup_and_is_re_adopted() {
 
     kill_cgroup(&plugin_cgroup);
     plugin.wait().unwrap();
-    assert_eq!(procs(&unit), vec![daemon], "daemon killed with the plugin's cgroup");
+    assert_eq!(
+        procs(&unit),
+        vec![daemon],
+        "daemon killed with the plugin's cgroup"
+    );
 
     // The restarted plugin, in the same (host) PID namespace, re-adopts the daemon.
     let in_host = tmp.path().join("control-in-host");
@@ -396,7 +403,11 @@ async fn systemd_scope_daemon_survives_the_plugin_cgroup_and_is_re_adopted() {
         .unwrap_or_else(|e| panic!("adopt: {e}"));
     assert_eq!(outcome, AdoptOutcome::Adopted);
     assert_eq!(procs(&unit), vec![daemon], "the adopted daemon still runs");
-    assert_eq!(daemon_pid_file(&sup), before, "no second daemon was started");
+    assert_eq!(
+        daemon_pid_file(&sup),
+        before,
+        "no second daemon was started"
+    );
 
     // Its quit ends the daemon, and systemd unloads the empty scope.
     restarted.stop(CLAIM).await.unwrap();
