@@ -28,4 +28,5 @@ pub mod sharing;
 pub mod slices;
 pub mod state_files;
 pub mod status;
+pub mod tool_env;
 pub mod webhook;

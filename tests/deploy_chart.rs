@@ -287,8 +287,14 @@ fn default_mps_launcher_is_a_host_systemd_scope_with_its_wiring() {
     let objects = render("default");
     let pod = plugin_pod(&objects);
     let args = parsed_plugin_args(pod);
-    assert_eq!(args.mps_launcher, gpu_dra::cli::MpsLauncherKind::SystemdScope);
-    assert!(args.mps_private_shm, "daemon and clients share the claim's /dev/shm");
+    assert_eq!(
+        args.mps_launcher,
+        gpu_dra::cli::MpsLauncherKind::SystemdScope
+    );
+    assert!(
+        args.mps_private_shm,
+        "daemon and clients share the claim's /dev/shm"
+    );
     // systemd must see the launcher's PID: the host's PID namespace.
     assert_eq!(pod["hostPID"], true);
     let mounts = plugin_mounts(pod);

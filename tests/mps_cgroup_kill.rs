@@ -123,8 +123,7 @@ impl Drop for Cgroup {
 
 fn executable(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
 fn supervisor(control: &Path, root: &Path, launcher: MpsLauncher) -> MpsSupervisor {
@@ -162,7 +161,8 @@ fn control_wrapper(dir: &Path, gpus: &FakeGpus) -> PathBuf {
 
 /// Starts a stand-in plugin in cgroup `cgroup` that runs `sup`'s launch command for
 /// [`CLAIM`] and then stays; `enter` is the `nsenter` target (PID and mount namespaces)
-/// or `None` for this machine's. Returns it once the daemon's control pipe is up.
+/// or `None` for this machine's. Entered, it sees `/run/systemd` read-only, as the
+/// chart mounts it. Returns it once the daemon's control pipe is up.
 fn plugin_with_daemon(sup: &MpsSupervisor, cgroup: &Path, enter: Option<i32>) -> Child {
     let dirs = sup.dirs(CLAIM).unwrap();
     for dir in [&dirs.pipe, &dirs.log, &dirs.shm] {
@@ -173,7 +173,7 @@ fn plugin_with_daemon(sup: &MpsSupervisor, cgroup: &Path, enter: Option<i32>) ->
     cmd.arg("-c").arg(
         r#"echo $$ > "$1/cgroup.procs" || exit 1
 enter=$2; shift 2
-if [ -n "$enter" ]; then exec nsenter -t "$enter" --pid --mount -- /bin/sh -c '"$@" && exec sleep 600' plugin "$@"; fi
+if [ -n "$enter" ]; then exec nsenter -t "$enter" --pid --mount -- unshare --mount --propagation private -- /bin/sh -c 'mount --bind /run/systemd /run/systemd && mount -o remount,bind,ro /run/systemd && "$@" && exec sleep 600' plugin "$@"; fi
 "$@" && exec sleep 600"#,
     );
     cmd.arg("plugin")
@@ -268,7 +268,9 @@ impl Systemd {
         // Its API socket, in its mount namespace, exists once it accepts requests; then
         // `--wait` blocks until the start-up job is done (systemd's own readiness).
         let private = PathBuf::from(format!("/proc/{pid}/root/run/systemd/private"));
-        wait_until("systemd listens on /run/systemd/private", || private.exists());
+        wait_until("systemd listens on /run/systemd/private", || {
+            private.exists()
+        });
         let state = systemd
             .command("systemctl")
             .args(["is-system-running", "--wait"])
@@ -356,7 +358,9 @@ async fn systemd_scope_daemon_survives_the_plugin_cgroup_and_is_re_adopted() {
         .join("system.slice")
         .join(MpsLauncher::unit_name(CLAIM));
     // The launcher (`-d` forks the daemon, then returns) ends; the daemon stays in the scope.
-    wait_until("only the daemon is left in its scope", || procs(&unit).len() == 1);
+    wait_until("only the daemon is left in its scope", || {
+        procs(&unit).len() == 1
+    });
     let daemon = procs(&unit)[0];
     let cmdline = std::fs::read(format!("/proc/{daemon}/cmdline")).unwrap_or_default();
     assert!(
@@ -372,7 +376,11 @@ async fn systemd_scope_daemon_survives_the_plugin_cgroup_and_is_re_adopted() {
 
     kill_cgroup(&plugin_cgroup);
     plugin.wait().unwrap();
-    assert_eq!(procs(&unit), vec![daemon], "daemon killed with the plugin's cgroup");
+    assert_eq!(
+        procs(&unit),
+        vec![daemon],
+        "daemon killed with the plugin's cgroup"
+    );
 
     // The restarted plugin, in the same (host) PID namespace, re-adopts the daemon.
     let in_host = tmp.path().join("control-in-host");
@@ -395,7 +403,11 @@ async fn systemd_scope_daemon_survives_the_plugin_cgroup_and_is_re_adopted() {
         .unwrap_or_else(|e| panic!("adopt: {e}"));
     assert_eq!(outcome, AdoptOutcome::Adopted);
     assert_eq!(procs(&unit), vec![daemon], "the adopted daemon still runs");
-    assert_eq!(daemon_pid_file(&sup), before, "no second daemon was started");
+    assert_eq!(
+        daemon_pid_file(&sup),
+        before,
+        "no second daemon was started"
+    );
 
     // Its quit ends the daemon, and systemd unloads the empty scope.
     restarted.stop(CLAIM).await.unwrap();

@@ -285,15 +285,29 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     let (checkpoint, writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
     let checkpoint_now = checkpoint.subscribe();
 
+    // nvidia-smi and the MPS daemons find the driver's libraries through links under the
+    // plugin dir; the plugin itself loaded NVML by path.
+    let tool_env = crate::tool_env::prepare(
+        &args.driver_root,
+        &nvml_library,
+        &plugin_dir.join(crate::tool_env::LIBRARY_DIR),
+    )
+    .unwrap_or_else(|err| {
+        tracing::warn!(error = %err, "nvidia-smi and MPS daemons run without the driver library path");
+        Vec::new()
+    });
     let sharing = SharingManager::new(
         Arc::new(
             NvmlComputeControl::new(Some(&nvml_library))
                 .context("initialising NVML for compute mode control")?,
         ),
-        Arc::new(NvidiaSmiTimeSlice::new(
-            tool_path(files.nvidia_smi, driver_root::NVIDIA_SMI),
-            TOOL_TIMEOUT,
-        )),
+        Arc::new(
+            NvidiaSmiTimeSlice::new(
+                tool_path(files.nvidia_smi, driver_root::NVIDIA_SMI),
+                TOOL_TIMEOUT,
+            )
+            .with_env(tool_env.clone()),
+        ),
         MpsSupervisor::new(MpsSettings {
             control_path: tool_path(files.mps_control, driver_root::MPS_CONTROL),
             root_dir: plugin_dir.join("mps"),
@@ -312,7 +326,8 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
             MpsLauncherKind::SystemdScope => MpsLauncher::SystemdScope {
                 systemd_run_path: "systemd-run".into(),
             },
-        }),
+        })
+        .with_tool_env(tool_env),
     );
     let (claims, pod_watch) = ClaimSource::new(client.clone(), &args.node_name);
     tokio::spawn(pod_watch.run());

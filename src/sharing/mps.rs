@@ -251,6 +251,7 @@ pub fn limit_commands(
 pub struct MpsSupervisor {
     settings: MpsSettings,
     launcher: MpsLauncher,
+    tool_env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
 }
 
 fn valid_claim_uid(claim_uid: &str) -> bool {
@@ -268,7 +269,16 @@ impl MpsSupervisor {
         Self {
             settings,
             launcher: MpsLauncher::Direct,
+            tool_env: Vec::new(),
         }
+    }
+
+    /// Runs the control binary (daemon launch and commands) with these environment
+    /// variables added (the driver library path, [`crate::tool_env`]).
+    #[must_use]
+    pub fn with_tool_env(mut self, env: Vec<(std::ffi::OsString, std::ffi::OsString)>) -> Self {
+        self.tool_env = env;
+        self
     }
 
     /// Starts daemons through `launcher` (see [`MpsLauncher`]); the default is
@@ -437,6 +447,7 @@ impl MpsSupervisor {
         })?;
         let mut child = tokio::process::Command::new(&program)
             .args(&args)
+            .envs(self.tool_env.iter().map(|(k, v)| (k, v)))
             .env("CUDA_VISIBLE_DEVICES", gpu_uuids.join(","))
             .env("CUDA_MPS_PIPE_DIRECTORY", &dirs.pipe)
             .env("CUDA_MPS_LOG_DIRECTORY", &dirs.log)
@@ -498,6 +509,7 @@ impl MpsSupervisor {
             source,
         };
         let mut child = tokio::process::Command::new(&self.settings.control_path)
+            .envs(self.tool_env.iter().map(|(k, v)| (k, v)))
             .env("CUDA_MPS_PIPE_DIRECTORY", &dirs.pipe)
             .env("CUDA_MPS_LOG_DIRECTORY", &dirs.log)
             .stdin(Stdio::piped())
