@@ -32,6 +32,9 @@ const STEP: Duration = Duration::from_secs(90);
 /// `NVML_ERROR_NOT_SUPPORTED`.
 const NOT_SUPPORTED: u32 = 3;
 
+/// One scenario of the run.
+type Step = fn(&mut Env) -> futures::future::BoxFuture<'_, anyhow::Result<()>>;
+
 struct Env {
     b: &'static TestBox,
     client: kube::Client,
@@ -52,7 +55,7 @@ async fn start_under_faults() {
         plugin,
     };
     apply_device_classes(&env.client).await;
-    let steps: [(&str, fn(&mut Env) -> futures::future::BoxFuture<'_, anyhow::Result<()>>); 2] = [
+    let steps: [(&str, Step); 2] = [
         ("MIG GPU in use never published whole", |e| {
             Box::pin(mig_gpu_in_use_is_never_published_whole(e))
         }),
@@ -134,7 +137,7 @@ async fn mig_gpu_in_use_is_never_published_whole(e: &mut Env) -> anyhow::Result<
     let withheld =
         e.b.wait(STEP, "a GPUWithheld Event for gpu-0 on node-a", || async {
             e.plugin.check_alive()?;
-            Ok(node_event(&events, "GPUWithheld").await?)
+            node_event(&events, "GPUWithheld").await
         })
         .await?;
     anyhow::ensure!(withheld.contains("gpu-0"), "event note: {withheld}");
@@ -396,11 +399,11 @@ async fn node_event(
     Ok(list
         .items
         .into_iter()
-        .filter(|ev| {
+        .rev()
+        .find(|ev| {
             ev.reason.as_deref() == Some(reason)
                 && ev.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(NODE)
         })
-        .last()
         .map(|ev| ev.note.unwrap_or_default()))
 }
 

@@ -176,7 +176,7 @@ mod tests {
     enum Pass {
         Read(Inventory),
         Fails,
-        Unresolved(Inventory, Gpu),
+        Unresolved(Inventory, Box<Gpu>),
     }
 
     /// Answers from a script, repeating the last answer; counts the passes.
@@ -218,7 +218,7 @@ mod tests {
                         uuid: gpu.uuid.clone(),
                         error: DiscoverError::Gpu {
                             function: "nvmlDeviceGetMigMode",
-                            gpu: gpu.uuid,
+                            gpu: gpu.uuid.clone(),
                             source: NvmlError::NotSupported,
                         },
                     }],
@@ -279,8 +279,8 @@ mod tests {
         let gpu = without.gpus.remove(1);
         let script = Arc::new(Scripted(Mutex::new((
             vec![
-                Pass::Unresolved(without.clone(), gpu.clone()),
-                Pass::Unresolved(without.clone(), gpu.clone()),
+                Pass::Unresolved(without.clone(), Box::new(gpu.clone())),
+                Pass::Unresolved(without.clone(), Box::new(gpu.clone())),
                 Pass::Read(full.clone()),
             ],
             0,
@@ -288,7 +288,7 @@ mod tests {
         // As the start leaves it: the GPU withheld.
         let start = resolve(
             None,
-            Scripted(Mutex::new((vec![Pass::Unresolved(without.clone(), gpu)], 0)))
+            Scripted(Mutex::new((vec![Pass::Unresolved(without.clone(), Box::new(gpu))], 0)))
                 .survey()
                 .expect("survey"),
             &InUse::default(),

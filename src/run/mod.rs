@@ -185,7 +185,9 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     let discovery: Arc<dyn Discover> = nvml.clone();
     // GPUs whose MIG shape could not be read are set apart; what is published of them is
     // decided once the checkpoint says what is in use.
-    let survey = discovery.survey().context("discovering GPUs")?;
+    let Some(survey) = first_survey(&discovery, &shutdown).await else {
+        return Ok(());
+    };
     info!(gpus = survey.inventory.gpus.len(), unresolved = survey.unresolved.len(), driver_version = %survey.inventory.driver_version, "discovered GPUs");
     // Verdicts are read now (a successor serves health while it forwards); only the
     // lock holder writes them.
@@ -452,6 +454,31 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     info!(lock = %instance_lock.path().display(), "releasing the instance lock");
     drop(instance_lock);
     served
+}
+
+/// The first discovery, asked again with backoff ([`INVENTORY_RETRY`] doubling up to
+/// [`INVENTORY_REFRESH`]) while NVML fails as a whole, so a transient error at start does
+/// not end the process; `None` on `shutdown`.
+async fn first_survey(
+    discovery: &Arc<dyn Discover>,
+    shutdown: &CancellationToken,
+) -> Option<crate::inventory::Survey> {
+    let mut backoff = INVENTORY_RETRY;
+    loop {
+        let d = Arc::clone(discovery);
+        match tokio::task::spawn_blocking(move || d.survey()).await {
+            Ok(Ok(survey)) => return Some(survey),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::new(err)), retry_in_ms = backoff.as_millis() as u64, "discovering GPUs failed; nothing is published until it works")
+            }
+            Err(err) => tracing::warn!(error = %err, "GPU discovery task failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(INVENTORY_REFRESH);
+    }
 }
 
 /// Restores the unhealthy verdicts of this boot, logging what was found.
