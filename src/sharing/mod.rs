@@ -184,12 +184,16 @@ impl SharingManager {
     ///
     /// `gpu_uuids`: the physical GPUs (`GPU-...`) the claim's devices live on, any order.
     /// `None` applies nothing but records the claim (so a later MPS/Exclusive claim on the
-    /// same GPU is refused). Idempotent: a claim prepared again gets the same edits (an MPS
-    /// daemon that died is restarted). On a failure nothing of this call stays applied.
+    /// same GPU is refused). Every setting made is read back; on a GPU no other claim
+    /// holds, a stale compute mode or time slice (one the policy does not want, the default
+    /// for `None`) is reset first. Idempotent: a claim prepared again gets the same edits
+    /// (an MPS daemon that died is restarted). On a failure nothing of this call's policy
+    /// stays applied (a stale setting reset to the default stays reset).
     ///
     /// Errors: [`SharingError::Conflict`] (rules in [`policy`]),
     /// [`SharingError::TimeSliceUnsupported`], [`SharingError::Control`] (NVML /
-    /// nvidia-smi), [`SharingError::Mps`], [`SharingError::NoGpus`].
+    /// nvidia-smi), [`SharingError::NotApplied`] (the GPU does not hold a value it took),
+    /// [`SharingError::Mps`], [`SharingError::NoGpus`].
     pub async fn apply(
         &self,
         gpu_uuids: &[String],
