@@ -47,8 +47,8 @@ impl Failed {
     }
 }
 
-const COMPUTE_MODE_HINT: &str = "another tool may be changing it, or the GPU refuses the mode (vGPU, MIG mode); check `nvidia-smi -q -d COMPUTE -i <GPU>`, then delete and recreate the pod to retry";
-const TIME_SLICE_HINT: &str = "the driver took the command without effect; check `nvidia-smi compute-policy -i <GPU> -l` and the driver version (or remove the TimeSlicing config), then delete and recreate the pod to retry";
+const COMPUTE_MODE_HINT: &str = "another tool may be changing it, or the GPU refuses the mode (vGPU, MIG mode); check `nvidia-smi -q -d COMPUTE -i <GPU>`; the kubelet retries the prepare";
+const TIME_SLICE_HINT: &str = "the driver took the command without effect; check `nvidia-smi compute-policy -i <GPU> -l` and the driver version (or remove the TimeSlicing config); the kubelet retries the prepare";
 
 impl SharingManager {
     /// Executes `action` for `claim_uid` on `gpu`; `free`: no other claim holds the GPU,

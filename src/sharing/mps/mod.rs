@@ -174,7 +174,7 @@ pub enum MpsError {
     },
     /// The daemon accepted a limit and kept another value.
     #[error(
-        "claim {claim_uid}: the MPS control daemon for GPU {gpus} holds {setting} {read:?} after its set_default_ command succeeded (wanted {wanted}); see the daemon's log (<plugin-dir>/mps/{claim_uid}/log), check that the driver's MPS supports the limit, then delete and recreate the pod to retry"
+        "claim {claim_uid}: the MPS control daemon for GPU {gpus} holds {setting} {read:?} after its set_default_ command succeeded (wanted {wanted}); see the daemon's log (<plugin-dir>/mps/{claim_uid}/log), check that the driver's MPS supports the limit; the kubelet retries the prepare"
     )]
     LimitNotApplied {
         /// The claim UID.
