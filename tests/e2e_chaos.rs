@@ -153,10 +153,7 @@ const UNPREPARE_FAULTS: &[(Kind, &str)] = &[
 /// test names it, invariant id). Counted and printed, not failed; remove an entry once its
 /// fix is merged. A refused `quit` is logged and the daemon forgotten (unprepare succeeds,
 /// the daemon runs on); the fix belongs to the MPS supervisor (src/sharing/mps.rs).
-const KNOWN_FAULT_VIOLATIONS: &[(&str, &str)] = &[(
-    "unprepare of a Mps claim, fault in nvidia-cuda-mps-control quit",
-    "no-leftover-daemon",
-)];
+const KNOWN_FAULT_VIOLATIONS: &[(&str, &str)] = &[];
 /// A fault that fires on every matching call until cleared, counting down so the state
 /// shows that it fired.
 const STANDING: u32 = 1_000_000;

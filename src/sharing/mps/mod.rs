@@ -4,9 +4,10 @@
 //!
 //! Owns: the per-claim directories `<plugin-dir>/mps/<claimUID>/{pipe,log,shm}`, starting
 //! `nvidia-cuda-mps-control -d` for a claim's GPU set, waiting for its control pipe,
-//! applying the claim's limits through the control daemon's command interface, stopping it
-//! with `quit`, re-adopting it after a plugin restart, and the container edits (env and
-//! mounts, as plain data) a claim's containers need to reach it.
+//! applying the claim's limits through the control daemon's command interface and reading
+//! them back ([`limits`], [`client`]), stopping it with `quit` and, when it ignores `quit`,
+//! by signal after a bound ([`processes`]), re-adopting it after a plugin restart, and the
+//! container edits (env and mounts, as plain data) a claim's containers need to reach it.
 //!
 //! Must not: change compute modes (the manager does that through `ComputeControl` before
 //! [`MpsSupervisor::start`]), decide whether MPS is allowed (`policy`), or write CDI files.
@@ -26,14 +27,22 @@
 //! claim's containers get the same dir mounted at `/dev/shm`. Without it (tests, or a
 //! plugin sharing the host IPC namespace) no shm mount is emitted.
 
+mod client;
+pub mod limits;
+pub mod processes;
+#[cfg(test)]
+pub(crate) mod test_support;
+#[cfg(test)]
+mod tests;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-
 pub use super::launcher::MpsLauncher;
 use super::policy::MpsLimits;
+pub use limits::{LimitSetting, limit_commands, limit_settings};
+use processes::{ProcScanner, Signal};
 
 /// Where the claim's containers find the control pipe (`CUDA_MPS_PIPE_DIRECTORY`).
 pub const CONTAINER_PIPE_DIR: &str = "/tmp/nvidia-mps";
@@ -80,7 +89,8 @@ pub struct MpsSettings {
     pub root_dir: PathBuf,
     /// How long to wait for the control pipe after starting a daemon.
     pub ready_timeout: Duration,
-    /// How long one control command (or the `-d` launcher) may take.
+    /// How long one control command (or the `-d` launcher) may take; also how long a
+    /// daemon gets to exit after `quit`, and after SIGTERM, before the next step.
     pub command_timeout: Duration,
     /// Bind the claim's shm dir over the daemon's `/dev/shm` (see module docs).
     pub private_shm: Option<PrivateShm>,
@@ -162,6 +172,61 @@ pub enum MpsError {
         /// Captured stderr/stdout, trimmed.
         output: String,
     },
+    /// The daemon accepted a limit and kept another value.
+    #[error(
+        "claim {claim_uid}: the MPS control daemon for GPU {gpus} holds {setting} {read:?} after its set_default_ command succeeded (wanted {wanted}); see the daemon's log (<plugin-dir>/mps/{claim_uid}/log), check that the driver's MPS supports the limit; the kubelet retries the prepare"
+    )]
+    LimitNotApplied {
+        /// The claim UID.
+        claim_uid: String,
+        /// The GPU UUID the limit is for (comma-separated GPUs for a daemon-wide limit).
+        gpus: String,
+        /// The setting, e.g. `default active thread percentage`.
+        setting: &'static str,
+        /// The wanted value (`40`, `4096M`).
+        wanted: String,
+        /// What the `get_default_*` query answered.
+        read: String,
+    },
+    /// A `get_default_*` query answered something that is not a value.
+    #[error(
+        "claim {claim_uid}: the MPS control daemon answered `{command}` with {output:?}, not a value; the limit cannot be verified, check the driver's MPS version"
+    )]
+    UnparsableAnswer {
+        /// The claim UID.
+        claim_uid: String,
+        /// The query.
+        command: String,
+        /// Its stdout, trimmed.
+        output: String,
+    },
+    /// A daemon that ignored `quit` could not be signalled.
+    #[error("claim {claim_uid}: sending {signal} to MPS process {pid}: the plugin needs the host PID namespace and root")]
+    Signal {
+        /// The claim UID.
+        claim_uid: String,
+        /// The process id.
+        pid: u32,
+        /// The signal.
+        signal: String,
+        /// The error of kill(2).
+        #[source]
+        source: std::io::Error,
+    },
+    /// MPS processes of the claim still run after `quit`, SIGTERM and SIGKILL.
+    #[error(
+        "claim {claim_uid}: MPS processes {pids:?} (pipe directory {pipe_dir}) still run after quit, SIGTERM and SIGKILL ({waited:?} each); check them with `ps -o pid,stat,cmd -p <pid>` (a process in D state waits on the driver)"
+    )]
+    StillRunning {
+        /// The claim UID.
+        claim_uid: String,
+        /// The process ids.
+        pids: Vec<u32>,
+        /// Their `CUDA_MPS_PIPE_DIRECTORY`.
+        pipe_dir: PathBuf,
+        /// How long each step waited.
+        waited: Duration,
+    },
     /// The control pipe did not appear in time.
     #[error(
         "claim {claim_uid}: MPS control daemon did not create {path} within {waited:?}; see its logs in {log_dir}"
@@ -191,67 +256,13 @@ pub struct ClaimDirs {
     pub shm: PathBuf,
 }
 
-/// The commands that apply `limits` to a daemon serving `gpu_uuids` (pure).
-///
-/// One `set_default_active_thread_percentage` when set, then one
-/// `set_default_device_pinned_mem_limit <uuid> <MiB>M` per GPU that has a limit (the
-/// per-device value wins over the global one). Bytes are rounded down to whole MiB, the
-/// finest unit the daemon accepts. Errors: percentage over 100, a limit under 1 MiB, a
-/// per-device key that is not one of `gpu_uuids`.
-pub fn limit_commands(
-    claim_uid: &str,
-    gpu_uuids: &[String],
-    limits: &MpsLimits,
-) -> Result<Vec<String>, MpsError> {
-    let invalid = |what: String| MpsError::InvalidLimit {
-        claim_uid: claim_uid.to_owned(),
-        what,
-    };
-    let mut commands = Vec::new();
-    if let Some(pct) = limits.active_thread_percentage {
-        if pct > 100 {
-            return Err(invalid(format!(
-                "active thread percentage {pct} is outside 0..100"
-            )));
-        }
-        commands.push(format!("set_default_active_thread_percentage {pct}"));
-    }
-    if let Some(device) = limits
-        .per_device_pinned_memory_limit_bytes
-        .keys()
-        .find(|k| !gpu_uuids.contains(k))
-    {
-        return Err(MpsError::UnknownDevice {
-            claim_uid: claim_uid.to_owned(),
-            device: device.clone(),
-            gpus: gpu_uuids.to_vec(),
-        });
-    }
-    for uuid in gpu_uuids {
-        let limit = limits
-            .per_device_pinned_memory_limit_bytes
-            .get(uuid)
-            .copied()
-            .or(limits.pinned_memory_limit_bytes);
-        if let Some(bytes) = limit {
-            let mib = bytes / (1024 * 1024);
-            if mib == 0 {
-                return Err(invalid(format!(
-                    "pinned memory limit of {bytes} bytes for GPU {uuid} is below the 1 MiB the MPS daemon accepts"
-                )));
-            }
-            commands.push(format!("set_default_device_pinned_mem_limit {uuid} {mib}M"));
-        }
-    }
-    Ok(commands)
-}
-
 /// Starts, adopts and stops MPS control daemons, one per claim.
 #[derive(Debug, Clone)]
 pub struct MpsSupervisor {
     settings: MpsSettings,
     launcher: MpsLauncher,
     tool_env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    procs: ProcScanner,
 }
 
 fn valid_claim_uid(claim_uid: &str) -> bool {
@@ -267,6 +278,7 @@ impl MpsSupervisor {
     /// A supervisor with these settings; nothing is started yet.
     pub fn new(settings: MpsSettings) -> Self {
         Self {
+            procs: ProcScanner::new(&settings.control_path),
             settings,
             launcher: MpsLauncher::Direct,
             tool_env: Vec::new(),
@@ -382,12 +394,14 @@ impl MpsSupervisor {
         gpu_uuids: &[String],
         limits: &MpsLimits,
     ) -> Result<ClaimEdits, MpsError> {
-        let commands = limit_commands(claim_uid, gpu_uuids, limits)?;
+        let settings = limit_settings(claim_uid, gpu_uuids, limits)?;
         let dirs = self.dirs(claim_uid)?;
-        if tokio::fs::try_exists(&dirs.root).await.unwrap_or(true) {
+        if tokio::fs::try_exists(&dirs.root).await.unwrap_or(true)
+            || !self.procs.of_pipe(&dirs.pipe).is_empty()
+        {
             self.stop(claim_uid).await?;
         }
-        match self.start_in(claim_uid, gpu_uuids, &dirs, &commands).await {
+        match self.start_in(claim_uid, gpu_uuids, &dirs, &settings).await {
             Ok(()) => Ok(self.edits(&dirs)),
             Err(err) => {
                 if let Err(cleanup) = self.stop(claim_uid).await {
@@ -403,7 +417,7 @@ impl MpsSupervisor {
         claim_uid: &str,
         gpu_uuids: &[String],
         dirs: &ClaimDirs,
-        commands: &[String],
+        settings: &[LimitSetting],
     ) -> Result<(), MpsError> {
         for dir in [&dirs.pipe, &dirs.log, &dirs.shm] {
             tokio::fs::create_dir_all(dir)
@@ -417,10 +431,8 @@ impl MpsSupervisor {
         }
         self.launch(claim_uid, gpu_uuids, dirs).await?;
         self.wait_ready(claim_uid, dirs).await?;
-        for command in commands {
-            self.send(claim_uid, dirs, command).await?;
-        }
-        Ok(())
+        self.apply_limits(claim_uid, gpu_uuids, dirs, settings)
+            .await
     }
 
     async fn launch(
@@ -496,65 +508,31 @@ impl MpsSupervisor {
         }
     }
 
-    /// Sends one command to the claim's daemon; returns what it printed.
-    async fn send(
-        &self,
-        claim_uid: &str,
-        dirs: &ClaimDirs,
-        command: &str,
-    ) -> Result<String, MpsError> {
-        let spawn_error = |source| MpsError::Spawn {
-            claim_uid: claim_uid.to_owned(),
-            command: format!("echo {command} | {}", self.settings.control_path.display()),
-            source,
-        };
-        let mut child = tokio::process::Command::new(&self.settings.control_path)
-            .envs(self.tool_env.iter().map(|(k, v)| (k, v)))
-            .env("CUDA_MPS_PIPE_DIRECTORY", &dirs.pipe)
-            .env("CUDA_MPS_LOG_DIRECTORY", &dirs.log)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(spawn_error)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(format!("{command}\n").as_bytes())
-                .await
-                .map_err(spawn_error)?;
-            // Dropping stdin closes it: the control client ends at end of input.
-        }
-        let output = tokio::time::timeout(self.settings.command_timeout, child.wait_with_output())
-            .await
-            .map_err(|_| spawn_error(timed_out(self.settings.command_timeout)))?
-            .map_err(spawn_error)?;
-        let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        if output.status.success() {
-            return Ok(stdout);
-        }
-        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-        Err(MpsError::CommandFailed {
-            claim_uid: claim_uid.to_owned(),
-            command: command.to_owned(),
-            status: output.status.to_string(),
-            output: if stderr.is_empty() { stdout } else { stderr },
-        })
-    }
-
-    /// Stops the claim's daemon (`quit`) and removes its directories. Idempotent.
+    /// Stops the claim's daemon and removes its directories. Idempotent.
     ///
-    /// A daemon that no longer answers is not an error (its directories are removed);
-    /// failing to remove the directories is.
+    /// `quit` first (when the control pipe exists); MPS processes of the claim's pipe
+    /// directory (found in `/proc`) that are still alive `command_timeout` after it, or at
+    /// once when `quit` was refused, get SIGTERM, and SIGKILL `command_timeout` later; each
+    /// pid is re-verified before each signal. A daemon that no longer answers is not an
+    /// error. Errors: [`MpsError::Signal`], [`MpsError::StillRunning`] (the directories are
+    /// kept, so a retry finds the daemon again), [`MpsError::Io`] removing the directories.
     pub async fn stop(&self, claim_uid: &str) -> Result<(), MpsError> {
         let dirs = self.dirs(claim_uid)?;
-        if tokio::fs::try_exists(dirs.pipe.join(CONTROL_PIPE))
+        let quit = if tokio::fs::try_exists(dirs.pipe.join(CONTROL_PIPE))
             .await
             .unwrap_or(false)
-            && let Err(err) = self.send(claim_uid, &dirs, "quit").await
         {
-            tracing::warn!(claim.uid = claim_uid, error = %err, "MPS control daemon did not take quit; removing its directories");
-        }
+            match self.send(claim_uid, &dirs, "quit").await {
+                Ok(_) => true,
+                Err(err) => {
+                    tracing::warn!(claim.uid = claim_uid, error = %err, "MPS control daemon did not take quit; stopping it by signal");
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        self.end_processes(claim_uid, &dirs, quit).await?;
         match tokio::fs::remove_dir_all(&dirs.root).await {
             Ok(()) => Ok(()),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -567,6 +545,63 @@ impl MpsSupervisor {
         }
     }
 
+    /// Waits for the claim's MPS processes to exit (after a `quit` that was taken), then
+    /// SIGTERM, then SIGKILL, each step bounded by `command_timeout`.
+    async fn end_processes(
+        &self,
+        claim_uid: &str,
+        dirs: &ClaimDirs,
+        quit: bool,
+    ) -> Result<(), MpsError> {
+        let bound = self.settings.command_timeout;
+        let mut left = self.procs.of_pipe(&dirs.pipe);
+        if left.is_empty() {
+            return Ok(());
+        }
+        if quit {
+            left = self.still_alive(left, bound).await;
+        }
+        for signal in [Signal::Term, Signal::Kill] {
+            if left.is_empty() {
+                return Ok(());
+            }
+            for process in &left {
+                tracing::warn!(claim.uid = claim_uid, pid = process.pid, %signal, "MPS process still runs after quit; signalling it");
+                self.procs
+                    .signal(process, signal)
+                    .map_err(|source| MpsError::Signal {
+                        claim_uid: claim_uid.to_owned(),
+                        pid: process.pid,
+                        signal: signal.to_string(),
+                        source,
+                    })?;
+            }
+            left = self.still_alive(left, bound).await;
+        }
+        if left.is_empty() {
+            return Ok(());
+        }
+        Err(MpsError::StillRunning {
+            claim_uid: claim_uid.to_owned(),
+            pids: left.iter().map(|p| p.pid).collect(),
+            pipe_dir: dirs.pipe.clone(),
+            waited: bound,
+        })
+    }
+
+    async fn still_alive(
+        &self,
+        processes: Vec<processes::MpsProcess>,
+        bound: Duration,
+    ) -> Vec<processes::MpsProcess> {
+        let pids: Vec<u32> = processes.iter().map(|p| p.pid).collect();
+        let left = self.procs.wait_gone(&pids, bound).await;
+        processes
+            .into_iter()
+            .filter(|p| left.contains(&p.pid))
+            .collect()
+    }
+
     /// After a plugin restart: keeps the claim's daemon if it still answers (limits are
     /// re-applied, which only affects servers started later), else starts it afresh.
     pub async fn adopt(
@@ -575,7 +610,7 @@ impl MpsSupervisor {
         gpu_uuids: &[String],
         limits: &MpsLimits,
     ) -> Result<(AdoptOutcome, ClaimEdits), MpsError> {
-        let commands = limit_commands(claim_uid, gpu_uuids, limits)?;
+        let settings = limit_settings(claim_uid, gpu_uuids, limits)?;
         let dirs = self.dirs(claim_uid)?;
         let alive = tokio::fs::try_exists(dirs.pipe.join(CONTROL_PIPE))
             .await
@@ -585,13 +620,34 @@ impl MpsSupervisor {
                 .await
                 .is_ok();
         if alive {
-            for command in &commands {
-                self.send(claim_uid, &dirs, command).await?;
-            }
+            self.apply_limits(claim_uid, gpu_uuids, &dirs, &settings)
+                .await?;
             return Ok((AdoptOutcome::Adopted, self.edits(&dirs)));
         }
         let edits = self.start(claim_uid, gpu_uuids, limits).await?;
         Ok((AdoptOutcome::Restarted, edits))
+    }
+
+    /// Claim UIDs whose MPS control daemon or server runs with a pipe directory
+    /// `<root>/<claimUID>/pipe` under the MPS root, found by process in `/proc` (a daemon
+    /// whose directories were removed is still found). Sorted, without duplicates.
+    pub fn daemon_claims(&self) -> Vec<String> {
+        let root = &self.settings.root_dir;
+        let mut claims: Vec<String> = self
+            .procs
+            .scan(|pipe| pipe.starts_with(root))
+            .into_iter()
+            .filter_map(|p| {
+                let rel = p.pipe_dir.strip_prefix(root).ok()?;
+                let mut parts = rel.components();
+                let uid = parts.next()?.as_os_str().to_str()?.to_owned();
+                let is_pipe = parts.next()?.as_os_str() == "pipe" && parts.next().is_none();
+                (is_pipe && valid_claim_uid(&uid)).then_some(uid)
+            })
+            .collect();
+        claims.sort();
+        claims.dedup();
+        claims
     }
 
     /// Claim UIDs that have a directory under the MPS root (to find orphans at start).
@@ -627,341 +683,3 @@ fn timed_out(limit: Duration) -> std::io::Error {
     )
 }
 
-#[cfg(test)]
-pub(crate) mod test_support {
-    //! A shell-script stand-in for `nvidia-cuda-mps-control`, with the real tool's protocol.
-    use std::path::{Path, PathBuf};
-
-    /// Writes the stand-in into `dir`; it appends what it was told to `<dir>/record`.
-    /// `ready_after`: a shell snippet run (in the background) before creating the pipe.
-    pub fn fake_mps_control(dir: &Path, ready_after: Option<&str>) -> PathBuf {
-        let record = dir.join("record");
-        let make_pipe = match ready_after {
-            None => r#": > "$CUDA_MPS_PIPE_DIRECTORY/control""#.to_owned(),
-            Some(wait) => format!(r#"( {wait}; : > "$CUDA_MPS_PIPE_DIRECTORY/control" ) &"#),
-        };
-        let script = format!(
-            r#"#!/bin/sh
-rec='{record}'
-if [ "$1" = "-d" ]; then
-  echo "start args=$* visible=$CUDA_VISIBLE_DEVICES pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY" >> "$rec"
-  {make_pipe}
-  exit 0
-fi
-if [ ! -e "$CUDA_MPS_PIPE_DIRECTORY/control" ]; then
-  echo "Cannot find MPS control daemon process" >&2
-  exit 1
-fi
-while read -r line; do
-  echo "cmd $line" >> "$rec"
-  case "$line" in
-    quit) rm -f "$CUDA_MPS_PIPE_DIRECTORY/control" ;;
-    get_default_active_thread_percentage) echo 100.0 ;;
-    *GPU-unknown*) echo "Invalid device" >&2; exit 2 ;;
-  esac
-done
-"#,
-            record = record.display()
-        );
-        let path = dir.join("nvidia-cuda-mps-control");
-        write_script(&path, &script);
-        path
-    }
-
-    /// Writes an executable script without ever holding a writable fd to it in this
-    /// process: a test thread forking at that moment would make exec fail with ETXTBSY.
-    pub fn write_script(path: &Path, body: &str) {
-        let source = path.with_extension("src");
-        std::fs::write(&source, body).unwrap();
-        let status = std::process::Command::new("install")
-            .arg("-m")
-            .arg("755")
-            .arg(&source)
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(status.success(), "install {}", path.display());
-    }
-
-    /// The recorded lines.
-    pub fn recorded(dir: &Path) -> Vec<String> {
-        std::fs::read_to_string(dir.join("record"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::test_support::{fake_mps_control, recorded};
-    use super::*;
-    use std::path::Path;
-
-    fn settings(dir: &Path, control: PathBuf) -> MpsSettings {
-        MpsSettings {
-            control_path: control,
-            root_dir: dir.join("plugin/mps"),
-            ready_timeout: Duration::from_secs(10),
-            command_timeout: Duration::from_secs(10),
-            private_shm: None,
-        }
-    }
-
-    fn gpus(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| (*s).to_owned()).collect()
-    }
-
-    #[test]
-    fn limit_commands_follow_the_control_daemon_syntax() {
-        let limits = MpsLimits {
-            active_thread_percentage: Some(40),
-            pinned_memory_limit_bytes: Some(18 * 1024 * 1024 * 1024 + 512),
-            per_device_pinned_memory_limit_bytes: [("GPU-b".to_owned(), 2048 * 1024 * 1024)].into(),
-        };
-        assert_eq!(
-            limit_commands("c", &gpus(&["GPU-a", "GPU-b"]), &limits).unwrap(),
-            [
-                "set_default_active_thread_percentage 40",
-                "set_default_device_pinned_mem_limit GPU-a 18432M",
-                "set_default_device_pinned_mem_limit GPU-b 2048M",
-            ]
-        );
-        assert!(
-            limit_commands("c", &gpus(&["GPU-a"]), &MpsLimits::default())
-                .unwrap()
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn limit_commands_reject_bad_values() {
-        let pct = MpsLimits {
-            active_thread_percentage: Some(101),
-            ..MpsLimits::default()
-        };
-        assert!(
-            limit_commands("c", &gpus(&["G"]), &pct)
-                .unwrap_err()
-                .to_string()
-                .contains("0..100")
-        );
-        let tiny = MpsLimits {
-            pinned_memory_limit_bytes: Some(1000),
-            ..MpsLimits::default()
-        };
-        assert!(matches!(
-            limit_commands("c", &gpus(&["G"]), &tiny),
-            Err(MpsError::InvalidLimit { .. })
-        ));
-        let stranger = MpsLimits {
-            per_device_pinned_memory_limit_bytes: [("GPU-x".to_owned(), 1 << 30)].into(),
-            ..MpsLimits::default()
-        };
-        let err = limit_commands("c", &gpus(&["G"]), &stranger).unwrap_err();
-        assert!(err.to_string().contains("GPU-x"), "{err}");
-    }
-
-    #[test]
-    fn claim_uid_must_be_a_plain_name() {
-        let sup = MpsSupervisor::new(settings(Path::new("/x"), PathBuf::from("/bin/false")));
-        for bad in ["", "..", "a/b", "../x"] {
-            assert!(
-                matches!(sup.dirs(bad), Err(MpsError::InvalidClaimUid { .. })),
-                "{bad:?}"
-            );
-        }
-        let dirs = sup.dirs("0b7c-uid").unwrap();
-        assert_eq!(dirs.pipe, Path::new("/x/plugin/mps/0b7c-uid/pipe"));
-    }
-
-    #[test]
-    fn private_shm_wraps_launch_in_unshare_and_mounts_shm() {
-        let mut s = settings(
-            Path::new("/x"),
-            PathBuf::from("/usr/bin/nvidia-cuda-mps-control"),
-        );
-        let plain = MpsSupervisor::new(s.clone());
-        let dirs = plain.dirs("u").unwrap();
-        assert_eq!(
-            plain.launch_command(&dirs),
-            (s.control_path.clone(), vec!["-d".to_owned()])
-        );
-        assert!(
-            plain
-                .edits(&dirs)
-                .mounts
-                .iter()
-                .all(|m| m.container_path != "/dev/shm")
-        );
-
-        s.private_shm = Some(PrivateShm {
-            unshare_path: "/usr/bin/unshare".into(),
-            shell_path: "/bin/sh".into(),
-        });
-        let private = MpsSupervisor::new(s);
-        let (program, args) = private.launch_command(&dirs);
-        assert_eq!(program, Path::new("/usr/bin/unshare"));
-        assert_eq!(args[..4], ["--mount", "--propagation", "private", "--"]);
-        assert_eq!(
-            args[args.len() - 2..],
-            ["/x/plugin/mps/u/shm", "/usr/bin/nvidia-cuda-mps-control"]
-        );
-        let shm = private
-            .edits(&dirs)
-            .mounts
-            .into_iter()
-            .find(|m| m.container_path == "/dev/shm")
-            .unwrap();
-        assert_eq!(shm.host_path, dirs.shm);
-    }
-
-    #[tokio::test]
-    async fn start_applies_limits_and_stop_quits_and_cleans_up() {
-        let tmp = tempfile::tempdir().unwrap();
-        let control = fake_mps_control(tmp.path(), None);
-        let sup = MpsSupervisor::new(settings(tmp.path(), control));
-        let limits = MpsLimits {
-            active_thread_percentage: Some(50),
-            pinned_memory_limit_bytes: Some(4 << 30),
-            ..MpsLimits::default()
-        };
-        let edits = sup
-            .start("claim-1", &gpus(&["GPU-a", "GPU-b"]), &limits)
-            .await
-            .unwrap();
-        let dirs = sup.dirs("claim-1").unwrap();
-        assert_eq!(
-            edits.env,
-            [
-                (
-                    "CUDA_MPS_PIPE_DIRECTORY".to_owned(),
-                    "/tmp/nvidia-mps".to_owned()
-                ),
-                (
-                    "CUDA_MPS_LOG_DIRECTORY".to_owned(),
-                    "/var/log/nvidia-mps".to_owned()
-                ),
-            ]
-        );
-        assert_eq!(edits.mounts[0].host_path, dirs.pipe);
-        assert_eq!(edits.mounts[0].container_path, "/tmp/nvidia-mps");
-        assert_eq!(
-            recorded(tmp.path()),
-            [
-                format!(
-                    "start args=-d visible=GPU-a,GPU-b pipe={} log={}",
-                    dirs.pipe.display(),
-                    dirs.log.display()
-                ),
-                "cmd set_default_active_thread_percentage 50".to_owned(),
-                "cmd set_default_device_pinned_mem_limit GPU-a 4096M".to_owned(),
-                "cmd set_default_device_pinned_mem_limit GPU-b 4096M".to_owned(),
-            ]
-        );
-        assert!(dirs.log.is_dir() && dirs.shm.is_dir());
-
-        sup.stop("claim-1").await.unwrap();
-        assert_eq!(recorded(tmp.path()).last().unwrap(), "cmd quit");
-        assert!(!dirs.root.exists());
-        sup.stop("claim-1").await.unwrap();
-        assert_eq!(recorded(tmp.path()).len(), 5, "a second stop sends nothing");
-    }
-
-    #[tokio::test]
-    async fn readiness_waits_for_the_control_pipe() {
-        let tmp = tempfile::tempdir().unwrap();
-        let control = fake_mps_control(tmp.path(), Some("sleep 0.3"));
-        let sup = MpsSupervisor::new(settings(tmp.path(), control));
-        let limits = MpsLimits {
-            active_thread_percentage: Some(10),
-            ..MpsLimits::default()
-        };
-        sup.start("slow", &gpus(&["GPU-a"]), &limits).await.unwrap();
-        // The limit command only succeeds once the pipe exists, so reaching it proves the wait.
-        assert_eq!(
-            recorded(tmp.path()).last().unwrap(),
-            "cmd set_default_active_thread_percentage 10"
-        );
-    }
-
-    #[tokio::test]
-    async fn daemon_that_never_gets_ready_fails_with_deadline_and_cleans_up() {
-        let tmp = tempfile::tempdir().unwrap();
-        let control = fake_mps_control(tmp.path(), Some("exit 0"));
-        let mut s = settings(tmp.path(), control);
-        s.ready_timeout = Duration::from_millis(200);
-        let sup = MpsSupervisor::new(s);
-        let err = sup
-            .start("never", &gpus(&["GPU-a"]), &MpsLimits::default())
-            .await
-            .unwrap_err();
-        assert!(matches!(err, MpsError::NotReady { .. }), "{err}");
-        assert!(!sup.dirs("never").unwrap().root.exists());
-    }
-
-    #[tokio::test]
-    async fn failing_limit_command_stops_daemon_and_cleans_up() {
-        let tmp = tempfile::tempdir().unwrap();
-        let control = fake_mps_control(tmp.path(), None);
-        let sup = MpsSupervisor::new(settings(tmp.path(), control));
-        let limits = MpsLimits {
-            pinned_memory_limit_bytes: Some(1 << 30),
-            ..MpsLimits::default()
-        };
-        let err = sup
-            .start("c", &gpus(&["GPU-unknown"]), &limits)
-            .await
-            .unwrap_err();
-        let text = err.to_string();
-        assert!(
-            matches!(err, MpsError::CommandFailed { .. }) && text.contains("Invalid device"),
-            "{text}"
-        );
-        assert_eq!(recorded(tmp.path()).last().unwrap(), "cmd quit");
-        assert!(!sup.dirs("c").unwrap().root.exists());
-    }
-
-    #[tokio::test]
-    async fn missing_binary_and_stale_pipe() {
-        let tmp = tempfile::tempdir().unwrap();
-        let missing = MpsSupervisor::new(settings(tmp.path(), tmp.path().join("absent")));
-        let err = missing
-            .start("c", &gpus(&["GPU-a"]), &MpsLimits::default())
-            .await
-            .unwrap_err();
-        assert!(matches!(err, MpsError::Spawn { .. }), "{err}");
-        assert!(!missing.dirs("c").unwrap().root.exists());
-        // A stale control pipe whose daemon is gone: quit fails, stop still cleans up.
-        let dirs = missing.dirs("stale").unwrap();
-        std::fs::create_dir_all(&dirs.pipe).unwrap();
-        std::fs::write(dirs.pipe.join("control"), "").unwrap();
-        missing.stop("stale").await.unwrap();
-        assert!(!dirs.root.exists());
-    }
-
-    #[tokio::test]
-    async fn adopt_keeps_a_live_daemon_and_restarts_a_dead_one() {
-        let tmp = tempfile::tempdir().unwrap();
-        let control = fake_mps_control(tmp.path(), None);
-        let sup = MpsSupervisor::new(settings(tmp.path(), control));
-        let limits = MpsLimits {
-            active_thread_percentage: Some(30),
-            ..MpsLimits::default()
-        };
-        sup.start("c", &gpus(&["GPU-a"]), &limits).await.unwrap();
-        let (outcome, _) = sup.adopt("c", &gpus(&["GPU-a"]), &limits).await.unwrap();
-        assert_eq!(outcome, AdoptOutcome::Adopted);
-        let starts = |lines: &[String]| lines.iter().filter(|l| l.starts_with("start")).count();
-        assert_eq!(starts(&recorded(tmp.path())), 1);
-
-        // The daemon died with the node's processes: pipe gone, directories left behind.
-        std::fs::remove_file(sup.dirs("c").unwrap().pipe.join("control")).unwrap();
-        let (outcome, edits) = sup.adopt("c", &gpus(&["GPU-a"]), &limits).await.unwrap();
-        assert_eq!(outcome, AdoptOutcome::Restarted);
-        assert_eq!(starts(&recorded(tmp.path())), 2);
-        assert!(!edits.env.is_empty());
-        assert_eq!(sup.claim_dirs().unwrap(), ["c"]);
-    }
-}
