@@ -152,18 +152,29 @@ async fn seeds_configmaps_migrate_and_their_pods_run_unchanged() {
     )
     .await;
     let bound = json!({"status": {"phase": "Bound"}});
-    pvs.patch_status("ollama-models", &PatchParams::default(), &Patch::Merge(&bound))
-        .await
-        .unwrap();
+    pvs.patch_status(
+        "ollama-models",
+        &PatchParams::default(),
+        &Patch::Merge(&bound),
+    )
+    .await
+    .unwrap();
     pvcs.patch_status(
         "ollama-pvc",
         &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Bound", "accessModes": ["ReadWriteOnce"],
-            "capacity": {"storage": "10Gi"}}})),
+        &Patch::Merge(
+            json!({"status": {"phase": "Bound", "accessModes": ["ReadWriteOnce"],
+            "capacity": {"storage": "10Gi"}}}),
+        ),
     )
     .await
     .unwrap();
     label_node(&client, "eks-node", "gpu").await;
+    // The chart's classes, whose GPU class also names nvidia.com/gpu: the migrated class,
+    // created later, must be the one that serves it.
+    for doc in support::deploy::documents("deviceclasses.yaml").unwrap() {
+        support::deploy::apply(&client, &doc).await.unwrap();
+    }
 
     let slices: Vec<ResourceSlice> = b
         .wait(STEP, "node-a's ResourceSlices", || async {
@@ -263,6 +274,31 @@ async fn seeds_configmaps_migrate_and_their_pods_run_unchanged() {
             );
             let claim = claims.get(&ext.resource_claim_name).await.unwrap();
             let uid = claim.metadata.uid.clone().unwrap();
+            let requests = serde_json::to_value(&claim.spec).unwrap()["devices"].clone();
+            assert_eq!(
+                requests["requests"][0]["exactly"]["deviceClassName"], served["metadata"]["name"],
+                "{name}: served through the migrated class: {requests}"
+            );
+            let class_config = claim
+                .status
+                .as_ref()
+                .and_then(|s| s.allocation.as_ref())
+                .and_then(|a| a.devices.as_ref())
+                .and_then(|d| d.config.clone())
+                .unwrap_or_default();
+            let got: Vec<Value> = class_config
+                .iter()
+                .filter(|c| c.source == "FromClass")
+                .map(|c| json!({"opaque": c.opaque}))
+                .collect();
+            let want = served["spec"]["config"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(
+                got, want,
+                "{name}: the legacy policy reaches the allocation"
+            );
             let results = claim
                 .status
                 .as_ref()

@@ -48,7 +48,7 @@ fn unhealthy_gpu_posts_on_the_node_and_on_each_claim_holding_it() {
     assert_eq!(out.len(), 2, "{out:?}");
     assert_eq!(out[0].regarding, node);
     assert_eq!(out[0].reason, "DeviceUnhealthy");
-    assert_eq!(out[0].warning, true);
+    assert!(out[0].warning);
     assert_eq!(out[1].regarding, claim_reference(&claim()));
     assert_eq!(out[1].related.as_ref(), Some(&node));
     assert!(out[1].note.contains("gpu-1"));
@@ -95,7 +95,7 @@ fn claim_events_regard_the_claim_and_the_node() {
         assert_eq!(out[1].related.as_ref(), Some(&claim_ref));
         for p in &out {
             assert_eq!(p.reason, reason);
-            assert_eq!(p.warning, true);
+            assert!(p.warning);
         }
     }
 }
@@ -128,7 +128,7 @@ fn slice_outage_events_are_on_the_node_and_recovery_is_normal() {
         &checkpoint,
     );
     assert_eq!(failing[0].reason, "ResourceSlicePublishFailing");
-    assert_eq!(failing[0].warning, true);
+    assert!(failing[0].warning);
     let recovered = postings(
         &Notice::SlicePublishRecovered {
             failed_for_secs: 90,
@@ -137,7 +137,7 @@ fn slice_outage_events_are_on_the_node_and_recovery_is_normal() {
         &checkpoint,
     );
     assert_eq!(recovered[0].reason, "ResourceSlicePublishRecovered");
-    assert_eq!(recovered[0].warning, false);
+    assert!(!recovered[0].warning);
 }
 
 #[test]
