@@ -4,8 +4,10 @@
 //! Owns `gpu_dra_node_prepare_resources_duration_seconds`,
 //! `gpu_dra_node_unprepare_resources_duration_seconds`, `gpu_dra_claim_errors_total`,
 //! `gpu_dra_xid_events_total`, `gpu_dra_slice_publish_duration_seconds`,
-//! `gpu_dra_slice_publish_failures_total`, and the pods the prepare path saw in each
-//! claim's `status.reservedFor` (for the info series). Hooks never block and never fail.
+//! `gpu_dra_slice_publish_failures_total`, and, for the info series, the containers of
+//! this node's pods per claim (fed by the pod watch, [`super::pods`]) with the pods the
+//! prepare path saw in each claim's `status.reservedFor` as a fallback. Hooks never block
+//! and never fail.
 
 use std::collections::BTreeMap;
 use std::sync::{LazyLock, Mutex, PoisonError};
