@@ -183,12 +183,15 @@ fn claim_ref(checkpoint: &Checkpoint, uid: &str) -> Option<ClaimRef> {
     })
 }
 
-/// The reference of a Node (cluster-scoped; its Events live in `default`).
+/// The reference of a Node (cluster-scoped; its Events live in `default`). Its `uid` is
+/// the node name, the kubelet's convention for node Events, which `kubectl describe node`
+/// searches for (it looks up the node's UID and its name as UID).
 pub fn node_reference(node: &str) -> ObjectReference {
     ObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Node".into()),
         name: Some(node.to_owned()),
+        uid: Some(node.to_owned()),
         ..ObjectReference::default()
     }
 }

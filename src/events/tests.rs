@@ -46,6 +46,7 @@ fn unhealthy_gpu_posts_on_the_node_and_on_each_claim_holding_it() {
     };
     let out = postings(&notice, &node, &checkpoint);
     assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(node.uid.as_deref(), Some("node-a"), "kubectl describe node finds it");
     assert_eq!(out[0].regarding, node);
     assert_eq!(out[0].reason, "DeviceUnhealthy");
     assert!(out[0].warning);
