@@ -167,6 +167,10 @@ pub struct PluginArgs {
     /// XID: NoSchedule (no new claims) or NoExecute (also evict the pods using it).
     #[arg(long, env = "GPU_DRA_UNHEALTHY_TAINT_EFFECT", value_enum, default_value_t = crate::slices::taints::TaintEffect::NoSchedule)]
     pub unhealthy_taint_effect: crate::slices::taints::TaintEffect,
+    /// Seconds ResourceSlice publishing must keep failing before a Warning Event
+    /// `ResourceSlicePublishFailing` on the Node (one per outage; `...Recovered` follows).
+    #[arg(long, env = "GPU_DRA_SLICE_FAILURE_EVENT_AFTER", default_value_t = 60)]
+    pub slice_failure_event_after: u64,
 }
 
 /// Values of `--mps-launcher` (see `sharing::launcher`).

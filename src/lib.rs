@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod devnodes;
 pub mod driver_root;
+pub mod events;
 pub mod health;
 pub mod http;
 pub mod instance;

@@ -158,12 +158,24 @@ pub async fn status(args: crate::cli::StatusArgs) -> anyhow::Result<()> {
             Err(e) => (Default::default(), Some(format!("{e:#}"))),
         }
     };
+    let verdicts_path = path.with_file_name(crate::health::verdicts::VERDICTS_FILE_NAME);
+    let (unhealthy, health_error) =
+        match std::fs::read_to_string(crate::checkpoint::DEFAULT_BOOT_ID_PATH) {
+            Ok(boot_id) => {
+                match crate::status::verdicts::read_verdicts(&verdicts_path, boot_id.trim()) {
+                    Ok(gpus) => (gpus, None),
+                    Err(e) => (Default::default(), Some(e)),
+                }
+            }
+            Err(e) => (Default::default(), Some(format!("boot id: {e}"))),
+        };
     let report = NodeStatus {
         node: args.node_name.clone(),
         checkpoint: path.display().to_string(),
         checkpoint_error,
         api_error,
-        gpus: build(&inventory, &checkpoint, &pods),
+        health_error,
+        gpus: build(&inventory, &checkpoint, &pods, &unhealthy),
     };
     match args.output {
         crate::cli::StatusOutput::Table => print!("{}", render_table(&report)),

@@ -18,8 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use tokio::sync::watch;
 
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH, LoadOutcome};
@@ -203,6 +202,8 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         load_verdicts(&verdicts)?,
     ));
     let client = kube_client(args.kubeconfig.as_deref()).await?;
+    // Notices are queued from here on; the poster starts once the checkpoint is loaded.
+    let notices = crate::events::install();
 
     // Read-only: runs while a successor forwards, so its health stream is current.
     tokio::spawn(nvml_liveness::watch_nvml(
@@ -279,13 +280,18 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     ));
     let (inventory_tx, inventory_rx) = watch::channel(resolved.inventory);
     let inventory_rx_for_health = inventory_rx.clone();
-    // Posted aside: an API server away at start must not hold the start up.
-    tokio::spawn({
-        let (client, args, outcome) = (client.clone(), args.clone(), loaded.outcome.clone());
-        async move { report_checkpoint_outcome(&client, &args, &outcome).await }
-    });
+    report_checkpoint_outcome(&loaded.outcome);
     let (checkpoint, writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
     let checkpoint_now = checkpoint.subscribe();
+    tokio::spawn(crate::events::run(
+        client.clone(),
+        args.driver_name.clone(),
+        args.node_name.clone(),
+        checkpoint.subscribe(),
+        notices,
+        shutdown.clone(),
+    ));
+    let checkpoint_for_events = checkpoint.subscribe();
 
     // nvidia-smi and the MPS daemons find the driver's libraries through links under the
     // plugin dir; the plugin itself loaded NVML by path.
@@ -342,6 +348,10 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::metrics::events::follow_publish(
         probes.publish.subscribe(),
     ));
+    tokio::spawn(crate::events::publish::follow_publish(
+        probes.publish.subscribe(),
+        std::time::Duration::from_secs(args.slice_failure_event_after),
+    ));
     let preparer = Preparer::new(
         PreparerConfig {
             driver_name: args.driver_name.clone(),
@@ -354,13 +364,15 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         sharing,
         checkpoint,
     );
-    if loaded.outcome == LoadOutcome::Loaded {
-        preparer.recover().await;
+    let report = if loaded.outcome == LoadOutcome::Loaded {
+        preparer.recover().await
     } else {
         let live = list_node_claims_with_retry(&client, &args).await;
         let report = preparer.recover_after_loss(live.as_deref()).await;
-        report_rebuild(&client, &args, &report).await;
-    }
+        report_rebuild(&report);
+        report
+    };
+    crate::events::mps_recovered(&report.mps, &checkpoint_for_events.borrow());
 
     // The kubelet is served from local state while the API server is away; slices are
     // published once it answers (`/readyz` stays false until then).
@@ -608,11 +620,7 @@ async fn list_node_claims_with_retry(
 }
 
 /// Posts what recovery rebuilt after a checkpoint loss as a Node Event.
-async fn report_rebuild(
-    client: &kube::Client,
-    args: &PluginArgs,
-    report: &crate::prepare::RecoveryReport,
-) {
+fn report_rebuild(report: &crate::prepare::RecoveryReport) {
     let (type_, reason, note) = if report.deferred {
         (
             EventType::Warning,
@@ -634,38 +642,17 @@ async fn report_rebuild(
         )
     };
     tracing::info!(reason, note = %note, "checkpoint recovery");
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: args.driver_name.clone(),
-            instance: Some(args.node_name.clone()),
-        },
-    );
-    let node = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Node".into()),
-        name: Some(args.node_name.clone()),
-        ..ObjectReference::default()
-    };
-    let event = Event {
-        type_,
+    crate::events::notify(crate::events::Notice::Node {
+        warning: type_ == EventType::Warning,
         reason: reason.into(),
-        note: Some(note),
         action: "RecoverClaims".into(),
-        secondary: None,
-    };
-    if let Err(err) = recorder.publish(&event, &node).await {
-        tracing::warn!(error = %err, "posting the recovery Event on the node failed");
-    }
+        note,
+    });
 }
 
 /// Logs how the checkpoint was loaded; a quarantined or previous-boot checkpoint is also
 /// reported as a Warning Event on this node, so `kubectl describe node` shows it.
-async fn report_checkpoint_outcome(
-    client: &kube::Client,
-    args: &PluginArgs,
-    outcome: &LoadOutcome,
-) {
+fn report_checkpoint_outcome(outcome: &LoadOutcome) {
     let (reason, note) = match outcome {
         LoadOutcome::Fresh | LoadOutcome::Loaded => return,
         LoadOutcome::PreviousBoot {
@@ -693,27 +680,10 @@ async fn report_checkpoint_outcome(
         ),
     };
     tracing::warn!(reason, note = %note, "checkpoint");
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: args.driver_name.clone(),
-            instance: Some(args.node_name.clone()),
-        },
-    );
-    let node = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Node".into()),
-        name: Some(args.node_name.clone()),
-        ..ObjectReference::default()
-    };
-    let event = Event {
-        type_: EventType::Warning,
+    crate::events::notify(crate::events::Notice::Node {
+        warning: true,
         reason: reason.into(),
-        note: Some(note),
         action: "LoadCheckpoint".into(),
-        secondary: None,
-    };
-    if let Err(err) = recorder.publish(&event, &node).await {
-        tracing::warn!(error = %err, "posting the checkpoint Event on the node failed");
-    }
+        note,
+    });
 }
