@@ -328,7 +328,10 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         client.clone(),
         &args.driver_name,
         &args.node_name,
-        SliceFeatures::default(),
+        SliceFeatures {
+            consumable_shares: args.consumable_shares,
+            ..SliceFeatures::default()
+        },
     )
     .await
     .context("looking up this node for the ResourceSlices' owner")?

@@ -7,4 +7,5 @@
 pub mod desired;
 pub mod plan;
 pub mod reconcile;
+pub mod shares;
 pub mod taints;
