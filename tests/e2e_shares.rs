@@ -267,3 +267,44 @@ async fn bad_input(b: &TestBox, nodes: &ShareNodes) {
         "the GPU keeps the holder's time slice Short"
     );
 }
+
+/// `gpu-dra inventory --slices --consumable-shares` prints the shareable slices an admin
+/// would get; an unusable mode is refused with what to use instead.
+#[test]
+fn inventory_shows_share_slices_and_refuses_unlimited() {
+    use support::driver::{FakeGpus, target_dir};
+    let gpus = FakeGpus::new("l40s-single").unwrap();
+    let run = |mode: &str| {
+        let mut cmd = std::process::Command::new(target_dir().join("gpu-dra"));
+        cmd.args(["inventory", "--slices", "--node-name=n"])
+            .arg(format!(
+                "--nvml-lib-path={}",
+                target_dir().join("libnvidia_ml.so").display()
+            ))
+            .arg(format!("--consumable-shares={mode}"));
+        gpus.apply_env(&mut cmd);
+        cmd.output().expect("gpu-dra runs")
+    };
+    let out = run("4");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let slice: k8s_openapi::api::resource::v1::ResourceSlice =
+        serde_yaml::from_slice(&out.stdout).expect("one slice");
+    let gpu = &slice.spec.devices.as_ref().expect("devices")[0];
+    assert_eq!(gpu.allow_multiple_allocations, Some(true));
+    let caps = gpu.capacity.as_ref().expect("capacity");
+    let default = |name: &str| {
+        caps[name]
+            .request_policy
+            .as_ref()
+            .and_then(|p| p.default.as_ref())
+            .map(|q| q.0.clone())
+    };
+    assert_eq!(default("memory"), Some((L40S_MIB / 4 * MI).to_string()));
+    assert_eq!(default("compute").as_deref(), Some("25"));
+    assert_eq!(caps["shares"].value.0, "4");
+
+    let out = run("unlimited");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("use `memory`"), "{stderr}");
+}
