@@ -171,6 +171,13 @@ pub struct PluginArgs {
     /// `ResourceSlicePublishFailing` on the Node (one per outage; `...Recovered` follows).
     #[arg(long, env = "GPU_DRA_SLICE_FAILURE_EVENT_AFTER", default_value_t = 60)]
     pub slice_failure_event_after: u64,
+    /// Publish this node's full GPUs as consumable shares (KEP-5075, needs the
+    /// DRAConsumableCapacity gate, on by default since 1.36): `disabled` (exclusive GPUs),
+    /// `memory` (claims ask for `memory` bytes and `compute` percent; an amount left out
+    /// means the whole GPU) or a share count N (an amount left out means 1/N of the GPU;
+    /// serves `nvidia.com/gpu.shared`). MIG devices stay exclusive.
+    #[arg(long, env = "GPU_DRA_CONSUMABLE_SHARES", default_value = "disabled")]
+    pub consumable_shares: crate::slices::shares::ConsumableShares,
 }
 
 /// Values of `--mps-launcher` (see `sharing::launcher`).
@@ -219,6 +226,10 @@ pub struct InventoryArgs {
     /// Print the ResourceSlices the plugin would publish (YAML) instead of the devices.
     #[arg(long, env = "GPU_DRA_SLICES", requires = "node_name")]
     pub slices: bool,
+    /// With --slices: publish full GPUs as consumable shares, as `kubelet-plugin
+    /// --consumable-shares` does (`disabled`, `memory` or a share count).
+    #[arg(long, env = "GPU_DRA_CONSUMABLE_SHARES", default_value = "disabled")]
+    pub consumable_shares: crate::slices::shares::ConsumableShares,
     /// Node name used as pool name and in the slices; required with --slices.
     #[arg(long, env = "GPU_DRA_NODE_NAME", value_parser = parse_non_empty)]
     pub node_name: Option<String>,

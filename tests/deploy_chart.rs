@@ -217,7 +217,17 @@ fn default_values_use_the_image_make_image_tags() {
     assert_eq!(volume(spec, "driver-root")["hostPath"]["path"], "/");
     assert_eq!(
         names_of(&objects, "DeviceClass"),
-        ["gpu.gpu-dra.dev", "mig.gpu-dra.dev"]
+        ["gpu.gpu-dra.dev", "mig.gpu-dra.dev", "gpu-shared.gpu-dra.dev"]
+    );
+    let shared = find(&objects, "DeviceClass", "gpu-shared.gpu-dra.dev");
+    assert_eq!(
+        shared["spec"]["extendedResourceName"],
+        "nvidia.com/gpu.shared"
+    );
+    assert_eq!(
+        plugin_env(&objects, "GPU_DRA_CONSUMABLE_SHARES").as_deref(),
+        Some("disabled"),
+        "shares are off unless the admin turns them on"
     );
     assert!(
         names_of(&objects, "Deployment").is_empty(),
@@ -354,6 +364,7 @@ fn compat_mode_renders_nvidia_named_device_classes() {
         [
             "gpu.nvidia.com",
             "mig.nvidia.com",
+            "gpu-shared.nvidia.com",
             "gpu-dev.nvidia.com",
             "gpu-prod.nvidia.com",
             "gpu-training.nvidia.com"

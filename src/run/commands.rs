@@ -94,7 +94,10 @@ pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
             node,
             "",
             1,
-            &SliceFeatures::default(),
+            &SliceFeatures {
+                consumable_shares: args.consumable_shares,
+                ..SliceFeatures::default()
+            },
         );
         print!(
             "{}",

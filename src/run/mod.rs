@@ -384,12 +384,16 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         args.unhealthy_taint_effect,
     );
     let (driver_name, node_name) = (args.driver_name.clone(), args.node_name.clone());
+    let consumable_shares = args.consumable_shares;
     tokio::spawn(async move {
         let Some(reconciler) = Reconciler::for_node_when_reachable(
             slices_client,
             &driver_name,
             &node_name,
-            SliceFeatures::default(),
+            SliceFeatures {
+                consumable_shares,
+                ..SliceFeatures::default()
+            },
             &status_tx,
             slices_stop.cancelled(),
         )

@@ -21,6 +21,7 @@ use k8s_openapi::api::resource::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
+use super::shares::{ConsumableShares, make_shareable};
 use super::taints::HealthTaints;
 use crate::inventory::{Gpu, Inventory, MigDevice};
 
@@ -43,12 +44,17 @@ pub struct SliceFeatures {
     /// Emit device taints (DRADeviceTaints). Used to keep new claims off a GPU whose MIG
     /// mode change is pending a reset.
     pub device_taints: bool,
+    /// Publish full GPUs as consumable shares (DRAConsumableCapacity), see
+    /// [`super::shares`]; turned off when the API server drops `allowMultipleAllocations`
+    /// or a `requestPolicy`.
+    pub consumable_shares: ConsumableShares,
 }
 
 impl Default for SliceFeatures {
     fn default() -> Self {
         SliceFeatures {
             device_taints: true,
+            consumable_shares: ConsumableShares::Disabled,
         }
     }
 }
@@ -66,6 +72,11 @@ impl SliceFeatures {
         for path in dropped {
             if path.starts_with("spec.devices[*].taints") {
                 out.device_taints = false;
+            }
+            if path.starts_with("spec.devices[*].allowMultipleAllocations")
+                || path.ends_with(".requestPolicy")
+            {
+                out.consumable_shares = ConsumableShares::Disabled;
             }
         }
         out
@@ -209,7 +220,9 @@ pub fn desired_devices_with(
                     .map(|m| mig_device(inv, gpu, m, taints.clone())),
             );
         } else {
-            out.push(gpu_device(inv, gpu, taints));
+            let mut device = gpu_device(inv, gpu, taints);
+            make_shareable(&mut device, gpu.memory_bytes, features.consumable_shares);
+            out.push(device);
         }
     }
     out

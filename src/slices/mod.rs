@@ -10,4 +10,5 @@ pub mod reconcile;
 #[cfg(test)]
 mod reconcile_tests;
 pub mod start;
+pub mod shares;
 pub mod taints;
