@@ -418,3 +418,64 @@ impl MemoryLimiter {
         first.map_or(Ok(()), Err)
     }
 }
+
+impl MemoryLimiter {
+    /// The decision for `claim`'s devices (allocation results of `driver` in `pool`):
+    /// its memory shares ([`super::memory_limit_plan::memory_shares`]), its pods
+    /// (`status.reservedFor`) and this node's support. Pure but for what was read at start.
+    ///
+    /// Errors: [`MemoryLimitError::Quantity`], [`MemoryLimitError::Unenforceable`].
+    pub fn decide(
+        &self,
+        claim: &k8s_openapi::api::resource::v1::ResourceClaim,
+        driver: &str,
+        pool: &str,
+        devices: &[super::memory_limit_plan::DeviceInput<'_>],
+        inventory: &crate::inventory::Inventory,
+    ) -> Result<Decision, MemoryLimitError> {
+        let shares =
+            super::memory_limit_plan::memory_shares(claim, driver, pool, devices, inventory)?;
+        let pods = super::memory_limit_plan::reserved_pods(claim);
+        let uid = claim.metadata.uid.as_deref().unwrap_or_default();
+        super::memory_limit_plan::decide(
+            uid,
+            shares,
+            &pods,
+            &self.support,
+            self.settings.allow_scheduling_only,
+        )
+    }
+}
+
+impl MemoryLimitRecord {
+    /// The record for `decision` with the `applied` limits it located; `None` when the
+    /// claim has no memory share to speak of.
+    pub fn for_decision(decision: &Decision, applied: Vec<AppliedLimit>) -> Option<Self> {
+        match decision {
+            Decision::Nothing => None,
+            Decision::Enforce { .. } => Some(Self {
+                applied,
+                scheduling_only: None,
+            }),
+            Decision::SchedulingOnly { reason } => Some(Self {
+                applied: Vec::new(),
+                scheduling_only: Some(reason.clone()),
+            }),
+        }
+    }
+
+    /// The record in a checkpoint entry's `extra` map, if any (an unreadable one counts
+    /// as none: nothing of it could be cleared anyway).
+    pub fn from_extra(
+        extra: &std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Option<Self> {
+        extra
+            .get(CHECKPOINT_KEY)
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+
+    /// The record as a checkpoint `extra` value.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}

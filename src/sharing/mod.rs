@@ -25,7 +25,7 @@ pub mod memory_limit;
 pub mod memory_limit_cgroup;
 pub mod memory_limit_plan;
 #[cfg(test)]
-mod memory_limit_tests;
+pub(crate) mod memory_limit_tests;
 pub mod mps;
 pub mod policy;
 
