@@ -178,6 +178,16 @@ pub struct PluginArgs {
     /// serves `nvidia.com/gpu.shared`). MIG devices stay exclusive.
     #[arg(long, env = "GPU_DRA_CONSUMABLE_SHARES", default_value = "disabled")]
     pub consumable_shares: crate::slices::shares::ConsumableShares,
+    /// The host's cgroup v2 root (`/sys/fs/cgroup`) as the plugin sees it: the GPU memory
+    /// limit of a share is set on the cgroup of the pod its claim is reserved for, found
+    /// here (`kubepods/...` or `kubepods.slice/...`).
+    #[arg(long, env = "GPU_DRA_CGROUP_ROOT", default_value = "/sys/fs/cgroup", value_parser = parse_absolute)]
+    pub cgroup_root: PathBuf,
+    /// Prepare GPU shares whose memory limit this node cannot enforce (driver before
+    /// r615, cgroup v1, MIG, a claim shared by several pods) without a limit, saying so in
+    /// the claim's device status, instead of failing them.
+    #[arg(long, env = "GPU_DRA_ALLOW_SCHEDULING_ONLY_SHARES")]
+    pub allow_scheduling_only_shares: bool,
 }
 
 /// Values of `--mps-launcher` (see `sharing::launcher`).

@@ -12,6 +12,8 @@
 //! successfully.
 
 pub mod allocation;
+#[cfg(test)]
+mod limits_tests;
 pub mod plan;
 pub mod rebuild;
 mod recovery;
@@ -37,6 +39,8 @@ use crate::claims::{ClaimError, ClaimLookup};
 use crate::devnodes::{self, DevNodeError, ProcDevices};
 use crate::inventory::Inventory;
 use crate::plugin::{ClaimRef, NodeDriver, PreparedDevice};
+use crate::sharing::memory_limit::{AppliedLimit, MemoryLimitRecord, MemoryLimiter};
+use crate::sharing::memory_limit_plan::{Decision, DeviceInput};
 use crate::sharing::{ClaimEdits, Policy, SharingError, SharingManager};
 use plan::{DevicePlan, PlanError, plan_claim, policy_groups};
 
@@ -86,6 +90,7 @@ pub struct Preparer<L> {
     sharing: SharingManager,
     checkpoint: CheckpointWriter,
     claim_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    memory_limits: Option<Arc<MemoryLimiter>>,
 }
 
 impl<L: ClaimLookup> Preparer<L> {
@@ -105,7 +110,15 @@ impl<L: ClaimLookup> Preparer<L> {
             sharing,
             checkpoint,
             claim_locks: Mutex::new(HashMap::new()),
+            memory_limits: None,
         }
+    }
+
+    /// Enforces the memory of GPU shares per pod with `limiter` (without one, shares
+    /// prepare with no limit).
+    pub fn with_memory_limits(mut self, limiter: Arc<MemoryLimiter>) -> Self {
+        self.memory_limits = Some(limiter);
+        self
     }
 
     /// The checkpoint writer (read snapshots for status and tests).
@@ -160,20 +173,37 @@ impl<L: ClaimLookup> Preparer<L> {
                 &self.config.driver_name,
                 &self.config.node_name,
             )?;
+            let decision = self.memory_decision(&object, &plans)?;
             let groups = policy_groups(&plans)?;
             let records = records(claim, &plans);
-            let has_side_effects = groups.iter().any(|g| g.policy.is_some());
+            let limits = self.locate_limits(&claim.uid, &decision)?;
+            let limit_record = MemoryLimitRecord::for_decision(&decision, limits.clone());
+            if let Some(reason) = limit_record.as_ref().and_then(|r| r.scheduling_only.as_ref()) {
+                warn!(claim.uid = %claim.uid, reason = %reason, "GPU memory share prepared without a limit (scheduling-only shares allowed)");
+            }
+            let has_side_effects = groups.iter().any(|g| g.policy.is_some()) || !limits.is_empty();
+            let with_limits = |(uid, mut entry): (String, ClaimEntry)| {
+                if let Some(record) = &limit_record {
+                    entry.extra.insert(
+                        crate::sharing::memory_limit::CHECKPOINT_KEY.to_owned(),
+                        record.to_value(),
+                    );
+                }
+                (uid, entry)
+            };
             if has_side_effects {
-                let entry = entry(claim, ClaimState::PrepareStarted, records.clone());
+                let entry = with_limits(entry(claim, ClaimState::PrepareStarted, records.clone()));
                 self.checkpoint
                     .update(move |cp| {
                         cp.claims.insert(entry.0, entry.1);
                     })
                     .await?;
             }
-            let (uid, completed) = entry(claim, ClaimState::PrepareCompleted, records);
+            let (uid, completed) =
+                with_limits(entry(claim, ClaimState::PrepareCompleted, records));
             let answer = answer(&completed);
             let done = async {
+                self.apply_limits(&claim.uid, limits).await?;
                 self.apply(claim, &plans, groups).await?;
                 self.checkpoint
                     .update(move |cp| {
@@ -279,6 +309,7 @@ impl<L: ClaimLookup> Preparer<L> {
     /// Undoes everything of a claim: sharing policy and MPS daemon, CDI spec, checkpoint
     /// entry — in that order, so a failure leaves the entry for a retry.
     async fn release(&self, uid: &str) -> Result<(), PrepareError> {
+        self.clear_limits(uid).await?;
         self.sharing.release(uid).await.map_err(Box::new)?;
         let (root, owned_uid) = (self.config.cdi_root.clone(), uid.to_owned());
         blocking(move || cdi::remove_spec(&root, &owned_uid)).await?;
@@ -291,6 +322,100 @@ impl<L: ClaimLookup> Preparer<L> {
                 .await?;
         }
         Ok(())
+    }
+}
+
+impl<L: ClaimLookup> Preparer<L> {
+    /// What to do about the claim's GPU memory shares (`Nothing` without a limiter).
+    fn memory_decision(
+        &self,
+        object: &k8s_openapi::api::resource::v1::ResourceClaim,
+        plans: &[DevicePlan],
+    ) -> Result<Decision, PrepareError> {
+        let Some(limiter) = &self.memory_limits else {
+            return Ok(Decision::Nothing);
+        };
+        let devices: Vec<DeviceInput<'_>> = plans
+            .iter()
+            .map(|p| DeviceInput {
+                request: &p.allocated.request,
+                device: &p.allocated.device,
+                gpu_uuid: &p.gpu_uuid,
+                mig: p.mig.is_some(),
+            })
+            .collect();
+        limiter
+            .decide(
+                object,
+                &self.config.driver_name,
+                &self.config.node_name,
+                &devices,
+                &self.inventory.borrow(),
+            )
+            .map_err(limit_error)
+    }
+
+    fn locate_limits(
+        &self,
+        claim_uid: &str,
+        decision: &Decision,
+    ) -> Result<Vec<AppliedLimit>, PrepareError> {
+        match &self.memory_limits {
+            Some(limiter) => limiter.locate(claim_uid, decision).map_err(limit_error),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Sets the claim's memory limits (NVML, on the blocking pool).
+    async fn apply_limits(
+        &self,
+        claim_uid: &str,
+        limits: Vec<AppliedLimit>,
+    ) -> Result<(), PrepareError> {
+        let Some(limiter) = self.memory_limits.clone() else {
+            return Ok(());
+        };
+        if limits.is_empty() {
+            return Ok(());
+        }
+        let uid = claim_uid.to_owned();
+        run_blocking(move || limiter.apply(&uid, &limits))
+            .await
+            .map_err(limit_error)
+    }
+
+    /// Clears the memory limits the claim's checkpoint entry records.
+    async fn clear_limits(&self, claim_uid: &str) -> Result<(), PrepareError> {
+        let Some(limiter) = self.memory_limits.clone() else {
+            return Ok(());
+        };
+        let Some(record) = self
+            .checkpoint
+            .snapshot()
+            .claims
+            .get(claim_uid)
+            .and_then(|e| MemoryLimitRecord::from_extra(&e.extra))
+        else {
+            return Ok(());
+        };
+        if record.applied.is_empty() {
+            return Ok(());
+        }
+        let uid = claim_uid.to_owned();
+        run_blocking(move || limiter.clear(&uid, &record.applied))
+            .await
+            .map_err(limit_error)
+    }
+}
+
+fn limit_error(err: crate::sharing::memory_limit::MemoryLimitError) -> PrepareError {
+    PrepareError::Sharing(Box::new(SharingError::MemoryLimit(err)))
+}
+
+async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
     }
 }
 

@@ -363,7 +363,12 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         inventory_rx.clone(),
         sharing,
         checkpoint,
-    );
+    )
+    .with_memory_limits(Arc::new(memory_limiter(
+        &args,
+        &nvml_library,
+        &inventory_rx.borrow().driver_version,
+    )));
     let report = if loaded.outcome == LoadOutcome::Loaded {
         preparer.recover().await
     } else {
@@ -690,4 +695,38 @@ fn report_checkpoint_outcome(outcome: &LoadOutcome) {
         action: "LoadCheckpoint".into(),
         note,
     });
+}
+
+/// The per-pod GPU memory limiter, with support detected now; an NVML library that cannot
+/// be loaded for it counts as one without the memory-limit symbols.
+fn memory_limiter(
+    args: &PluginArgs,
+    nvml_library: &Path,
+    driver_version: &str,
+) -> crate::sharing::memory_limit::MemoryLimiter {
+    use crate::sharing::memory_limit::{MemoryLimitSettings, MemoryLimiter, NvmlMemoryLimits};
+    let control = match NvmlMemoryLimits::load(Some(nvml_library)) {
+        Ok(control) => control.map(|c| Arc::new(c) as Arc<_>),
+        Err(err) => {
+            tracing::warn!(error = %err, "loading NVML for GPU memory limits failed; shares get no limit");
+            None
+        }
+    };
+    let limiter = MemoryLimiter::new(
+        control,
+        driver_version,
+        MemoryLimitSettings {
+            cgroup_root: args.cgroup_root.clone(),
+            allow_scheduling_only: args.allow_scheduling_only_shares,
+        },
+    );
+    match &limiter.support().problem {
+        None => {
+            info!(cgroup_root = %args.cgroup_root.display(), "GPU memory shares are enforced per pod")
+        }
+        Some(problem) => {
+            tracing::warn!(reason = %problem, scheduling_only_allowed = args.allow_scheduling_only_shares, "GPU memory shares cannot be enforced on this node")
+        }
+    }
+    limiter
 }

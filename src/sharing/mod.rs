@@ -23,6 +23,11 @@
 pub mod control;
 mod gpu_settings;
 pub mod launcher;
+pub mod memory_limit;
+pub mod memory_limit_cgroup;
+pub mod memory_limit_plan;
+#[cfg(test)]
+pub(crate) mod memory_limit_tests;
 pub mod mps;
 pub mod policy;
 
@@ -95,6 +100,9 @@ pub enum SharingError {
     /// The MPS control daemon could not be started, configured or stopped.
     #[error(transparent)]
     Mps(#[from] MpsError),
+    /// A share's GPU memory limit could not be planned, set or cleared.
+    #[error(transparent)]
+    MemoryLimit(#[from] memory_limit::MemoryLimitError),
     /// A policy was given for a claim without GPUs.
     #[error("claim {claim_uid} asks for {policy} but lists no physical GPU")]
     NoGpus {

@@ -219,6 +219,11 @@ impl HostPaths {
         if let Ok(rest) = host.strip_prefix("/var/run/cdi") {
             return Ok(self.cdi_root.join(rest));
         }
+        if let Ok(rest) = host.strip_prefix("/sys/fs/cgroup") {
+            // The node agent's fake cgroup tree, beside the kubelet root.
+            let node_dir = self.kubelet_root.parent().unwrap_or(&self.kubelet_root);
+            return Ok(below(&node_dir.join("cgroup"), rest));
+        }
         if host == Path::new("/") || host == Path::new("/run/nvidia/driver") {
             return Ok(self.driver_root.clone());
         }

@@ -23,11 +23,12 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::Engine;
 pub use crate::state::{
-    ComputeInstanceState, ComputeMode, Fault, GpuInstanceState, GpuState, MpsDaemon, NO_EFFECT,
+    ComputeInstanceState, ComputeMode, Fault, GpuInstanceState, GpuState, MemoryLimit, MpsDaemon,
+    NO_EFFECT,
     State, Times, XidEvent,
 };
 use crate::store::{StateStore, StoreError};
-pub use crate::topology::{Topology, TopologyError};
+pub use crate::topology::{MemoryLimitBackend, Topology, TopologyError};
 
 /// Errors of the control API.
 #[derive(Debug, thiserror::Error)]

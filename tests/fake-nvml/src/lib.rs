@@ -12,6 +12,7 @@ pub mod engine;
 mod ffi;
 pub mod ids;
 pub mod machine;
+pub mod memory_limits;
 pub mod mps;
 pub mod presets;
 pub mod procfs;

@@ -188,6 +188,21 @@ pub struct State {
     pub xid_events: Vec<XidEvent>,
     /// MPS control daemons by pipe directory.
     pub mps_daemons: BTreeMap<String, MpsDaemon>,
+    /// Per-cgroup memory limits (`nvmlDeviceSetMemoryLimits_v1`): full-GPU UUID ->
+    /// cgroup directory (the `nameSpace` as given) -> limits. Cleared limits (soft 0, hard
+    /// `NVML_DEVICE_MEMORY_LIMIT_MAX`) and limits of removed cgroups are absent.
+    #[serde(default)]
+    pub memory_limits: BTreeMap<String, BTreeMap<String, MemoryLimit>>,
+}
+
+/// Soft and hard device-memory limit of one cgroup on one GPU, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryLimit {
+    /// Guaranteed bytes (dmem: `dmem.min`); 0 = none.
+    pub soft_limit: u64,
+    /// Most bytes the cgroup may allocate (dmem: `dmem.max`); `u64::MAX` = none.
+    pub hard_limit: u64,
 }
 
 impl State {

@@ -101,6 +101,7 @@ struct TopologyFile {
     node: Option<String>,
     driver_version: Option<String>,
     cuda_driver_version: Option<i32>,
+    memory_limit_backend: Option<MemoryLimitBackend>,
     #[serde(default)]
     gpus: Vec<GpuEntry>,
 }
@@ -140,6 +141,23 @@ pub struct Topology {
     pub cuda_driver_version: i32,
     /// GPUs in NVML index order.
     pub gpus: Vec<GpuSpec>,
+    /// Backend of per-cgroup memory limits the driver chose at load (used when the driver
+    /// version has them, see [`crate::memory_limits`]).
+    pub memory_limit_backend: MemoryLimitBackend,
+}
+
+/// Which backend the driver's cgroup memory partitioning uses (NVIDIA "MPS v3 Memory
+/// Partitioning", Backends): the kernel `dmem` controller (kernel 6.14+) or the driver's
+/// own flat `misc` accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryLimitBackend {
+    /// Kernel dmem controller: the cgroup needs `dmem.*` files; hard = `dmem.max`,
+    /// soft = `dmem.min`.
+    #[default]
+    Dmem,
+    /// Driver-internal map, no hierarchy, no files.
+    Misc,
 }
 
 /// Default driver version reported when the file does not set one.
@@ -281,6 +299,7 @@ impl Topology {
                 .cuda_driver_version
                 .unwrap_or(DEFAULT_CUDA_DRIVER_VERSION),
             gpus,
+            memory_limit_backend: file.memory_limit_backend.unwrap_or_default(),
         };
         // Static instances must obey the same rules as runtime creation.
         crate::engine::initial_state(&topo).map_err(invalid)?;

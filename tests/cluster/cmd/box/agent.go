@@ -59,9 +59,14 @@ func runNodeAgent(args []string) int {
 	stateDir := fs.String("state-dir", "", "box state dir; node N lives in <state-dir>/nodes/N (required)")
 	nodes := fs.String("nodes", "node-a", "comma-separated node names served by this process")
 	gates := fs.String("feature-gates", "", "feature gates (same syntax as the kubelet)")
+	cgroupDriver := fs.String("cgroup-driver", "cgroupfs", "how pod cgroups are named in <state-dir>/nodes/N/cgroup: cgroupfs or systemd (the kubelet's --cgroup-driver)")
 	_ = fs.Parse(args)
 	if *kubeconfig == "" || *stateDir == "" {
 		fmt.Fprintln(os.Stderr, "node-agent: --kubeconfig and --state-dir are required")
+		return 2
+	}
+	if *cgroupDriver != "cgroupfs" && *cgroupDriver != "systemd" {
+		fmt.Fprintln(os.Stderr, "node-agent: --cgroup-driver must be cgroupfs or systemd")
 		return 2
 	}
 	if *gates != "" {
@@ -82,7 +87,7 @@ func runNodeAgent(args []string) int {
 	errs := make(chan error, 8)
 	var wg sync.WaitGroup
 	for _, name := range splitNodes(*nodes) {
-		a, err := newAgent(cfg, *stateDir, name)
+		a, err := newAgent(cfg, *stateDir, name, *cgroupDriver)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "node-agent: node %s: %v\n", name, err)
 			return 1
@@ -112,6 +117,7 @@ func runNodeAgent(args []string) int {
 type agent struct {
 	name                 string
 	root, cdiDir, outDir string
+	cgroups              cgroupTree
 	client, draClient    kubernetes.Interface
 	recorder             record.EventRecorder
 	broadcaster          record.EventBroadcaster
@@ -125,10 +131,11 @@ type agent struct {
 	synced               bool
 }
 
-func newAgent(cfg *rest.Config, stateDir, name string) (*agent, error) {
+func newAgent(cfg *rest.Config, stateDir, name, cgroupDriver string) (*agent, error) {
 	base := filepath.Join(stateDir, "nodes", name)
 	a := &agent{
 		name:     name,
+		cgroups:  cgroupTree{root: filepath.Join(base, "cgroup"), driver: cgroupDriver},
 		root:     filepath.Join(base, "kubelet"),
 		cdiDir:   filepath.Join(base, "cdi"),
 		outDir:   filepath.Join(base, "containers"),
@@ -140,6 +147,9 @@ func newAgent(cfg *rest.Config, stateDir, name string) (*agent, error) {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, err
 		}
+	}
+	if err := a.cgroups.ensureRoot(); err != nil {
+		return nil, err
 	}
 	var err error
 	if a.client, err = kubernetes.NewForConfig(cfg); err != nil {
@@ -324,6 +334,10 @@ func (a *agent) sync(ctx context.Context, key string) error {
 	if done {
 		return nil
 	}
+	// As the kubelet's SyncPod: the pod cgroup exists before PrepareResources.
+	if err := a.cgroups.ensurePod(pod); err != nil {
+		return fmt.Errorf("pod cgroup: %w", err)
+	}
 	results, err := a.prepare(ctx, pod)
 	if err != nil {
 		a.recorder.Eventf(pod, v1.EventTypeWarning, kubeletevents.FailedPrepareDynamicResources, "Failed to prepare dynamic resources: %v", err)
@@ -348,6 +362,10 @@ func (a *agent) terminate(ctx context.Context, key string, pod *v1.Pod, deleteOb
 	if err := a.manager.UnprepareResources(ctx, pod); err != nil {
 		a.recorder.Eventf(pod, v1.EventTypeWarning, "FailedUnprepareDynamicResources", "Failed to unprepare dynamic resources: %v", err)
 		return err
+	}
+	// The kubelet removes a terminated pod's cgroup after its resources are released.
+	if err := a.cgroups.removePod(pod); err != nil {
+		return fmt.Errorf("pod cgroup: %w", err)
 	}
 	matches, _ := filepath.Glob(filepath.Join(a.outDir, fmt.Sprintf("%s_%s_*.json", pod.Namespace, pod.Name)))
 	for _, m := range matches {

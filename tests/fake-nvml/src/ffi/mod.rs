@@ -20,6 +20,7 @@ mod compute_instance;
 mod device;
 mod events;
 mod gpu_instance;
+mod memory_limits;
 mod system;
 #[cfg(test)]
 mod tests;
