@@ -13,7 +13,8 @@ pub mod refresh;
 pub mod render;
 
 pub use model::{
-    ComputeCapability, DeviceRef, Gpu, Inventory, MigDevice, MigProfile, MigState, Placement,
+    ComputeCapability, DeviceRef, DynamicMig, ForeignInstance, Gpu, Inventory, MigDevice,
+    MigProfile, MigState, Placement,
 };
 pub use nvml::{Discover, DiscoverError, FixedInventory, NvmlDiscovery};
 pub use refresh::refresh_inventory;

@@ -174,6 +174,7 @@ impl NvmlDiscovery {
             mig,
             mig_profiles: Vec::new(),
             mig_devices: Vec::new(),
+            dynamic_mig: None,
         };
         if gpu.mig.capable {
             gpu.mig_profiles = read_profiles(&dev, &gpu)?;
