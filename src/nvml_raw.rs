@@ -263,7 +263,8 @@ pub fn gpu_instances(
 }
 
 /// Creates a GPU instance of profile `profile_id` at `placement` on `parent`
-/// (`nvmlDeviceCreateGpuInstanceWithPlacement`); returns its info.
+/// (`nvmlDeviceCreateGpuInstanceWithPlacement`); returns its info. When its info cannot be
+/// read, the new instance is destroyed again before the error returns.
 ///
 /// Errors: `InsufficientResources` when the placement overlaps an instance,
 /// `InvalidArg` for a placement the profile does not have, `NotSupported` without MIG.
@@ -275,6 +276,7 @@ pub fn create_gpu_instance_with_placement(
     let lib = parent.nvml().lib();
     let create = nvml_sym(lib.nvmlDeviceCreateGpuInstanceWithPlacement.as_ref())?;
     let get_info = nvml_sym(lib.nvmlGpuInstanceGetInfo.as_ref())?;
+    let destroy = nvml_sym(lib.nvmlGpuInstanceDestroy.as_ref())?;
     let wanted = nvmlGpuInstancePlacement_t {
         start: placement.start,
         size: placement.size,
@@ -286,7 +288,12 @@ pub fn create_gpu_instance_with_placement(
     // SAFETY: all-zero is a valid `nvmlGpuInstanceInfo_t`.
     let mut info: nvmlGpuInstanceInfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: `gi` was just created by NVML and is not destroyed in between.
-    nvml_try(unsafe { get_info(gi, &mut info) })?;
+    if let Err(e) = nvml_try(unsafe { get_info(gi, &mut info) }) {
+        // Unusable without its id: undo the creation so nothing is left behind.
+        // SAFETY: `gi` is the live handle just created; not used after this call.
+        let _ = nvml_try(unsafe { destroy(gi) });
+        return Err(e);
+    }
     Ok(GpuInstanceInfo {
         id: info.id,
         profile_id: info.profileId,
@@ -351,7 +358,7 @@ pub fn full_compute_instance_profile(parent: &Device<'_>, gi_id: u32) -> Result<
 
 /// Creates a compute instance of profile `ci_profile_id` in GPU instance `gi_id`
 /// (`nvmlGpuInstanceCreateComputeInstance`, then `nvmlComputeInstanceGetInfo_v2`);
-/// returns its id.
+/// returns its id (destroyed again when its info cannot be read).
 ///
 /// Errors: `InsufficientResources` when the GPU instance has no room left.
 pub fn create_compute_instance(
@@ -362,6 +369,7 @@ pub fn create_compute_instance(
     let lib = parent.nvml().lib();
     let create = nvml_sym(lib.nvmlGpuInstanceCreateComputeInstance.as_ref())?;
     let get_info = nvml_sym(lib.nvmlComputeInstanceGetInfo_v2.as_ref())?;
+    let destroy = nvml_sym(lib.nvmlComputeInstanceDestroy.as_ref())?;
     let gi = gpu_instance_handle(parent, gi_id)?;
     let mut ci: nvmlComputeInstance_t = std::ptr::null_mut();
     // SAFETY: live `gi` handle just returned by NVML; `ci` is a valid local.
@@ -369,7 +377,12 @@ pub fn create_compute_instance(
     // SAFETY: all-zero is a valid `nvmlComputeInstanceInfo_t`.
     let mut info: nvmlComputeInstanceInfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: `ci` was just created by NVML and is not destroyed in between.
-    nvml_try(unsafe { get_info(ci, &mut info) })?;
+    if let Err(e) = nvml_try(unsafe { get_info(ci, &mut info) }) {
+        // Unusable without its id: undo the creation so nothing is left behind.
+        // SAFETY: `ci` is the live handle just created; not used after this call.
+        let _ = nvml_try(unsafe { destroy(ci) });
+        return Err(e);
+    }
     Ok(info.id)
 }
 
