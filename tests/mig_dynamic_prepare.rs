@@ -509,3 +509,21 @@ async fn recovery_destroys_half_done_instances_adopts_completed_and_keeps_unknow
         [by_hand]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_gpu_of_a_dynamic_gpu_is_refused_without_touching_it() {
+    let _serial = serial();
+    let m = fresh();
+    let rig = make_rig(m, &[claim("full", "gpu-0")], None, None);
+    let text = error_chain(
+        &rig.preparer
+            .prepare_claim(&cref("full"))
+            .await
+            .expect_err("full GPU"),
+    );
+    assert!(text.contains("full GPU of a dynamic MIG GPU"), "{text}");
+    assert!(instances(m).is_empty());
+    let state = control::read_state(&m.state).expect("state");
+    assert!(state.gpus[&gpu0_uuid(m)].mig_current, "MIG mode unchanged");
+    assert!(rig.checkpoint().claims.is_empty());
+}

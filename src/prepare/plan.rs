@@ -152,9 +152,9 @@ pub enum PlanError {
         /// Request name.
         request: String,
     },
-    /// The full GPU of a dynamic MIG GPU was allocated.
+    /// The full GPU of a dynamic MIG GPU was allocated (from stale slices).
     #[error(
-        "device {device} is the full GPU of a dynamic MIG GPU; it is published so no MIG placement can be allocated beside it, but preparing it (leaving MIG mode) is not supported yet: ask for a MIG profile (device class mig.*) or run the GPU without dynamic MIG"
+        "device {device} is the full GPU of a dynamic MIG GPU, which this driver does not offer (it would have to leave MIG mode): the ResourceSlices the scheduler used are stale; ask for a MIG profile (device class mig.*, e.g. 7g.80gb for all of it) or run the GPU without dynamic MIG (--dynamic-mig)"
     )]
     DynamicFullGpu {
         /// Device name.

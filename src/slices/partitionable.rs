@@ -7,15 +7,17 @@
 //! of any profile of the GPU, i.e. the full-size profile's) and `memory-slice-<i>` = 1 per
 //! memory slice. A MIG device consumes its profile's figures plus the memory slices
 //! `[start, start+size)`, so two allocations can never overlap in memory slices and the
-//! scheduler cannot oversubscribe engines; the full GPU (Hopper and newer only: Ampere
-//! needs a reset to leave MIG mode) consumes everything. Placements overlapping a GPU
+//! scheduler cannot oversubscribe engines. NVIDIA's driver also announces the full GPU
+//! (Hopper and newer, which leave MIG mode without a reset) consuming everything; preparing
+//! it means switching MIG mode off under the node, which this driver does not do yet, so
+//! the full GPU of a dynamic MIG GPU is not offered (its 7g profile is). Placements overlapping a GPU
 //! instance the driver does not own ([`crate::inventory::DynamicMig::foreign`]) are not
 //! published.
 //!
 //! API limits (k8s.io/api v0.37 `resource/v1`, same in 1.36): <= 64 devices per slice when
 //! any consumes counters, <= 8 counter sets per slice, <= 32 counters per set and per
 //! consumption, <= 2 consumptions per device, and a slice carries either devices or
-//! `sharedCounters`. An H100 needs 15 counters; a GPU has at most 26 devices.
+//! `sharedCounters`. An H100 needs 15 counters and has 25 placements.
 //! It must not do I/O and does not decide which GPUs are dynamic (the inventory says).
 
 use std::collections::BTreeMap;
@@ -32,9 +34,6 @@ use crate::inventory::{Gpu, Inventory, MigProfile, Placement};
 pub const MAX_COUNTER_SETS_PER_SLICE: usize = 8;
 /// Most counters in one set or one consumption (`ResourceSliceMaxCountersPerCounterSet`).
 pub const MAX_COUNTERS_PER_SET: usize = 32;
-/// Lowest CUDA compute capability major whose GPUs leave MIG mode without a reset
-/// (Hopper): only those announce the full GPU beside its partitions.
-pub const FULL_GPU_MIN_CC_MAJOR: u32 = 9;
 
 /// A MIG placement of a dynamic GPU, resolved from a published device name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,40 +191,25 @@ pub fn placement_consumption(
     }
 }
 
-/// The devices of a dynamic GPU: the full GPU (Hopper and newer, only when no foreign
-/// instance exists) consuming the whole counter set, then every offered placement.
+/// The devices of a dynamic GPU: every offered placement, in profile order.
 ///
-/// `full_gpu` and `mig` build the device bodies (name, attributes, capacities) as the
-/// static path does; this adds `consumesCounters` and `taints`.
+/// `mig` builds the device body (attributes, capacities) as the static path does; this
+/// sets the name, `consumesCounters` and `taints`.
 pub fn devices(
     gpu: &Gpu,
     taints: Option<Vec<DeviceTaint>>,
-    full_gpu: impl Fn(&Gpu) -> Device,
     mig: impl Fn(&Gpu, &MigProfile) -> Device,
 ) -> Vec<Device> {
-    let mut out = Vec::new();
-    let foreign = gpu
-        .dynamic_mig
-        .as_ref()
-        .is_some_and(|d| !d.foreign.is_empty());
-    if gpu.cuda_compute_capability.major >= FULL_GPU_MIN_CC_MAJOR && !foreign {
-        let mut d = full_gpu(gpu);
-        d.consumes_counters = Some(vec![DeviceCounterConsumption {
-            counter_set: counter_set_name(gpu.minor),
-            counters: full_counters(gpu),
-            ..Default::default()
-        }]);
-        d.taints = taints.clone();
-        out.push(d);
-    }
-    for (profile, at) in offered_placements(gpu) {
-        let mut d = mig(gpu, profile);
-        d.name = mig_device_name(gpu.minor, &profile.name, profile.gi_profile_id, at.start);
-        d.consumes_counters = Some(vec![placement_consumption(gpu, profile, at)]);
-        d.taints = taints.clone();
-        out.push(d);
-    }
-    out
+    offered_placements(gpu)
+        .into_iter()
+        .map(|(profile, at)| {
+            let mut d = mig(gpu, profile);
+            d.name = mig_device_name(gpu.minor, &profile.name, profile.gi_profile_id, at.start);
+            d.consumes_counters = Some(vec![placement_consumption(gpu, profile, at)]);
+            d.taints = taints.clone();
+            d
+        })
+        .collect()
 }
 
 /// Capacities of a MIG profile as the static path publishes them for a MIG device.

@@ -118,8 +118,8 @@ fn dgx_h100_all_dynamic_golden() {
 #[test]
 fn dgx_h100_all_dynamic_shape() {
     let s = slices(&all_dynamic(dgx_h100()));
-    // 8 GPUs x (full GPU + 25 placements) = 208 devices: 4 slices of <= 64, then one slice
-    // with the 8 counter sets.
+    // 8 GPUs x 25 placements = 200 devices: 4 slices of <= 64, then one slice with the 8
+    // counter sets.
     assert_eq!(s.len(), 5);
     assert!(s[..4].iter().all(|x| x.spec.shared_counters.is_none()));
     let sets = s[4].spec.shared_counters.as_ref().expect("counter sets");
@@ -139,9 +139,12 @@ fn dgx_h100_all_dynamic_shape() {
     assert_eq!(figures["memory-slice-7"], "1");
     assert_eq!(set0.counters.len(), 15);
     let all = devices(&s);
-    assert_eq!(all.len(), 208);
-    let full = device(&all, "gpu-0");
-    assert_eq!(memory_slices(full).len(), 8);
+    assert_eq!(all.len(), 200);
+    assert!(
+        all.iter().all(|d| d.name.contains("-mig-")),
+        "no full GPU offered"
+    );
+    assert_eq!(memory_slices(device(&all, "gpu-0-mig-7g80gb-0-0")).len(), 8);
     let mig = device(&all, "gpu-0-mig-3g40gb-9-4");
     assert_eq!(
         memory_slices(mig),
@@ -172,7 +175,7 @@ fn dgx_a100_announces_mig_devices_only() {
     let all = devices(&s);
     assert!(
         all.iter().all(|d| d.name.contains("-mig-")),
-        "no full GPU on Ampere"
+        "MIG devices only"
     );
     assert_eq!(all.len(), 8 * 25);
     assert!(all.iter().any(|d| d.name == "gpu-3-mig-3g20gb-9-4"));
@@ -184,9 +187,9 @@ fn overlapping_placements_never_fit_together() {
     let all = devices(&s);
     let gpu0: Vec<&Device> = all
         .iter()
-        .filter(|d| d.name == "gpu-0" || d.name.starts_with("gpu-0-"))
+        .filter(|d| d.name.starts_with("gpu-0-"))
         .collect();
-    assert_eq!(gpu0.len(), 26);
+    assert_eq!(gpu0.len(), 25);
     for a in &gpu0 {
         for b in &gpu0 {
             if a.name == b.name {
@@ -223,7 +226,7 @@ fn valid_layouts_fit() {
         .map(|i| d(&format!("gpu-0-mig-1g10gb-19-{i}")))
         .collect();
     assert!(fits(&s, &ones));
-    // A third 3g.40gb has no room; nor does the full GPU beside any partition.
+    // A third 3g.40gb has no room; nor does the full-size profile beside any partition.
     assert!(!fits(
         &s,
         &[
@@ -232,18 +235,24 @@ fn valid_layouts_fit() {
             d("gpu-0-mig-1g10gb-19-6")
         ]
     ));
-    assert!(!fits(&s, &[d("gpu-0"), d("gpu-0-mig-1g10gb-19-6")]));
+    assert!(!fits(
+        &s,
+        &[d("gpu-0-mig-7g80gb-0-0"), d("gpu-0-mig-1g10gb-19-6")]
+    ));
     // Only one +me instance (the GPU has one OFA).
     assert!(!fits(
         &s,
         &[d("gpu-0-mig-1g10gb-me-20-0"), d("gpu-0-mig-1g10gb-me-20-1")]
     ));
     // Different GPUs never compete.
-    assert!(fits(&s, &[d("gpu-0"), d("gpu-1")]));
+    assert!(fits(
+        &s,
+        &[d("gpu-0-mig-7g80gb-0-0"), d("gpu-1-mig-7g80gb-0-0")]
+    ));
 }
 
 #[test]
-fn foreign_instance_blocks_its_placements_and_the_full_gpu() {
+fn foreign_instance_blocks_its_placements() {
     let mut inv = all_dynamic(dgx_h100());
     inv.gpus[0].dynamic_mig = Some(DynamicMig {
         foreign: vec![ForeignInstance {
@@ -259,7 +268,7 @@ fn foreign_instance_blocks_its_placements_and_the_full_gpu() {
         .map(|d| d.name)
         .filter(|n| n == "gpu-0" || n.starts_with("gpu-0-"))
         .collect();
-    assert!(!names.contains(&"gpu-0".to_string()));
+    assert!(!names.contains(&"gpu-0-mig-7g80gb-0-0".to_string()));
     assert!(
         !names
             .iter()
