@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use gpu_dra::checkpoint::{Checkpoint, CheckpointStore, CheckpointWriter, ClaimState};
@@ -54,8 +54,9 @@ fn machine() -> &'static Machine {
         .expect("topology");
         let proc_root = dir.path().join("proc");
         std::fs::create_dir_all(&proc_root).expect("proc");
-        // SAFETY: set once, before any NVML user in this process starts (tests take
-        // `serial()` and call `machine()` before creating threads that read the env).
+        // SAFETY: set once, under `serial()`, before any NVML user in this process starts;
+        // nothing else here reads the environment concurrently (the runtimes' workers
+        // are idle while a test sets up).
         unsafe {
             std::env::set_var("FAKE_NVML_TOPOLOGY", &topology);
             std::env::set_var("FAKE_NVML_PROC_ROOT", &proc_root);
@@ -75,10 +76,11 @@ fn machine() -> &'static Machine {
     })
 }
 
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// One test at a time (they share the fake machine); async so the guard may be held
+/// across awaits.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 fn gpu0_uuid(m: &Machine) -> String {
@@ -222,7 +224,7 @@ const B: &str = "gpu-0-mig-3g40gb-9-4";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_claims_pack_one_gpu_and_unprepare_empties_it() {
-    let _serial = serial();
+    let _serial = serial().await;
     let m = fresh();
     let rig = make_rig(m, &[claim("a", A), claim("b", B)], None, None);
     let a = rig
@@ -295,7 +297,7 @@ async fn two_claims_pack_one_gpu_and_unprepare_empties_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_placement_taken_by_hand_fails_the_claim_and_keeps_the_instance() {
-    let _serial = serial();
+    let _serial = serial().await;
     let m = fresh();
     let rig = make_rig(m, &[claim("b", B)], None, None);
     // Made behind the driver's back (as `nvidia-smi mig -cgi 2g.20gb` would).
@@ -341,7 +343,7 @@ const PATH_CALLS: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_on_any_nvml_call_of_prepare_leaves_nothing_behind() {
-    let _serial = serial();
+    let _serial = serial().await;
     let m = fresh();
     let uuid = gpu0_uuid(m);
     for function in PATH_CALLS {
@@ -391,7 +393,7 @@ async fn a_fault_on_any_nvml_call_of_prepare_leaves_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cdi_or_capability_failure_after_create_destroys_the_instance() {
-    let _serial = serial();
+    let _serial = serial().await;
     let m = fresh();
     let uuid = gpu0_uuid(m);
     // CDI write: the CDI root is a regular file.
@@ -444,7 +446,7 @@ async fn a_cdi_or_capability_failure_after_create_destroys_the_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_destroys_half_done_instances_adopts_completed_and_keeps_unknown() {
-    let _serial = serial();
+    let _serial = serial().await;
     let m = fresh();
     let uuid = gpu0_uuid(m);
     // A completed claim on 3g@0, prepared normally.
@@ -512,7 +514,7 @@ async fn recovery_destroys_half_done_instances_adopts_completed_and_keeps_unknow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_full_gpu_of_a_dynamic_gpu_is_refused_without_touching_it() {
-    let _serial = serial();
+    let _serial = serial().await;
     let m = fresh();
     let rig = make_rig(m, &[claim("full", "gpu-0")], None, None);
     let text = error_chain(

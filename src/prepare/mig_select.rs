@@ -122,6 +122,7 @@ pub struct DynamicMigDiscovery {
     inner: Arc<dyn Discover>,
     dynamic: BTreeSet<String>,
     checkpoint: CheckpointWriter,
+    last_foreign: std::sync::Mutex<Vec<(String, ForeignInstance)>>,
 }
 
 impl DynamicMigDiscovery {
@@ -135,6 +136,7 @@ impl DynamicMigDiscovery {
             inner,
             dynamic,
             checkpoint,
+            last_foreign: std::sync::Mutex::new(Vec::new()),
         }
     }
 }
@@ -144,6 +146,23 @@ impl Discover for DynamicMigDiscovery {
         let mut inv = self.inner.discover()?;
         let owned = owned_records(&self.checkpoint.snapshot());
         annotate(&mut inv, &self.dynamic, &owned);
+        let foreign: Vec<(String, ForeignInstance)> = inv
+            .gpus
+            .iter()
+            .flat_map(|g| {
+                g.dynamic_mig
+                    .iter()
+                    .flat_map(|d| d.foreign.iter().map(|f| (g.uuid.clone(), *f)))
+            })
+            .collect();
+        let mut last = self
+            .last_foreign
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (gpu, f) in foreign.iter().filter(|x| !last.contains(x)) {
+            tracing::warn!(gpu = %gpu, gi_id = f.gi_id, gi_profile_id = f.gi_profile_id, start = f.placement.start, size = f.placement.size, "GPU instance not created by this driver on a dynamic MIG GPU: kept, its placements are not offered");
+        }
+        *last = foreign;
         Ok(inv)
     }
 }

@@ -84,6 +84,9 @@ impl SliceFeatures {
     }
 }
 
+/// What one slice carries: devices, or counter sets (never both).
+type SliceBody = (Option<Vec<Device>>, Option<Vec<CounterSet>>);
+
 /// Name of slice `index` of a node's pool: `<node>-<driver with dots as dashes>-<NN>`.
 ///
 /// Stable names (instead of `generateName`) make server-side apply idempotent; the
@@ -167,8 +170,7 @@ pub fn desired_slices_with(
     } else {
         Vec::new()
     };
-    let mut bodies: Vec<(Option<Vec<Device>>, Option<Vec<CounterSet>>)> =
-        chunks.into_iter().map(|d| (Some(d), None)).collect();
+    let mut bodies: Vec<SliceBody> = chunks.into_iter().map(|d| (Some(d), None)).collect();
     bodies.extend(
         counter_sets
             .chunks(partitionable::MAX_COUNTER_SETS_PER_SLICE)
