@@ -152,6 +152,12 @@ pub struct PluginArgs {
     /// must already share `/dev/shm` (the host's, e.g. with `hostIPC`).
     #[arg(long, env = "GPU_DRA_MPS_PRIVATE_SHM")]
     pub mps_private_shm: bool,
+    /// Which GPUs in MIG mode the driver manages dynamically (partitionable devices: every
+    /// MIG placement is published and its instance created at prepare): `auto` (those
+    /// without instances other than the driver's own), `off`, or a comma-separated list of
+    /// GPU minors / UUIDs. The others keep static MIG (their existing instances).
+    #[arg(long, env = "GPU_DRA_DYNAMIC_MIG", default_value = "auto", value_parser = crate::prepare::mig_select::parse_mode)]
+    pub dynamic_mig: crate::prepare::mig_select::DynamicMigMode,
     /// Host /proc as seen by the plugin: device major numbers (`devices`) and MIG
     /// capability minors (`driver/nvidia/capabilities`) for the CDI device nodes.
     #[arg(long, env = "GPU_DRA_PROC_ROOT", default_value = "/proc", value_parser = parse_absolute)]

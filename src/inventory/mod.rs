@@ -16,7 +16,8 @@ pub mod render;
 pub mod survey;
 
 pub use model::{
-    ComputeCapability, DeviceRef, Gpu, Inventory, MigDevice, MigProfile, MigState, Placement,
+    ComputeCapability, DeviceRef, DynamicMig, ForeignInstance, Gpu, Inventory, MigDevice,
+    MigProfile, MigState, Placement,
 };
 pub use nvml::{Discover, DiscoverError, FixedInventory, NvmlDiscovery};
 pub use refresh::{InUseSource, Refresh, refresh_inventory};

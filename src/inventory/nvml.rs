@@ -185,6 +185,7 @@ impl NvmlDiscovery {
             mig: MigState::default(),
             mig_profiles: Vec::new(),
             mig_devices: Vec::new(),
+            dynamic_mig: None,
         };
         Ok(match read_mig(&dev, &mut gpu) {
             Ok(()) => Reading::Complete(gpu),

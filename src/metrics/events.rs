@@ -145,7 +145,7 @@ pub fn observe_rpc(rpc: Rpc, ok: bool, elapsed: Duration) {
 /// The `reason` label of a claim error: `claim` (ResourceClaim not readable or not
 /// usable), `plan` (devices or configs do not fit this node), `policy_conflict` (another
 /// claim holds the GPU under another policy), `sharing` (NVML, nvidia-smi or MPS failed),
-/// `device_nodes`, `cdi`, `checkpoint`.
+/// `device_nodes`, `cdi`, `checkpoint`, `dynamic_mig` (creating or destroying a MIG instance).
 pub fn reason(err: &PrepareError) -> &'static str {
     match err {
         PrepareError::Claim(_) => "claim",
@@ -155,6 +155,7 @@ pub fn reason(err: &PrepareError) -> &'static str {
         PrepareError::DeviceNodes(_) => "device_nodes",
         PrepareError::Cdi(_) => "cdi",
         PrepareError::Checkpoint(_) => "checkpoint",
+        PrepareError::DynamicMig(_) => "dynamic_mig",
     }
 }
 

@@ -5,6 +5,7 @@
 //! the pool generation rules; names and attributes follow design/COMPAT.md.
 
 pub mod desired;
+pub mod partitionable;
 pub mod plan;
 pub mod reconcile;
 #[cfg(test)]
