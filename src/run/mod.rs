@@ -344,7 +344,8 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     } else {
         let live = list_node_claims_with_retry(&client, &args).await;
         let report = preparer.recover_after_loss(live.as_deref()).await;
-        report_rebuild(&client, &args, &report).await;
+        let (client, args) = (client.clone(), args.clone());
+        tokio::spawn(async move { report_rebuild(&client, &args, &report).await });
     }
 
     // The kubelet is served from local state while the API server is away; slices are
