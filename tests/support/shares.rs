@@ -28,8 +28,12 @@ pub const SHARE_NODES: [(&str, &str, &str); 3] = [
 ];
 
 /// Namespaces of examples/shares/.
-pub const SHARE_NAMESPACES: [&str; 4] =
-    ["tgi-shares", "ollama-shares", "profile-shares", "gpu-shared"];
+pub const SHARE_NAMESPACES: [&str; 4] = [
+    "tgi-shares",
+    "ollama-shares",
+    "profile-shares",
+    "gpu-shared",
+];
 
 /// The fake GPUs and plugins of the share nodes.
 pub struct ShareNodes {
@@ -183,29 +187,33 @@ pub async fn wait_unschedulable(
     deadline: Duration,
 ) -> anyhow::Result<(String, String)> {
     let pods: Api<Pod> = Api::namespaced(b.client().await, ns);
-    b.wait(deadline, &format!("{ns}/{prefix}* unschedulable"), || async {
-        for pod in pods.list(&ListParams::default()).await?.items {
-            if !pod
-                .metadata
-                .name
-                .as_deref()
-                .is_some_and(|n| n.starts_with(prefix))
-            {
-                continue;
+    b.wait(
+        deadline,
+        &format!("{ns}/{prefix}* unschedulable"),
+        || async {
+            for pod in pods.list(&ListParams::default()).await?.items {
+                if !pod
+                    .metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(prefix))
+                {
+                    continue;
+                }
+                let conditions = pod.status.and_then(|s| s.conditions).unwrap_or_default();
+                if let Some(c) = conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                {
+                    return Ok(Some((
+                        c.reason.unwrap_or_default(),
+                        c.message.unwrap_or_default(),
+                    )));
+                }
             }
-            let conditions = pod.status.and_then(|s| s.conditions).unwrap_or_default();
-            if let Some(c) = conditions
-                .into_iter()
-                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-            {
-                return Ok(Some((
-                    c.reason.unwrap_or_default(),
-                    c.message.unwrap_or_default(),
-                )));
-            }
-        }
-        Ok(None)
-    })
+            Ok(None)
+        },
+    )
     .await
 }
 
