@@ -263,6 +263,19 @@ pub async fn run_share_scenarios(
     })
 }
 
+/// A byte quantity in the largest binary unit that divides it (`19327352832` -> `18Gi`).
+fn binary(q: &str) -> String {
+    let Ok(v) = q.parse::<u64>() else {
+        return q.to_owned();
+    };
+    for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20)] {
+        if v >= size && v % size == 0 {
+            return format!("{}{unit}", v / size);
+        }
+    }
+    q.to_owned()
+}
+
 /// A table of each pod's share: node, device, consumed memory and compute, share id.
 pub fn render_shares(s: &ShareScenarios) -> String {
     let mut out = String::new();
@@ -272,7 +285,7 @@ pub fn render_shares(s: &ShareScenarios) -> String {
         "pod", "phase", "node", "device", "memory", "compute", "shares"
     );
     for a in &s.allocations {
-        let get = |k: &str| a.consumed.get(k).cloned().unwrap_or_else(|| "-".into());
+        let get = |k: &str| a.consumed.get(k).map_or_else(|| "-".into(), |q| binary(q));
         let _ = writeln!(
             out,
             "{:<42} {:<8} {:<8} {:<16} {:>12} {:>8} {:>7}",
