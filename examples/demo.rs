@@ -41,10 +41,7 @@ async fn main() -> anyhow::Result<()> {
     let reports = run_examples(&b, Duration::from_secs(180)).await?;
     let gpus = BTreeMap::from([("node-a".to_string(), &dgx), ("node-b".to_string(), &l40s)]);
     println!("\n{}", render(&reports, &gpus));
-    println!(
-        "plugin logs: {}/plugin-<node>.log",
-        b.state_dir().display()
-    );
+    println!("plugin logs: {}/plugin-<node>.log", b.state_dir().display());
     println!("\nexport KUBECONFIG={}", b.kubeconfig().display());
     println!("kubectl get resourceslices,resourceclaims -A; kubectl get pods -A -o wide");
     println!("Ctrl-C stops everything.");

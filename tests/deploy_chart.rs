@@ -217,7 +217,11 @@ fn default_values_use_the_image_make_image_tags() {
     assert_eq!(volume(spec, "driver-root")["hostPath"]["path"], "/");
     assert_eq!(
         names_of(&objects, "DeviceClass"),
-        ["gpu.gpu-dra.dev", "mig.gpu-dra.dev", "gpu-shared.gpu-dra.dev"]
+        [
+            "gpu.gpu-dra.dev",
+            "mig.gpu-dra.dev",
+            "gpu-shared.gpu-dra.dev"
+        ]
     );
     let shared = find(&objects, "DeviceClass", "gpu-shared.gpu-dra.dev");
     assert_eq!(

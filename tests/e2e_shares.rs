@@ -79,7 +79,10 @@ async fn shares_scenarios_and_bad_input() {
     assert!(message.contains("claim"), "{message}");
     let third = pods(all, "tgi-shares/tgi-qwen");
     assert_eq!(third.len(), 1);
-    assert_eq!((third[0].phase.as_str(), third[0].node.as_str()), ("Pending", ""));
+    assert_eq!(
+        (third[0].phase.as_str(), third[0].node.as_str()),
+        ("Pending", "")
+    );
 
     // Ollama: three replicas, each its own claim with a 20Gi budget, packed on one H100.
     let ollama = pods(all, "ollama-shares/ollama");
@@ -93,7 +96,10 @@ async fn shares_scenarios_and_bad_input() {
     let profile = |p: &str| pods(all, &format!("profile-shares/{p}"))[0];
     let (dev, prod, trainer) = (profile("notebook"), profile("api"), profile("trainer"));
     assert_eq!((bytes(dev, "memory"), bytes(dev, "compute")), (10 * GI, 12));
-    assert_eq!((bytes(prod, "memory"), bytes(prod, "compute")), (20 * GI, 25));
+    assert_eq!(
+        (bytes(prod, "memory"), bytes(prod, "compute")),
+        (20 * GI, 25)
+    );
     assert_eq!(
         (bytes(trainer, "memory"), bytes(trainer, "compute")),
         (H100_MIB * MI, 100),
@@ -121,7 +127,12 @@ async fn shares_scenarios_and_bad_input() {
 }
 
 /// A pod using a claim of its own with `capacity` requests (and optional `config`).
-fn claim_and_pod(ns: &str, name: &str, requests: serde_json::Value, extra: serde_json::Value) -> String {
+fn claim_and_pod(
+    ns: &str,
+    name: &str,
+    requests: serde_json::Value,
+    extra: serde_json::Value,
+) -> String {
     let mut exactly = json!({
         "deviceClassName": "gpu.gpu-dra.dev",
         "selectors": [{"cel": {"expression": "device.allowMultipleAllocations"}}],
@@ -176,7 +187,10 @@ async fn bad_input(b: &TestBox, nodes: &ShareNodes) {
     // Above every GPU's memory, and compute above 100: the API server accepts the claims
     // (it does not know the devices); the scheduler finds no device and says so.
     for (name, requests) in [
-        ("too-much-memory", json!({"memory": "100Gi", "compute": "10"})),
+        (
+            "too-much-memory",
+            json!({"memory": "100Gi", "compute": "10"}),
+        ),
         ("compute-150", json!({"memory": "1Gi", "compute": "150"})),
     ] {
         apply_docs(b, &claim_and_pod(&ns, name, requests, json!({}))).await;
@@ -243,18 +257,28 @@ async fn bad_input(b: &TestBox, nodes: &ShareNodes) {
     let holder = pods(&allocs, &format!("{ns}/slice-short"))[0].clone();
     let events: Api<Event> = Api::namespaced(b.client().await, &ns);
     let event = b
-        .wait(STEP, "FailedPrepareDynamicResources on slice-long", || async {
-            let lp = ListParams::default().fields("involvedObject.name=slice-long");
-            Ok(events.list(&lp).await?.items.into_iter().find(|e| {
-                e.reason.as_deref() == Some("FailedPrepareDynamicResources")
-            }))
-        })
+        .wait(
+            STEP,
+            "FailedPrepareDynamicResources on slice-long",
+            || async {
+                let lp = ListParams::default().fields("involvedObject.name=slice-long");
+                Ok(events
+                    .list(&lp)
+                    .await?
+                    .items
+                    .into_iter()
+                    .find(|e| e.reason.as_deref() == Some("FailedPrepareDynamicResources")))
+            },
+        )
         .await
         .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
     let message = event.message.unwrap_or_default();
     eprintln!("slice-long: {message}");
     assert!(message.contains(&target), "names the GPU: {message}");
-    assert!(message.contains(&holder.claim_uid), "names the holder: {message}");
+    assert!(
+        message.contains(&holder.claim_uid),
+        "names the holder: {message}"
+    );
     let allocs = share_allocations(b, &[ns.as_str()]).await.unwrap();
     let refused = pods(&allocs, &format!("{ns}/slice-long"))[0];
     assert_eq!(refused.device, holder.device, "scheduled onto the same GPU");
@@ -286,7 +310,11 @@ fn inventory_shows_share_slices_and_refuses_unlimited() {
         cmd.output().expect("gpu-dra runs")
     };
     let out = run("4");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let slice: k8s_openapi::api::resource::v1::ResourceSlice =
         serde_yaml::from_slice(&out.stdout).expect("one slice");
     let gpu = &slice.spec.devices.as_ref().expect("devices")[0];

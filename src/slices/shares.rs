@@ -78,7 +78,9 @@ pub enum SharesModeError {
     )]
     Unlimited,
     /// A share count of 0 or above [`MAX_SHARE_COUNT`].
-    #[error("--consumable-shares={0}: a share count must be 1..=100 (each share gets at least 1% of compute)")]
+    #[error(
+        "--consumable-shares={0}: a share count must be 1..=100 (each share gets at least 1% of compute)"
+    )]
     CountOutOfRange(String),
     /// Anything else.
     #[error("--consumable-shares={0}: expected `disabled`, `memory` or a share count 1..=100")]
@@ -421,10 +423,12 @@ mod tests {
             Share::from_consumed(Some(&consumed(&[("memory", "1Gi"), ("compute", "150")]))),
             Err(ShareError::ComputeAbove100(150))
         );
-        let err =
-            Share::from_consumed(Some(&consumed(&[("memory", "-1Gi"), ("compute", "1")])))
-                .unwrap_err();
-        assert!(matches!(err, ShareError::Invalid { name: "memory", .. }), "{err}");
+        let err = Share::from_consumed(Some(&consumed(&[("memory", "-1Gi"), ("compute", "1")])))
+            .unwrap_err();
+        assert!(
+            matches!(err, ShareError::Invalid { name: "memory", .. }),
+            "{err}"
+        );
     }
 }
 
@@ -442,7 +446,10 @@ mod golden {
             std::fs::write(&path, actual).expect("write golden");
         }
         let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create)", path.display())
+            panic!(
+                "{}: {e} (run with UPDATE_GOLDEN=1 to create)",
+                path.display()
+            )
         });
         pretty_assertions::assert_eq!(expected, actual);
     }
@@ -452,7 +459,14 @@ mod golden {
             consumable_shares: mode,
             ..SliceFeatures::default()
         };
-        desired_slices(&dgx_h100(), "gpu.gpu-dra.dev", "node-a", "uid-1", 1, &features)
+        desired_slices(
+            &dgx_h100(),
+            "gpu.gpu-dra.dev",
+            "node-a",
+            "uid-1",
+            1,
+            &features,
+        )
     }
 
     #[test]
@@ -476,7 +490,12 @@ mod golden {
         let slices = slices(ConsumableShares::Count(4));
         for d in slices[0].spec.devices.iter().flatten() {
             let is_mig = d.name.contains("-mig-");
-            assert_eq!(d.allow_multiple_allocations.is_some(), !is_mig, "{}", d.name);
+            assert_eq!(
+                d.allow_multiple_allocations.is_some(),
+                !is_mig,
+                "{}",
+                d.name
+            );
             let caps = d.capacity.as_ref().expect("capacity");
             assert_eq!(caps.contains_key(SHARES), !is_mig, "{}", d.name);
         }

@@ -28,8 +28,12 @@ pub const SHARE_NODES: [(&str, &str, &str); 3] = [
 ];
 
 /// Namespaces of examples/shares/.
-pub const SHARE_NAMESPACES: [&str; 4] =
-    ["tgi-shares", "ollama-shares", "profile-shares", "gpu-shared"];
+pub const SHARE_NAMESPACES: [&str; 4] = [
+    "tgi-shares",
+    "ollama-shares",
+    "profile-shares",
+    "gpu-shared",
+];
 
 /// The fake GPUs and plugins of the share nodes.
 pub struct ShareNodes {
@@ -183,29 +187,33 @@ pub async fn wait_unschedulable(
     deadline: Duration,
 ) -> anyhow::Result<(String, String)> {
     let pods: Api<Pod> = Api::namespaced(b.client().await, ns);
-    b.wait(deadline, &format!("{ns}/{prefix}* unschedulable"), || async {
-        for pod in pods.list(&ListParams::default()).await?.items {
-            if !pod
-                .metadata
-                .name
-                .as_deref()
-                .is_some_and(|n| n.starts_with(prefix))
-            {
-                continue;
+    b.wait(
+        deadline,
+        &format!("{ns}/{prefix}* unschedulable"),
+        || async {
+            for pod in pods.list(&ListParams::default()).await?.items {
+                if !pod
+                    .metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(prefix))
+                {
+                    continue;
+                }
+                let conditions = pod.status.and_then(|s| s.conditions).unwrap_or_default();
+                if let Some(c) = conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                {
+                    return Ok(Some((
+                        c.reason.unwrap_or_default(),
+                        c.message.unwrap_or_default(),
+                    )));
+                }
             }
-            let conditions = pod.status.and_then(|s| s.conditions).unwrap_or_default();
-            if let Some(c) = conditions
-                .into_iter()
-                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-            {
-                return Ok(Some((
-                    c.reason.unwrap_or_default(),
-                    c.message.unwrap_or_default(),
-                )));
-            }
-        }
-        Ok(None)
-    })
+            Ok(None)
+        },
+    )
     .await
 }
 
@@ -255,6 +263,19 @@ pub async fn run_share_scenarios(
     })
 }
 
+/// A byte quantity in the largest binary unit that divides it (`19327352832` -> `18Gi`).
+fn binary(q: &str) -> String {
+    let Ok(v) = q.parse::<u64>() else {
+        return q.to_owned();
+    };
+    for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20)] {
+        if v >= size && v % size == 0 {
+            return format!("{}{unit}", v / size);
+        }
+    }
+    q.to_owned()
+}
+
 /// A table of each pod's share: node, device, consumed memory and compute, share id.
 pub fn render_shares(s: &ShareScenarios) -> String {
     let mut out = String::new();
@@ -264,7 +285,7 @@ pub fn render_shares(s: &ShareScenarios) -> String {
         "pod", "phase", "node", "device", "memory", "compute", "shares"
     );
     for a in &s.allocations {
-        let get = |k: &str| a.consumed.get(k).cloned().unwrap_or_else(|| "-".into());
+        let get = |k: &str| a.consumed.get(k).map_or_else(|| "-".into(), |q| binary(q));
         let _ = writeln!(
             out,
             "{:<42} {:<8} {:<8} {:<16} {:>12} {:>8} {:>7}",
