@@ -99,7 +99,9 @@ pub enum MpsError {
         output: String,
     },
     /// A daemon that ignored `quit` could not be signalled.
-    #[error("claim {claim_uid}: sending {signal} to MPS process {pid}: the plugin needs the host PID namespace and root")]
+    #[error(
+        "claim {claim_uid}: sending {signal} to MPS process {pid}: the plugin needs the host PID namespace and root"
+    )]
     Signal {
         /// The claim UID.
         claim_uid: String,

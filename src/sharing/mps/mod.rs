@@ -535,4 +535,3 @@ fn timed_out(limit: Duration) -> std::io::Error {
         format!("no answer within {limit:?}"),
     )
 }
-
