@@ -115,7 +115,10 @@ impl Node {
                 self.plugin.check_alive()?;
                 let phase = self.pods().get(pod).await?.status.and_then(|s| s.phase);
                 Ok((phase.as_deref() == Some("Running")
-                    && self.b.container_result(NODE, &self.ns, pod, "ctr").is_some())
+                    && self
+                        .b
+                        .container_result(NODE, &self.ns, pod, "ctr")
+                        .is_some())
                 .then_some(()))
             })
             .await
@@ -125,15 +128,19 @@ impl Node {
     async fn failure_event(&self, pod: &str, words: &[&str]) -> anyhow::Result<String> {
         let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
         self.b
-            .wait(STEP, &format!("prepare failure of {pod} naming {words:?}"), || async {
-                let lp = ListParams::default().fields(&format!("involvedObject.name={pod}"));
-                Ok(events.list(&lp).await?.items.into_iter().find_map(|e| {
-                    let m = e.message.unwrap_or_default();
-                    (e.reason.as_deref() == Some("FailedPrepareDynamicResources")
-                        && words.iter().all(|w| m.contains(w)))
-                    .then_some(m)
-                }))
-            })
+            .wait(
+                STEP,
+                &format!("prepare failure of {pod} naming {words:?}"),
+                || async {
+                    let lp = ListParams::default().fields(&format!("involvedObject.name={pod}"));
+                    Ok(events.list(&lp).await?.items.into_iter().find_map(|e| {
+                        let m = e.message.unwrap_or_default();
+                        (e.reason.as_deref() == Some("FailedPrepareDynamicResources")
+                            && words.iter().all(|w| m.contains(w)))
+                        .then_some(m)
+                    }))
+                },
+            )
             .await
     }
 
@@ -189,7 +196,10 @@ impl Node {
             .await?;
         let phase = self.pods().get(pod).await?.status.and_then(|s| s.phase);
         anyhow::ensure!(phase.as_deref() != Some("Running"), "{pod} runs");
-        let spec = self.b.cdi_dir(NODE).join(format!("gpu-dra.dev-claim_{uid}.json"));
+        let spec = self
+            .b
+            .cdi_dir(NODE)
+            .join(format!("gpu-dra.dev-claim_{uid}.json"));
         // Between two attempts nothing of the claim stays: no spec, no completed entry.
         self.b
             .wait(STEP, "nothing of the refused claim on the node", || async {
@@ -254,8 +264,11 @@ async fn run(node: &Node) -> anyhow::Result<()> {
     node.create("excl", Kind::Exclusive).await?;
     let uid = node.claim_uid("excl").await?;
     node.expect_refused("excl", &uid).await?;
-    node.failure_event("excl", &["compute mode", "ExclusiveProcess", "Default", "GPU-"])
-        .await?;
+    node.failure_event(
+        "excl",
+        &["compute mode", "ExclusiveProcess", "Default", "GPU-"],
+    )
+    .await?;
     control::clear_faults(&state)?;
     node.running("excl").await?;
     let gpu = node.claim_gpu(&uid)?;
@@ -274,7 +287,10 @@ async fn run(node: &Node) -> anyhow::Result<()> {
             .filter(|d| d.running && d.pipe_dir.contains(&uid))
             .count()
     };
-    anyhow::ensure!(running(&node.gpus.state()) <= 1, "one attempt's daemon at most");
+    anyhow::ensure!(
+        running(&node.gpus.state()) <= 1,
+        "one attempt's daemon at most"
+    );
     control::clear_faults(&state)?;
     node.running("mps").await?;
     anyhow::ensure!(running(&node.gpus.state()) == 1);

@@ -21,7 +21,9 @@ fn wanted(policy: Option<&Policy>) -> (ComputeMode, TimeSlice) {
     match policy {
         None => (ComputeMode::Default, TimeSlice::Default),
         Some(Policy::TimeSlicing { interval }) => (ComputeMode::Default, *interval),
-        Some(Policy::Mps(_) | Policy::Exclusive) => (ComputeMode::ExclusiveProcess, TimeSlice::Default),
+        Some(Policy::Mps(_) | Policy::Exclusive) => {
+            (ComputeMode::ExclusiveProcess, TimeSlice::Default)
+        }
     }
 }
 
@@ -115,7 +117,8 @@ impl SharingManager {
                     }
                     TimeSliceState::Supported(current) if current == *interval => Ok(()),
                     TimeSliceState::Supported(_) => {
-                        self.set_time_slice_verified(claim_uid, gpu, *interval).await
+                        self.set_time_slice_verified(claim_uid, gpu, *interval)
+                            .await
                     }
                 }
             }
@@ -197,9 +200,9 @@ impl SharingManager {
         mode: ComputeMode,
     ) -> Result<(), Failed> {
         let control_error = control_error(claim_uid, gpu);
-        self.compute
-            .set_compute_mode(gpu, mode)
-            .map_err(|e| Failed::before(control_error(&format!("setting compute mode {mode:?}"), e)))?;
+        self.compute.set_compute_mode(gpu, mode).map_err(|e| {
+            Failed::before(control_error(&format!("setting compute mode {mode:?}"), e))
+        })?;
         let read = self
             .compute
             .compute_mode(gpu)
@@ -228,7 +231,12 @@ impl SharingManager {
         self.time_slice
             .set_time_slice(gpu, interval)
             .await
-            .map_err(|e| Failed::before(control_error(&format!("setting time slice {interval:?}"), e)))?;
+            .map_err(|e| {
+                Failed::before(control_error(
+                    &format!("setting time slice {interval:?}"),
+                    e,
+                ))
+            })?;
         let read = match self
             .time_slice
             .time_slice(gpu)

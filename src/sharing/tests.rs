@@ -498,7 +498,10 @@ async fn compute_mode_that_does_not_take_fails_the_claim_and_rolls_back() {
         (gpu_uuid.as_str(), setting, wanted.as_str(), read.as_str()),
         ("GPU-b", "compute mode", "ExclusiveProcess", "Default")
     );
-    assert!(err.to_string().contains("nvidia-smi -q -d COMPUTE"), "{err}");
+    assert!(
+        err.to_string().contains("nvidia-smi -q -d COMPUTE"),
+        "{err}"
+    );
     assert_eq!(hw.compute_mode("GPU-a").unwrap(), ComputeMode::Default);
     assert!(
         hw.events().contains(&"mode GPU-a Default".to_owned()),
@@ -510,7 +513,10 @@ async fn compute_mode_that_does_not_take_fails_the_claim_and_rolls_back() {
     m.apply(&gpus(&["GPU-a", "GPU-b"]), "c1", Some(Policy::Exclusive))
         .await
         .unwrap();
-    assert_eq!(hw.compute_mode("GPU-b").unwrap(), ComputeMode::ExclusiveProcess);
+    assert_eq!(
+        hw.compute_mode("GPU-b").unwrap(),
+        ComputeMode::ExclusiveProcess
+    );
 }
 
 #[tokio::test]
@@ -525,14 +531,20 @@ async fn time_slice_that_does_not_take_fails_the_claim() {
             if wanted == "Long" && read == "Default"),
         "{err}"
     );
-    assert!(err.to_string().contains("GPU-a") && err.to_string().contains("c1"), "{err}");
+    assert!(
+        err.to_string().contains("GPU-a") && err.to_string().contains("c1"),
+        "{err}"
+    );
     assert!(m.entries().is_empty());
     // Releasing a policy the GPU does not give back fails too, and keeps the claim.
     hw.heal();
     m.apply(&gpus(&["GPU-a"]), "c1", long()).await.unwrap();
     hw.ignore_sets("GPU-a");
     let err = m.release("c1").await.unwrap_err();
-    assert!(matches!(&err, SharingError::NotApplied { read, .. } if read == "Long"), "{err}");
+    assert!(
+        matches!(&err, SharingError::NotApplied { read, .. } if read == "Long"),
+        "{err}"
+    );
     assert_eq!(m.entries().len(), 1);
     hw.heal();
     m.release("c1").await.unwrap();

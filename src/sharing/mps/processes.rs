@@ -233,8 +233,16 @@ mod tests {
 
         assert!(scanner.signal(&found[0], Signal::Term).unwrap());
         daemon.wait().unwrap();
-        assert!(scanner.wait_gone(&[daemon.id()], Duration::from_secs(10)).await.is_empty());
-        assert!(!scanner.signal(&found[0], Signal::Kill).unwrap(), "gone: not signalled");
+        assert!(
+            scanner
+                .wait_gone(&[daemon.id()], Duration::from_secs(10))
+                .await
+                .is_empty()
+        );
+        assert!(
+            !scanner.signal(&found[0], Signal::Kill).unwrap(),
+            "gone: not signalled"
+        );
         for child in [&mut client, &mut server, &mut stranger, &mut elsewhere] {
             child.kill().unwrap();
             child.wait().unwrap();

@@ -248,9 +248,15 @@ async fn limit_the_daemon_accepts_without_effect_fails_the_start_and_cleans_up()
     else {
         panic!("{err}");
     };
-    assert_eq!((gpu.as_str(), wanted.as_str(), read.as_str()), ("GPU-a", "2048M", "0"));
+    assert_eq!(
+        (gpu.as_str(), wanted.as_str(), read.as_str()),
+        ("GPU-a", "2048M", "0")
+    );
     let text = err.to_string();
-    assert!(text.contains("default device pinned memory limit") && text.contains("retries"), "{text}");
+    assert!(
+        text.contains("default device pinned memory limit") && text.contains("retries"),
+        "{text}"
+    );
     assert_eq!(recorded(tmp.path()).last().unwrap(), "cmd quit");
     assert!(!sup.dirs("c").unwrap().root.exists());
 }

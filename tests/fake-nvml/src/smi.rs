@@ -652,14 +652,23 @@ mod tests {
         assert!(out.contains("Set timeslice to 3 (Long)"), "{out}");
         let (code, out, _) = smi(&m, &["-i", &uuid, "-c", "3"]);
         assert_eq!(code, 0);
-        assert!(out.contains("Set compute mode to EXCLUSIVE_PROCESS"), "{out}");
+        assert!(
+            out.contains("Set compute mode to EXCLUSIVE_PROCESS"),
+            "{out}"
+        );
         let s = control::read_state(&state).unwrap();
         assert_eq!(s.gpus[&uuid].timeslice, 0, "the time slice did not take");
         assert_eq!(s.gpus[&uuid].compute_mode, ComputeMode::Default);
         assert!(s.faults.is_empty(), "each fired once");
         // The next call takes.
-        assert_eq!(smi(&m, &["compute-policy", "-i", &uuid, "--set-timeslice", "3"]).0, 0);
-        assert_eq!(control::read_state(&state).unwrap().gpus[&uuid].timeslice, 3);
+        assert_eq!(
+            smi(&m, &["compute-policy", "-i", &uuid, "--set-timeslice", "3"]).0,
+            0
+        );
+        assert_eq!(
+            control::read_state(&state).unwrap().gpus[&uuid].timeslice,
+            3
+        );
     }
 
     #[test]
