@@ -237,6 +237,10 @@ impl Plugin {
             args.retain(|a| !a.starts_with(&name));
         }
         args.extend(extra);
+        // Nor a private /dev/shm per MPS daemon (the chart's default): with it, the fault
+        // test of tests/e2e_chaos.rs run after its kill campaign finds claims and an MPS
+        // daemon left on the node (tests/e2e_examples.rs alone passes with it).
+        args.retain(|a| a != "--mps-private-shm");
         args.extend(more.iter().cloned());
         let log = match instance {
             "" => b.state_dir().join(format!("plugin-{node}.log")),
