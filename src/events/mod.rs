@@ -17,7 +17,7 @@
 //! |---|---|---|---|
 //! | `DeviceUnhealthy` | Warning | Node; each ResourceClaim prepared on the GPU | a critical XID made a GPU unhealthy |
 //! | `PolicyConflict` | Warning | ResourceClaim and Node | prepare refused: the GPU is held under another sharing policy |
-//! | `MPSDaemonFailed` | Warning | ResourceClaim and Node | the claim's MPS control daemon could not be started or recovered |
+//! | `MPSDaemonFailed` | Warning | ResourceClaim and Node | the claim's MPS control daemon could not be started, configured or stopped (prepare, unprepare), or not recovered at start-up |
 //! | `MPSDaemonRestarted` | Warning | ResourceClaim and Node | after a plugin restart the claim's daemon no longer answered and was started afresh (its clients lost their MPS server) |
 //! | `ResourceSlicePublishFailing` | Warning | Node | ResourceSlice publishing has failed for longer than the threshold (one Event per outage) |
 //! | `ResourceSlicePublishRecovered` | Normal | Node | publishing succeeded again after such an outage |
@@ -60,10 +60,13 @@ pub enum Notice {
         /// The conflict, naming the holder.
         message: String,
     },
-    /// The MPS control daemon of `claim` could not be started or recovered.
+    /// The MPS control daemon of `claim` could not be started, configured, stopped or
+    /// recovered.
     MpsDaemonFailed {
         /// The claim.
         claim: ClaimRef,
+        /// What the plugin was doing: `PrepareClaim`, `UnprepareClaim` or `RecoverClaims`.
+        action: &'static str,
         /// What failed.
         message: String,
     },
@@ -124,14 +127,15 @@ pub fn notify(notice: Notice) {
 /// Hook of the prepare loop: a refused claim gets an Event when it is a policy conflict
 /// or an MPS daemon failure (other errors are answered to the kubelet, which posts its own
 /// `FailedPrepareDynamicResources` on the pod).
-pub fn claim_failed(claim: &ClaimRef, err: &PrepareError) {
-    if let Some(notice) = claim_notice(claim, err) {
+pub fn claim_failed(operation: &str, claim: &ClaimRef, err: &PrepareError) {
+    if let Some(notice) = claim_notice(operation, claim, err) {
         notify(notice);
     }
 }
 
-/// The notice for a refused claim, if its error is Event-worthy (see [`claim_failed`]).
-pub fn claim_notice(claim: &ClaimRef, err: &PrepareError) -> Option<Notice> {
+/// The notice for a claim whose `operation` (`prepare` or `unprepare`) failed, if its
+/// error is Event-worthy (see [`claim_failed`]).
+pub fn claim_notice(operation: &str, claim: &ClaimRef, err: &PrepareError) -> Option<Notice> {
     let PrepareError::Sharing(sharing) = err else {
         return None;
     };
@@ -143,6 +147,11 @@ pub fn claim_notice(claim: &ClaimRef, err: &PrepareError) -> Option<Notice> {
         }),
         SharingError::Mps(_) => Some(Notice::MpsDaemonFailed {
             claim: claim.clone(),
+            action: if operation == "unprepare" {
+                "UnprepareClaim"
+            } else {
+                "PrepareClaim"
+            },
             message,
         }),
         _ => None,
@@ -169,6 +178,7 @@ pub fn mps_recovered(mps: &MpsRecovery, checkpoint: &Checkpoint) {
         if let Some(claim) = claim_ref(checkpoint, uid) {
             notify(Notice::MpsDaemonFailed {
                 claim,
+                action: "RecoverClaims",
                 message: crate::prepare::error_chain(err),
             });
         }
@@ -353,11 +363,15 @@ pub fn postings(notice: &Notice, node: &ObjectReference, checkpoint: &Checkpoint
             "PrepareClaim",
             format!("prepare refused: {message}"),
         ),
-        Notice::MpsDaemonFailed { claim, message } => on_claim_and_node(
+        Notice::MpsDaemonFailed {
+            claim,
+            action,
+            message,
+        } => on_claim_and_node(
             node,
             claim,
             "MPSDaemonFailed",
-            "PrepareClaim",
+            action,
             format!("MPS control daemon failed: {message}"),
         ),
         Notice::MpsDaemonRestarted { claim_uid } => match claim_ref(checkpoint, claim_uid) {

@@ -46,7 +46,11 @@ fn unhealthy_gpu_posts_on_the_node_and_on_each_claim_holding_it() {
     };
     let out = postings(&notice, &node, &checkpoint);
     assert_eq!(out.len(), 2, "{out:?}");
-    assert_eq!(node.uid.as_deref(), Some("node-a"), "kubectl describe node finds it");
+    assert_eq!(
+        node.uid.as_deref(),
+        Some("node-a"),
+        "kubectl describe node finds it"
+    );
     assert_eq!(out[0].regarding, node);
     assert_eq!(out[0].reason, "DeviceUnhealthy");
     assert!(out[0].warning);
@@ -81,6 +85,7 @@ fn claim_events_regard_the_claim_and_the_node() {
         (
             Notice::MpsDaemonFailed {
                 claim: claim(),
+                action: "PrepareClaim",
                 message: "nvidia-cuda-mps-control -d exited 1".into(),
             },
             "MPSDaemonFailed",
@@ -164,14 +169,14 @@ fn only_conflicts_and_mps_failures_of_a_claim_are_events() {
         rule: "MPS needs the GPU to itself",
     };
     let refused = PrepareError::Sharing(Box::new(SharingError::Conflict(Box::new(conflict))));
-    let notice = claim_notice(&claim(), &refused).expect("conflict notice");
+    let notice = claim_notice("prepare", &claim(), &refused).expect("conflict notice");
     assert!(
         matches!(&notice, Notice::PolicyConflict { claim: c, message } if c == &claim() && message.contains("uid-0")),
         "{notice:?}"
     );
     let other = PrepareError::Checkpoint(crate::checkpoint::CheckpointError::WriterStopped);
     assert_eq!(
-        claim_notice(&claim(), &other),
+        claim_notice("prepare", &claim(), &other),
         None,
         "a checkpoint error is not an Event"
     );

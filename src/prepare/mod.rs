@@ -731,7 +731,7 @@ where
         .map(|(claim, result)| {
             let result = result.map_err(|err| {
                 crate::metrics::events::claim_error(op_name, &err);
-                crate::events::claim_failed(&claim, &err);
+                crate::events::claim_failed(op_name, &claim, &err);
                 format!("claim {claim}: {}", error_chain(&err))
             });
             (claim.uid, result)
