@@ -78,9 +78,8 @@ async fn start_under_faults() {
 /// `nvmlDeviceGetMigMode` on gpu-0: no version of our slices ever holds `gpu-0` as a full
 /// GPU, the node is told (Events), and the slices return to their shape.
 async fn mig_gpu_in_use_is_never_published_whole(e: &mut Env) -> anyhow::Result<()> {
-    let before = e
-        .b
-        .wait(STEP, "the 12 devices of node-a published", || async {
+    let before =
+        e.b.wait(STEP, "the 12 devices of node-a published", || async {
             e.plugin.check_alive()?;
             let names = published(&e.client).await?;
             Ok((names.len() == 12).then_some(names))
@@ -142,12 +141,16 @@ async fn mig_gpu_in_use_is_never_published_whole(e: &mut Env) -> anyhow::Result<
         .await?;
     anyhow::ensure!(withheld.contains("gpu-0"), "event note: {withheld}");
     anyhow::ensure!(e.gpus.state().faults.is_empty(), "the fault fired");
-    e.b.wait(STEP, "a GPUPublished Event and the slices in shape", || async {
-        e.plugin.check_alive()?;
-        Ok((node_event(&events, "GPUPublished").await?.is_some()
-            && published(&e.client).await? == before)
-            .then_some(()))
-    })
+    e.b.wait(
+        STEP,
+        "a GPUPublished Event and the slices in shape",
+        || async {
+            e.plugin.check_alive()?;
+            Ok((node_event(&events, "GPUPublished").await?.is_some()
+                && published(&e.client).await? == before)
+                .then_some(()))
+        },
+    )
     .await?;
     watch.abort();
     anyhow::ensure!(
@@ -165,8 +168,8 @@ async fn watch_for_whole_gpu0(
     synced: tokio::sync::oneshot::Sender<()>,
 ) {
     let api: Api<ResourceSlice> = Api::all(client);
-    let config = watcher::Config::default()
-        .fields(&format!("spec.nodeName={NODE},spec.driver={DRIVER}"));
+    let config =
+        watcher::Config::default().fields(&format!("spec.nodeName={NODE},spec.driver={DRIVER}"));
     let mut stream = std::pin::pin!(watcher(api, config));
     let mut synced = Some(synced);
     while let Some(event) = stream.next().await {
@@ -180,7 +183,13 @@ async fn watch_for_whole_gpu0(
             }
             _ => continue,
         };
-        if slice.spec.devices.iter().flatten().any(|d| d.name == "gpu-0") {
+        if slice
+            .spec
+            .devices
+            .iter()
+            .flatten()
+            .any(|d| d.name == "gpu-0")
+        {
             seen.store(true, Ordering::SeqCst);
         }
     }
@@ -217,13 +226,17 @@ async fn api_server_down_at_start(e: &mut Env) -> anyhow::Result<()> {
         .metadata
         .uid
         .ok_or_else(|| anyhow::anyhow!("claim without a UID"))?;
-    let spec = e.b.cdi_dir(NODE).join(format!("gpu-dra.dev-claim_{uid}.json"));
+    let spec =
+        e.b.cdi_dir(NODE)
+            .join(format!("gpu-dra.dev-claim_{uid}.json"));
     anyhow::ensure!(spec.exists(), "{} written by prepare", spec.display());
 
     e.plugin.kill();
     let slices: Api<ResourceSlice> = Api::all(e.client.clone());
     let lp = ListParams::default().fields(&format!("spec.nodeName={NODE},spec.driver={DRIVER}"));
-    slices.delete_collection(&DeleteParams::default(), &lp).await?;
+    slices
+        .delete_collection(&DeleteParams::default(), &lp)
+        .await?;
     let proxy = ApiProxy::start(apiserver_address(e.b)?).await?;
     let kubeconfig = e.b.state_dir().join(format!("plugin-{NODE}.kubeconfig"));
     point_kubeconfig_at(&kubeconfig, proxy.address)?;
@@ -236,22 +249,25 @@ async fn api_server_down_at_start(e: &mut Env) -> anyhow::Result<()> {
         name: claim_name.clone(),
     };
     let plugin = &e.plugin;
-    let answer = e
-        .b
-        .wait(STEP, "NodeUnprepareResources answered while the API server is down", || {
-            let (socket, claim) = (socket.clone(), claim.clone());
-            async move {
-                plugin.check_alive()?;
-                let mut client = dra_client(socket).await?;
-                let response = client
-                    .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
-                        claims: vec![claim],
-                    })
-                    .await?
-                    .into_inner();
-                Ok(Some(response))
-            }
-        })
+    let answer =
+        e.b.wait(
+            STEP,
+            "NodeUnprepareResources answered while the API server is down",
+            || {
+                let (socket, claim) = (socket.clone(), claim.clone());
+                async move {
+                    plugin.check_alive()?;
+                    let mut client = dra_client(socket).await?;
+                    let response = client
+                        .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+                            claims: vec![claim],
+                        })
+                        .await?
+                        .into_inner();
+                    Ok(Some(response))
+                }
+            },
+        )
         .await?;
     let error = answer
         .claims
@@ -297,10 +313,14 @@ async fn api_server_down_at_start(e: &mut Env) -> anyhow::Result<()> {
     );
 
     proxy.up.store(true, Ordering::SeqCst);
-    e.b.wait(STEP, "slices published once the API server answers", || async {
-        e.plugin.check_alive()?;
-        Ok((published(&e.client).await?.len() == 12).then_some(()))
-    })
+    e.b.wait(
+        STEP,
+        "slices published once the API server answers",
+        || async {
+            e.plugin.check_alive()?;
+            Ok((published(&e.client).await?.len() == 12).then_some(()))
+        },
+    )
     .await?;
     e.b.wait(STEP, "/readyz ok", || async {
         let (status, _) = e.plugin.probe("/readyz").await?;

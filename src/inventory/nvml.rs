@@ -257,7 +257,10 @@ impl Discover for NvmlDiscovery {
     }
 }
 
-pub(super) fn gpu_err(function: &'static str, gpu: &str) -> impl FnOnce(NvmlError) -> DiscoverError {
+pub(super) fn gpu_err(
+    function: &'static str,
+    gpu: &str,
+) -> impl FnOnce(NvmlError) -> DiscoverError {
     let gpu = gpu.to_string();
     move |source| DiscoverError::Gpu {
         function,

@@ -13,7 +13,9 @@ use nvml_wrapper::Device;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::struct_wrappers::device::ProfileInfo;
 
-use super::model::{Gpu, MigDevice, MigProfile, MigState, PROFILE_INDEX_COUNT, Placement, mig_profile_name};
+use super::model::{
+    Gpu, MigDevice, MigProfile, MigState, PROFILE_INDEX_COUNT, Placement, mig_profile_name,
+};
 use super::nvml::{DiscoverError, gpu_err};
 use crate::nvml_raw;
 
@@ -99,7 +101,10 @@ pub(super) fn read_profiles(dev: &Device<'_>, gpu: &Gpu) -> Result<Vec<MigProfil
 }
 
 /// The existing MIG devices of a GPU in MIG mode.
-pub(super) fn read_mig_devices(dev: &Device<'_>, gpu: &Gpu) -> Result<Vec<MigDevice>, DiscoverError> {
+pub(super) fn read_mig_devices(
+    dev: &Device<'_>,
+    gpu: &Gpu,
+) -> Result<Vec<MigDevice>, DiscoverError> {
     let max = dev
         .mig_device_count()
         .map_err(gpu_err("nvmlDeviceGetMaxMigDeviceCount", &gpu.uuid))?;
@@ -171,7 +176,6 @@ fn profile_from_info(
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +207,4 @@ mod tests {
         assert_eq!(p.placements[0].start, 0);
         assert_eq!(p.ofa_engines, 1);
     }
-
 }

@@ -288,9 +288,12 @@ mod tests {
         // As the start leaves it: the GPU withheld.
         let start = resolve(
             None,
-            Scripted(Mutex::new((vec![Pass::Unresolved(without.clone(), Box::new(gpu))], 0)))
-                .survey()
-                .expect("survey"),
+            Scripted(Mutex::new((
+                vec![Pass::Unresolved(without.clone(), Box::new(gpu))],
+                0,
+            )))
+            .survey()
+            .expect("survey"),
             &InUse::default(),
         );
         assert_eq!(start.holdback.withheld.len(), 1);
@@ -321,7 +324,9 @@ mod tests {
     fn backoff_doubles_up_to_the_interval() {
         let mut b = Duration::from_secs(1);
         let max = Duration::from_secs(5);
-        let seen: Vec<u64> = (0..5).map(|_| next_backoff(&mut b, max).as_secs()).collect();
+        let seen: Vec<u64> = (0..5)
+            .map(|_| next_backoff(&mut b, max).as_secs())
+            .collect();
         assert_eq!(seen, [1, 2, 4, 5, 5]);
     }
 }

@@ -58,7 +58,11 @@ impl InUse {
 
     /// MIG device UUIDs in use on GPU `gpu_uuid`.
     pub fn mig_devices(&self, gpu_uuid: &str) -> impl Iterator<Item = &str> {
-        self.mig.get(gpu_uuid).into_iter().flatten().map(String::as_str)
+        self.mig
+            .get(gpu_uuid)
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
     }
 }
 
@@ -227,11 +231,22 @@ mod tests {
         let inv = dgx_h100();
         let (next, mig) = mig_gpu_read_whole(&inv);
         let r = resolve(None, survey(next), &in_use_of(&mig));
-        assert!(r.inventory.gpu_by_uuid(&mig.uuid).is_none(), "not published");
+        assert!(
+            r.inventory.gpu_by_uuid(&mig.uuid).is_none(),
+            "not published"
+        );
         assert_eq!(r.holdback.withheld.len(), 1);
         assert_eq!(r.holdback.withheld[0].uuid, mig.uuid);
-        assert!(r.holdback.withheld[0].reason.contains("not in MIG mode"), "{:?}", r.holdback.withheld);
-        assert_eq!(r.inventory.gpus.len(), inv.gpus.len() - 1, "others published");
+        assert!(
+            r.holdback.withheld[0].reason.contains("not in MIG mode"),
+            "{:?}",
+            r.holdback.withheld
+        );
+        assert_eq!(
+            r.inventory.gpus.len(),
+            inv.gpus.len() - 1,
+            "others published"
+        );
         assert!(r.holdback.kept.is_empty());
     }
 
@@ -239,7 +254,11 @@ mod tests {
     fn a_missing_mig_device_in_use_withholds_its_gpu_at_start() {
         let inv = dgx_h100();
         let mut next = inv.clone();
-        let gpu = next.gpus.iter_mut().find(|g| g.mig.enabled).expect("MIG GPU");
+        let gpu = next
+            .gpus
+            .iter_mut()
+            .find(|g| g.mig.enabled)
+            .expect("MIG GPU");
         let in_use = in_use_of(gpu);
         let uuid = gpu.uuid.clone();
         gpu.mig_devices.remove(0);
@@ -258,7 +277,11 @@ mod tests {
     fn an_idle_mig_device_may_go_away() {
         let inv = dgx_h100();
         let mut next = inv.clone();
-        let gpu = next.gpus.iter_mut().find(|g| g.mig.enabled).expect("MIG GPU");
+        let gpu = next
+            .gpus
+            .iter_mut()
+            .find(|g| g.mig.enabled)
+            .expect("MIG GPU");
         gpu.mig_devices.remove(0);
         let r = resolve(Some(&inv), survey(next.clone()), &InUse::default());
         assert!(r.is_settled());
@@ -302,7 +325,9 @@ mod tests {
         assert_eq!(start.inventory, next);
         assert_eq!(start.holdback.withheld[0].minor, gpu.minor);
         assert!(
-            start.holdback.withheld[0].reason.contains("nvmlDeviceGetMigMode"),
+            start.holdback.withheld[0]
+                .reason
+                .contains("nvmlDeviceGetMigMode"),
             "{}",
             start.holdback.withheld[0].reason
         );

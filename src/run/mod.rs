@@ -292,14 +292,8 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let checkpoint_for_events = checkpoint.subscribe();
-    let (discovery, mig_control) = dynamic_mig_setup(
-        &args,
-        discovery,
-        &inventory_tx,
-        &checkpoint,
-        &nvml_library,
-    )
-    .await;
+    let (discovery, mig_control) =
+        dynamic_mig_setup(&args, discovery, &inventory_tx, &checkpoint, &nvml_library).await;
 
     // nvidia-smi and the MPS daemons find the driver's libraries through links under the
     // plugin dir; the plugin itself loaded NVML by path.

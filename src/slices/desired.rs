@@ -22,8 +22,8 @@ use k8s_openapi::api::resource::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
-use super::shares::{ConsumableShares, make_shareable};
 use super::partitionable;
+use super::shares::{ConsumableShares, make_shareable};
 use super::taints::HealthTaints;
 use crate::inventory::{Gpu, Inventory, MigDevice, MigProfile};
 

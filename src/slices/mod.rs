@@ -10,6 +10,6 @@ pub mod plan;
 pub mod reconcile;
 #[cfg(test)]
 mod reconcile_tests;
-pub mod start;
 pub mod shares;
+pub mod start;
 pub mod taints;

@@ -19,15 +19,15 @@ mod names {
 mod loop_tests {
     use super::super::desired::SliceFeatures;
     use super::super::reconcile::*;
-    use std::collections::BTreeSet;
-    use std::time::Duration;
-    use tokio::sync::watch;
     use crate::inventory::fixtures::dgx_h100;
     use http::{Method, Request, Response};
     use kube::client::Body;
     use serde_json::Value;
     use serde_json::json;
+    use std::collections::BTreeSet;
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use tokio::sync::watch;
 
     const DRIVER: &str = "gpu.gpu-dra.dev";
 
@@ -150,11 +150,9 @@ mod loop_tests {
 mod drift_tests {
     use super::super::desired::SliceFeatures;
     use super::super::reconcile::*;
-    use futures::StreamExt;
-    use std::time::Duration;
-    use tokio::sync::watch;
     use crate::inventory::fixtures::dgx_h100;
     use bytes::Bytes;
+    use futures::StreamExt;
     use http::{Method, Request, Response};
     use http_body_util::BodyExt;
     use http_body_util::combinators::UnsyncBoxBody;
@@ -164,7 +162,9 @@ mod drift_tests {
     use std::collections::BTreeMap;
     use std::convert::Infallible;
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
     use tokio::sync::mpsc;
+    use tokio::sync::watch;
     use tokio_stream::wrappers::ReceiverStream;
 
     type RespBody = UnsyncBoxBody<Bytes, Infallible>;

@@ -119,7 +119,11 @@ mod tests {
     ) {
         let mut seen = 0;
         while let Some((req, send)) = handle.next_request().await {
-            assert!(req.uri().path().ends_with("/api/v1/nodes/node-a"), "{}", req.uri());
+            assert!(
+                req.uri().path().ends_with("/api/v1/nodes/node-a"),
+                "{}",
+                req.uri()
+            );
             seen += 1;
             let (code, body) = if seen <= failures {
                 (
