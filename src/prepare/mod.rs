@@ -217,6 +217,7 @@ impl<L: ClaimLookup> Preparer<L> {
                 Err(err) => {
                     // Nothing of a failed prepare stays: MIG instances it created (newest
                     // first), policy, MPS daemon, spec, entry.
+                    let mut left = Vec::new();
                     if !created.is_empty()
                         && let Some(control) = self.mig.clone()
                     {
@@ -224,9 +225,25 @@ impl<L: ClaimLookup> Preparer<L> {
                             mig_dynamic::rollback(control.as_ref(), &mut created)
                         })
                         .await;
-                        if let Ok(Some(e)) = undo {
-                            warn!(claim.uid = %claim.uid, error = %e, "destroying MIG instances of a failed prepare failed");
+                        left = undo.unwrap_or_default();
+                    }
+                    if !left.is_empty() {
+                        // Keep the entry, naming what is left with its ids, so the next
+                        // prepare or unprepare of this claim destroys it.
+                        warn!(claim.uid = %claim.uid, left = left.len(), "MIG instances of a failed prepare could not be destroyed; retried at the next prepare or unprepare");
+                        let uid = claim.uid.clone();
+                        let kept = self
+                            .checkpoint
+                            .update(move |cp| {
+                                if let Some(e) = cp.claims.get_mut(&uid) {
+                                    mig_dynamic::set_records(e, &left);
+                                }
+                            })
+                            .await;
+                        if let Err(e) = kept {
+                            warn!(claim.uid = %claim.uid, error = %e, "recording MIG instances left by a failed prepare failed");
                         }
+                        return Err(err);
                     }
                     if let Err(undo) = self.release(&claim.uid).await {
                         warn!(claim.uid = %claim.uid, error = %undo, "rolling back a failed prepare failed; retried at the next prepare or unprepare");
@@ -492,7 +509,6 @@ fn name_step(err: PrepareError, instances: &[InstanceRecord]) -> PrepareError {
         step,
         device: first.device.clone(),
         gpu_uuid: first.gpu_uuid.clone(),
-        rolled_back: true,
         source: Box::new(err),
     }
     .into()
