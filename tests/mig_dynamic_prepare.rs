@@ -529,3 +529,53 @@ async fn the_full_gpu_of_a_dynamic_gpu_is_refused_without_touching_it() {
     assert!(state.gpus[&gpu0_uuid(m)].mig_current, "MIG mode unchanged");
     assert!(rig.checkpoint().claims.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_the_rollback_cannot_destroy_is_kept_on_record_and_destroyed_on_retry() {
+    let _serial = serial().await;
+    let m = fresh();
+    let uuid = gpu0_uuid(m);
+    let rig = make_rig(m, &[claim("b", B)], None, None);
+    for function in [
+        "nvmlGpuInstanceCreateComputeInstance",
+        "nvmlGpuInstanceDestroy",
+    ] {
+        control::inject_fault(
+            &m.state,
+            Fault {
+                function: function.into(),
+                gpu_uuid: Some(uuid.clone()),
+                error: 999,
+                times: Times::Once,
+            },
+        )
+        .expect("inject");
+    }
+    let text = error_chain(
+        &rig.preparer
+            .prepare_claim(&cref("b"))
+            .await
+            .expect_err("ci"),
+    );
+    assert!(text.contains("creating the compute instance"), "{text}");
+    let left = instances(m);
+    assert_eq!(
+        left.len(),
+        1,
+        "the GPU instance survived its rollback: {left:?}"
+    );
+    let cp = rig.checkpoint();
+    let entry = &cp.claims["uid-b"];
+    assert_eq!(entry.state, ClaimState::PrepareStarted);
+    assert_eq!(mig_dynamic::records_of(entry)[0].gi_id, Some(left[0].0));
+    // The kubelet's retry destroys it first, then prepares normally.
+    rig.preparer.prepare_claim(&cref("b")).await.expect("retry");
+    let now = instances(m);
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].3, 1, "with its compute instance");
+    rig.preparer
+        .unprepare_claim(&cref("b"))
+        .await
+        .expect("unprepare");
+    assert!(instances(m).is_empty());
+}

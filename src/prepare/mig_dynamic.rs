@@ -7,7 +7,8 @@
 //! compute instance, read the MIG device UUID; undo destroys the compute instances, then
 //! the GPU instance, in reverse order of creation. The record (GPU, profile, placement) is
 //! made durable as `PrepareStarted` before anything is created; GPU / compute instance
-//! ids, which NVML only returns on creation, are recorded at `PrepareCompleted`.
+//! ids, which NVML only returns on creation, are recorded at `PrepareCompleted`, or, when a
+//! rollback could not destroy an instance, in the `PrepareStarted` entry kept for the retry.
 //!
 //! It never destroys what it cannot tie to a record of its own: a GPU instance is destroyed
 //! only when its id, profile and placement all match the record (ids are reused by NVML).
@@ -92,9 +93,8 @@ pub enum DynamicMigError {
         /// Its placement.
         other: Placement,
     },
-    /// A step failed; what this prepare created was destroyed.
-    #[error("{step} for MIG device {device} on GPU {gpu_uuid} failed{rolled_back}: {source}",
-        rolled_back = if *.rolled_back { " (the instances this prepare created were destroyed)" } else { "" })]
+    /// A step failed (the prepare then destroys what it created).
+    #[error("{step} for MIG device {device} on GPU {gpu_uuid} failed: {source}")]
     Step {
         /// What was being done (`creating the GPU instance`, `writing the CDI spec`, ...).
         step: &'static str,
@@ -102,8 +102,6 @@ pub enum DynamicMigError {
         device: String,
         /// Physical GPU UUID.
         gpu_uuid: String,
-        /// True when a rollback ran.
-        rolled_back: bool,
         /// The cause.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -118,28 +116,19 @@ pub enum DynamicMigError {
     },
 }
 
-/// An instance this prepare created (ids known).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Created {
-    /// Physical GPU UUID.
-    pub gpu_uuid: String,
-    /// GPU instance id.
-    pub gi_id: u32,
-    /// Compute instance id, when created.
-    pub ci_id: Option<u32>,
-}
+/// An instance this prepare created: its record with the ids known so far (`gi_id` set;
+/// `ci_id` once the compute instance exists).
+pub type Created = InstanceRecord;
 
 fn step(
     step: &'static str,
     rec: &InstanceRecord,
-    rolled_back: bool,
     source: impl std::error::Error + Send + Sync + 'static,
 ) -> DynamicMigError {
     DynamicMigError::Step {
         step,
         device: rec.device.clone(),
         gpu_uuid: rec.gpu_uuid.clone(),
-        rolled_back,
         source: Box::new(source),
     }
 }
@@ -153,7 +142,7 @@ pub fn check_free(
 ) -> Result<(), DynamicMigError> {
     let existing = control
         .gpu_instances(&rec.gpu_uuid, gi_profile_ids)
-        .map_err(|e| step("listing the GPU instances", rec, false, e))?;
+        .map_err(|e| step("listing the GPU instances", rec, e))?;
     match existing
         .iter()
         .find(|gi| gi.placement.overlaps(&rec.placement))
@@ -171,11 +160,11 @@ pub fn check_free(
 }
 
 /// Creates the GPU instance and its full-size compute instance of `rec`, reads the MIG
-/// UUID and fills `rec`'s ids. What got created is pushed to `created` as it happens, so a
-/// later failure (here or in the caller) can [`rollback`] it.
+/// UUID and fills `rec`'s ids. What got created is pushed to (and updated in) `created` as
+/// it happens, so the caller can [`rollback`] it after any later failure.
 ///
-/// Errors: [`DynamicMigError::Step`] naming the NVML step; on error, what this call
-/// created is already destroyed and popped from `created`.
+/// Errors: [`DynamicMigError::Step`] naming the NVML step; what was created before it stays
+/// in `created` for the caller's rollback.
 pub fn create(
     control: &dyn MigControl,
     rec: &mut InstanceRecord,
@@ -183,59 +172,48 @@ pub fn create(
 ) -> Result<(), DynamicMigError> {
     let gi_id = control
         .create_gpu_instance(&rec.gpu_uuid, rec.gi_profile_id, rec.placement)
-        .map_err(|e| step("creating the GPU instance", rec, false, e))?;
-    created.push(Created {
-        gpu_uuid: rec.gpu_uuid.clone(),
-        gi_id,
-        ci_id: None,
-    });
-    let ci_id = match control.create_compute_instance(&rec.gpu_uuid, gi_id) {
-        Ok(ci) => ci,
-        Err(e) => {
-            let mut mine = created.split_off(created.len() - 1);
-            rollback(control, &mut mine);
-            return Err(step("creating the compute instance", rec, true, e));
-        }
-    };
+        .map_err(|e| step("creating the GPU instance", rec, e))?;
+    rec.gi_id = Some(gi_id);
+    created.push(rec.clone());
+    let ci_id = control
+        .create_compute_instance(&rec.gpu_uuid, gi_id)
+        .map_err(|e| step("creating the compute instance", rec, e))?;
+    rec.ci_id = Some(ci_id);
     if let Some(last) = created.last_mut() {
         last.ci_id = Some(ci_id);
     }
-    let uuid = match control.mig_uuid(&rec.gpu_uuid, gi_id, ci_id) {
-        Ok(u) => u,
-        Err(e) => {
-            let mut mine = created.split_off(created.len() - 1);
-            rollback(control, &mut mine);
-            return Err(step("reading the MIG device UUID", rec, true, e));
-        }
-    };
+    let uuid = control
+        .mig_uuid(&rec.gpu_uuid, gi_id, ci_id)
+        .map_err(|e| step("reading the MIG device UUID", rec, e))?;
     info!(device = %rec.device, gpu = %rec.gpu_uuid, gi_id, ci_id, mig_uuid = %uuid, "created MIG device");
-    rec.gi_id = Some(gi_id);
-    rec.ci_id = Some(ci_id);
     rec.mig_uuid = Some(uuid);
     Ok(())
 }
 
 /// Destroys `created` in reverse order (compute instance, then GPU instance) and empties
-/// it; a failure is logged and the rest still tried. Returns the first error.
-pub fn rollback(control: &dyn MigControl, created: &mut Vec<Created>) -> Option<MigControlError> {
-    let mut first = None;
+/// it; a failure is logged and the rest still tried. Returns the records it could not
+/// destroy (with their ids, for a later retry).
+pub fn rollback(control: &dyn MigControl, created: &mut Vec<Created>) -> Vec<Created> {
+    let mut left = Vec::new();
     while let Some(c) = created.pop() {
+        let Some(gi_id) = c.gi_id else { continue };
         if let Some(ci) = c.ci_id
-            && let Err(e) = control.destroy_compute_instance(&c.gpu_uuid, c.gi_id, ci)
+            && let Err(e) = control.destroy_compute_instance(&c.gpu_uuid, gi_id, ci)
             && !e.is_gone()
         {
-            warn!(gpu = %c.gpu_uuid, gi_id = c.gi_id, ci_id = ci, error = %e, "destroying a compute instance in rollback failed");
-            first.get_or_insert(e);
+            warn!(gpu = %c.gpu_uuid, gi_id, ci_id = ci, error = %e, "destroying a compute instance in rollback failed");
+            left.push(c);
             continue;
         }
-        if let Err(e) = control.destroy_gpu_instance(&c.gpu_uuid, c.gi_id)
+        if let Err(e) = control.destroy_gpu_instance(&c.gpu_uuid, gi_id)
             && !e.is_gone()
         {
-            warn!(gpu = %c.gpu_uuid, gi_id = c.gi_id, error = %e, "destroying a GPU instance in rollback failed");
-            first.get_or_insert(e);
+            warn!(gpu = %c.gpu_uuid, gi_id, error = %e, "destroying a GPU instance in rollback failed");
+            left.push(c);
         }
     }
-    first
+    left.reverse();
+    left
 }
 
 /// The GPU instance `rec` stands for, if it exists: by id when recorded (and then only if
@@ -268,23 +246,23 @@ pub fn destroy(
         return Ok(());
     }
     let Some(gi) =
-        find_instance(control, rec).map_err(|e| step("finding the GPU instance", rec, false, e))?
+        find_instance(control, rec).map_err(|e| step("finding the GPU instance", rec, e))?
     else {
         return Ok(());
     };
     let cis = control
         .compute_instances(&rec.gpu_uuid, gi.gi_id)
-        .map_err(|e| step("listing the compute instances", rec, false, e))?;
+        .map_err(|e| step("listing the compute instances", rec, e))?;
     for ci in cis {
         match control.destroy_compute_instance(&rec.gpu_uuid, gi.gi_id, ci) {
             Err(e) if !e.is_gone() => {
-                return Err(step("destroying the compute instance", rec, false, e));
+                return Err(step("destroying the compute instance", rec, e));
             }
             _ => {}
         }
     }
     match control.destroy_gpu_instance(&rec.gpu_uuid, gi.gi_id) {
-        Err(e) if !e.is_gone() => Err(step("destroying the GPU instance", rec, false, e)),
+        Err(e) if !e.is_gone() => Err(step("destroying the GPU instance", rec, e)),
         _ => {
             info!(device = %rec.device, gpu = %rec.gpu_uuid, gi_id = gi.gi_id, "destroyed MIG device");
             Ok(())

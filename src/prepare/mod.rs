@@ -17,6 +17,7 @@ mod limits_tests;
 pub mod mig_control;
 pub mod mig_dynamic;
 pub mod mig_select;
+mod mig_steps;
 pub mod plan;
 pub mod rebuild;
 mod recovery;
@@ -46,7 +47,7 @@ use crate::sharing::memory_limit::{AppliedLimit, MemoryLimitRecord, MemoryLimite
 use crate::sharing::memory_limit_plan::{Decision, DeviceInput};
 use crate::sharing::{ClaimEdits, Policy, SharingError, SharingManager};
 use mig_control::MigControl;
-use mig_dynamic::InstanceRecord;
+use mig_steps::{instance_records, name_step};
 use plan::{DevicePlan, PlanError, plan_claim, policy_groups};
 
 /// Why one claim could not be prepared or unprepared. The message says what to do.
@@ -253,6 +254,7 @@ impl<L: ClaimLookup> Preparer<L> {
                 Err(err) => {
                     // Nothing of a failed prepare stays: MIG instances it created (newest
                     // first), policy, MPS daemon, spec, entry.
+                    let mut left = Vec::new();
                     if !created.is_empty()
                         && let Some(control) = self.mig.clone()
                     {
@@ -260,9 +262,25 @@ impl<L: ClaimLookup> Preparer<L> {
                             mig_dynamic::rollback(control.as_ref(), &mut created)
                         })
                         .await;
-                        if let Ok(Some(e)) = undo {
-                            warn!(claim.uid = %claim.uid, error = %e, "destroying MIG instances of a failed prepare failed");
+                        left = undo.unwrap_or_default();
+                    }
+                    if !left.is_empty() {
+                        // Keep the entry, naming what is left with its ids, so the next
+                        // prepare or unprepare of this claim destroys it.
+                        warn!(claim.uid = %claim.uid, left = left.len(), "MIG instances of a failed prepare could not be destroyed; retried at the next prepare or unprepare");
+                        let uid = claim.uid.clone();
+                        let kept = self
+                            .checkpoint
+                            .update(move |cp| {
+                                if let Some(e) = cp.claims.get_mut(&uid) {
+                                    mig_dynamic::set_records(e, &left);
+                                }
+                            })
+                            .await;
+                        if let Err(e) = kept {
+                            warn!(claim.uid = %claim.uid, error = %e, "recording MIG instances left by a failed prepare failed");
                         }
+                        return Err(err);
                     }
                     if let Err(undo) = self.release(&claim.uid).await {
                         warn!(claim.uid = %claim.uid, error = %undo, "rolling back a failed prepare failed; retried at the next prepare or unprepare");
@@ -272,87 +290,6 @@ impl<L: ClaimLookup> Preparer<L> {
             }
         })
         .await
-    }
-
-    fn mig_control(&self, device: &str) -> Result<Arc<dyn MigControl>, PrepareError> {
-        self.mig.clone().ok_or_else(|| {
-            mig_dynamic::DynamicMigError::NoControl {
-                device: device.to_owned(),
-            }
-            .into()
-        })
-    }
-
-    /// Fails naming the instance when an allocated placement is taken on the GPU.
-    async fn check_placements_free(
-        &self,
-        plans: &[DevicePlan],
-        instances: &[InstanceRecord],
-    ) -> Result<(), PrepareError> {
-        for (plan, rec) in plans.iter().filter(|p| p.dynamic.is_some()).zip(instances) {
-            let control = self.mig_control(&rec.device)?;
-            let (rec, ids) = (
-                rec.clone(),
-                plan.dynamic
-                    .as_ref()
-                    .map(|d| d.gpu_profile_ids.clone())
-                    .unwrap_or_default(),
-            );
-            mig_blocking(move || mig_dynamic::check_free(control.as_ref(), &rec, &ids)).await?;
-        }
-        Ok(())
-    }
-
-    /// Creates the instance of every dynamic plan, in order, and points the plan at it.
-    async fn create_instances(
-        &self,
-        plans: &mut [DevicePlan],
-        instances: &mut [InstanceRecord],
-        created: &mut Vec<mig_dynamic::Created>,
-    ) -> Result<(), PrepareError> {
-        for (plan, rec) in plans
-            .iter_mut()
-            .filter(|p| p.dynamic.is_some())
-            .zip(instances.iter_mut())
-        {
-            let control = self.mig_control(&rec.device)?;
-            let mut owned = rec.clone();
-            let (owned, mine, result) = match tokio::task::spawn_blocking(move || {
-                let mut mine = Vec::new();
-                let result = mig_dynamic::create(control.as_ref(), &mut owned, &mut mine);
-                (owned, mine, result)
-            })
-            .await
-            {
-                Ok(out) => out,
-                Err(join) => std::panic::resume_unwind(join.into_panic()),
-            };
-            created.extend(mine);
-            result?;
-            *rec = owned;
-            if let (Some(uuid), Some(gi_id), Some(ci_id)) = (&rec.mig_uuid, rec.gi_id, rec.ci_id) {
-                plan.mig = Some(plan::MigTarget {
-                    uuid: uuid.clone(),
-                    gi_id,
-                    ci_id,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Destroys the dynamic MIG instances of a checkpoint entry, newest first.
-    async fn destroy_instances(
-        &self,
-        records: Vec<InstanceRecord>,
-        by_placement: bool,
-    ) -> Result<(), PrepareError> {
-        for rec in records.into_iter().rev() {
-            let control = self.mig_control(&rec.device)?;
-            mig_blocking(move || mig_dynamic::destroy(control.as_ref(), &rec, by_placement))
-                .await?;
-        }
-        Ok(())
     }
 
     /// Sharing actions, then the CDI spec.
@@ -575,58 +512,6 @@ async fn blocking<T: Send + 'static>(
         Ok(result) => result,
         Err(join) => std::panic::resume_unwind(join.into_panic()),
     }
-}
-
-/// Runs blocking NVML MIG work on the blocking pool.
-async fn mig_blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, mig_dynamic::DynamicMigError> + Send + 'static,
-) -> Result<T, mig_dynamic::DynamicMigError> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result,
-        Err(join) => std::panic::resume_unwind(join.into_panic()),
-    }
-}
-
-/// The instance records (not yet created) of a claim's dynamic MIG plans, in plan order.
-fn instance_records(plans: &[DevicePlan]) -> Vec<InstanceRecord> {
-    plans
-        .iter()
-        .filter_map(|p| {
-            p.dynamic.as_ref().map(|d| InstanceRecord {
-                device: p.allocated.device.clone(),
-                gpu_uuid: p.gpu_uuid.clone(),
-                gpu_minor: p.gpu_minor,
-                gi_profile_id: d.gi_profile_id,
-                placement: d.placement,
-                gi_id: None,
-                ci_id: None,
-                mig_uuid: None,
-            })
-        })
-        .collect()
-}
-
-/// A failure after MIG instances were created, named by its step and the first instance's
-/// device and GPU; other errors pass through.
-fn name_step(err: PrepareError, instances: &[InstanceRecord]) -> PrepareError {
-    let Some(first) = instances.first() else {
-        return err;
-    };
-    let step = match &err {
-        PrepareError::DeviceNodes(_) => "reading the MIG capability device nodes",
-        PrepareError::Cdi(_) => "writing the CDI spec",
-        PrepareError::Checkpoint(_) => "writing the checkpoint",
-        PrepareError::Sharing(_) => "applying the sharing policy",
-        _ => return err,
-    };
-    mig_dynamic::DynamicMigError::Step {
-        step,
-        device: first.device.clone(),
-        gpu_uuid: first.gpu_uuid.clone(),
-        rolled_back: true,
-        source: Box::new(err),
-    }
-    .into()
 }
 
 fn cdi_node(node: devnodes::DeviceNode) -> DeviceNode {

@@ -1,0 +1,86 @@
+//! Start-up of dynamic MIG in the kubelet plugin: the `--dynamic-mig` choice, the
+//! annotating discovery, the NVML MIG control, and the report (log + Node Event, through `crate::events`) of GPU
+//! instances the driver did not create. The decisions are [`crate::prepare::mig_select`]'s.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::checkpoint::CheckpointWriter;
+use crate::cli::PluginArgs;
+use crate::inventory::Discover;
+
+/// Chooses the dynamic MIG GPUs (`--dynamic-mig`), marks them in the inventory, reports
+/// GPU instances on them that the driver did not create (log and a Node Event), and
+/// returns the annotating discovery plus the NVML MIG control (`None` when no GPU is
+/// dynamic or NVML cannot be initialised for it: then nothing is marked dynamic).
+pub(super) async fn setup(
+    args: &PluginArgs,
+    discovery: Arc<dyn Discover>,
+    inventory_tx: &watch::Sender<crate::inventory::Inventory>,
+    checkpoint: &CheckpointWriter,
+    nvml_library: &Path,
+) -> (
+    Arc<dyn Discover>,
+    Option<Arc<dyn crate::prepare::mig_control::MigControl>>,
+) {
+    use crate::prepare::{mig_control, mig_select};
+    let owned = mig_select::owned_records(&checkpoint.snapshot());
+    let mut chosen = mig_select::choose(&inventory_tx.borrow(), &args.dynamic_mig, &owned);
+    let control = if chosen.is_empty() {
+        None
+    } else {
+        match mig_control::NvmlMigControl::new(Some(nvml_library)) {
+            Ok(c) => Some(Arc::new(c) as Arc<dyn mig_control::MigControl>),
+            Err(err) => {
+                tracing::error!(error = %err, "dynamic MIG disabled: NVML MIG control unavailable");
+                chosen.clear();
+                None
+            }
+        }
+    };
+    inventory_tx.send_modify(|inv| mig_select::annotate(inv, &chosen, &owned));
+    let foreign: Vec<String> = inventory_tx
+        .borrow()
+        .gpus
+        .iter()
+        .flat_map(|g| {
+            g.dynamic_mig.iter().flat_map(move |d| {
+                d.foreign.iter().map(move |f| {
+                    format!(
+                        "GPU {} instance {} (profile id {}, memory slices {}..{})",
+                        g.uuid,
+                        f.gi_id,
+                        f.gi_profile_id,
+                        f.placement.start,
+                        f.placement.start + f.placement.size
+                    )
+                })
+            })
+        })
+        .collect();
+    if !chosen.is_empty() {
+        info!(gpus = ?chosen, "dynamic MIG GPUs");
+    }
+    if !foreign.is_empty() {
+        let note = format!(
+            "GPU instances this driver did not create on dynamic MIG GPUs are kept and their placements not offered: {}; to hand them back, delete them (nvidia-smi mig -i <gpu> -dci -gi <id>, then -dgi -gi <id>) when no workload uses them",
+            foreign.join("; ")
+        );
+        tracing::warn!(note = %note, "unknown MIG instances");
+        crate::events::notify(crate::events::Notice::Node {
+            warning: true,
+            reason: "UnknownMigInstances".into(),
+            action: "DiscoverMigInstances".into(),
+            note,
+        });
+    }
+    let wrapped: Arc<dyn Discover> = Arc::new(mig_select::DynamicMigDiscovery::new(
+        discovery,
+        chosen,
+        checkpoint.clone(),
+    ));
+    (wrapped, control)
+}
