@@ -6,8 +6,8 @@
 //! `anyhow` here and nowhere below.
 
 mod commands;
-mod withheld;
 mod dynamic_mig;
+mod withheld;
 
 pub use commands::{clear_unhealthy, inventory, migrate, status, webhook};
 
