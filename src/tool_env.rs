@@ -291,14 +291,16 @@ mod tests {
         let env = tool_env(&dir.path().join(LIBRARY_DIR));
         let record = dir.path().join("ld-path");
         // Records LD_LIBRARY_PATH on every run; as the MPS tool it also answers `-d`
-        // (creates the control pipe) and reads commands.
+        // (creates the control pipe), reads a command and answers the read-back of the
+        // active-thread percentage.
         let tool = dir.path().join("tool");
         write_script(
             &tool,
             &format!(
                 "#!/bin/sh\necho \"$0 $1 $LD_LIBRARY_PATH\" >> '{}'\n\
                  if [ \"$1\" = -d ]; then : > \"$CUDA_MPS_PIPE_DIRECTORY/control\"; exit 0; fi\n\
-                 [ -n \"$CUDA_MPS_PIPE_DIRECTORY\" ] && cat > /dev/null\nexit 0\n",
+                 [ -n \"$CUDA_MPS_PIPE_DIRECTORY\" ] && read -r cmd && \
+                 case \"$cmd\" in get_default_active_thread_percentage*) echo 50;; esac\nexit 0\n",
                 record.display()
             ),
         );
@@ -325,8 +327,8 @@ mod tests {
         let lines = std::fs::read_to_string(&record).unwrap();
         let expected = dir.path().join(LIBRARY_DIR).display().to_string();
         let runs: Vec<&str> = lines.lines().collect();
-        // nvidia-smi, the daemon launch (-d) and one control command.
-        assert_eq!(runs.len(), 3, "{lines}");
+        // nvidia-smi, the daemon launch (-d), the limit and its read-back.
+        assert_eq!(runs.len(), 4, "{lines}");
         for run in runs {
             assert!(run.ends_with(&format!(" {expected}")), "{run}");
         }
