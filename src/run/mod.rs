@@ -321,6 +321,11 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         &nvml_library,
         &inventory_rx.borrow().driver_version,
     )));
+    tokio::spawn(crate::sharing::memory_limit_status::report_device_status(
+        client.clone(),
+        args.driver_name.clone(),
+        preparer.checkpoint().subscribe(),
+    ));
     if loaded.outcome == LoadOutcome::Loaded {
         preparer.recover().await;
     } else {
