@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export GOTOOLCHAIN := local
 
-.PHONY: all build test bench chaos demo fake-nvml rig clean tools deploy-manifests image image-check
+.PHONY: all build test bench chaos demo fake-nvml rig clean tools deploy-manifests image image-check debs
 
 all: build
 
@@ -12,7 +12,7 @@ build:
 rig:
 	$(MAKE) -C tests/cluster
 
-test: rig tools image-check
+test: rig tools debs image-check
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
 
@@ -48,7 +48,7 @@ IMAGE ?= ghcr.io/gpu-dra/gpu-dra:$(VERSION)
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 IMAGE_ARCHIVE := $(TARGET_DIR)/image/gpu-dra-$(VERSION).oci.tar
 
-image: tools
+image: tools debs
 	$(CARGO) build --release --bin gpu-dra
 	deploy/image/build.sh $(TARGET_DIR)/release/gpu-dra $(VERSION) $(IMAGE) $(IMAGE_ARCHIVE)
 
@@ -56,6 +56,13 @@ image: tools
 # contents, entrypoint, user and labels are checked without a release build in CI.
 IMAGE_CHECK_ARCHIVE := $(TARGET_DIR)/image/gpu-dra-$(VERSION)-check.oci.tar
 
-image-check: tools
+image-check: tools debs
 	$(CARGO) build --bin gpu-dra
 	deploy/image/build.sh $(TARGET_DIR)/debug/gpu-dra $(VERSION) $(IMAGE) $(IMAGE_CHECK_ARCHIVE)
+
+# Debian packages the tests and the image need: a real systemd (tests/mps_cgroup_kill.rs,
+# systemd-run in the image) and util-linux (setsid, unshare, nsenter). Installed when missing.
+DEBS := systemd util-linux
+debs:
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; fi

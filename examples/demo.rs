@@ -1,8 +1,11 @@
 //! `make demo`: a real Kubernetes control plane on loopback with two simulated GPU nodes
 //! (node-a: dgx-h100 with two GPUs in MIG mode holding static instances; node-b: one
 //! L40S), the gpu-dra plugin on each, every example of examples/ applied, and a report of
-//! what each pod got (devices, CDI ids, environment, compute policy, MPS limits). Keeps
-//! running until Ctrl-C so `kubectl` can look around.
+//! what each pod got (devices, CDI ids, environment, compute policy, MPS limits). Then
+//! the consumable-share scenarios of examples/shares/ on three more nodes whose plugins
+//! publish shares (node-s and node-g: one L40S each, node-h: 8 x H100), with each pod's
+//! share as the scheduler allocated it. Keeps running until Ctrl-C so `kubectl` can look
+//! around.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -13,13 +16,14 @@ use std::time::Duration;
 use support::TestBox;
 use support::driver::{FakeGpus, Plugin};
 use support::examples::{render, run_examples};
+use support::shares::{ShareNodes, render_shares, run_share_scenarios};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     println!(
         "gpu-dra demo: starting the box (etcd, kube-apiserver, controller-manager, scheduler, node agent)..."
     );
-    let b = TestBox::start(&["node-a", "node-b"])?;
+    let b = TestBox::start(&["node-a", "node-b", "node-s", "node-h", "node-g"])?;
     let dgx = FakeGpus::new("dgx-h100-static-mig")?;
     let l40s = FakeGpus::new("l40s-single")?;
     let _plugin_a = Plugin::start(&b, "node-a", &dgx)?;
@@ -27,14 +31,17 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "plugins started on node-a (8 x H100, 2 in MIG mode) and node-b (1 x L40S); applying examples/ ..."
     );
+    // Shares first: the whole-GPU examples would otherwise take the share nodes' GPUs.
+    let _shares = ShareNodes::start(&b)?;
+    println!(
+        "share plugins started on node-s (L40S, --consumable-shares=memory), node-h (8 x H100, memory), node-g (L40S, 4 shares); applying examples/shares/ ..."
+    );
+    let shares = run_share_scenarios(&b, Duration::from_secs(180)).await?;
+    println!("\n{}", render_shares(&shares));
     let reports = run_examples(&b, Duration::from_secs(180)).await?;
     let gpus = BTreeMap::from([("node-a".to_string(), &dgx), ("node-b".to_string(), &l40s)]);
     println!("\n{}", render(&reports, &gpus));
-    println!(
-        "plugin logs: {}/plugin-node-a.log, {}/plugin-node-b.log",
-        b.state_dir().display(),
-        b.state_dir().display()
-    );
+    println!("plugin logs: {}/plugin-<node>.log", b.state_dir().display());
     println!("\nexport KUBECONFIG={}", b.kubeconfig().display());
     println!("kubectl get resourceslices,resourceclaims -A; kubectl get pods -A -o wide");
     println!("Ctrl-C stops everything.");

@@ -152,6 +152,12 @@ pub struct PluginArgs {
     /// must already share `/dev/shm` (the host's, e.g. with `hostIPC`).
     #[arg(long, env = "GPU_DRA_MPS_PRIVATE_SHM")]
     pub mps_private_shm: bool,
+    /// Which GPUs in MIG mode the driver manages dynamically (partitionable devices: every
+    /// MIG placement is published and its instance created at prepare): `auto` (those
+    /// without instances other than the driver's own), `off`, or a comma-separated list of
+    /// GPU minors / UUIDs. The others keep static MIG (their existing instances).
+    #[arg(long, env = "GPU_DRA_DYNAMIC_MIG", default_value = "auto", value_parser = crate::prepare::mig_select::parse_mode)]
+    pub dynamic_mig: crate::prepare::mig_select::DynamicMigMode,
     /// Host /proc as seen by the plugin: device major numbers (`devices`) and MIG
     /// capability minors (`driver/nvidia/capabilities`) for the CDI device nodes.
     #[arg(long, env = "GPU_DRA_PROC_ROOT", default_value = "/proc", value_parser = parse_absolute)]
@@ -167,6 +173,17 @@ pub struct PluginArgs {
     /// XID: NoSchedule (no new claims) or NoExecute (also evict the pods using it).
     #[arg(long, env = "GPU_DRA_UNHEALTHY_TAINT_EFFECT", value_enum, default_value_t = crate::slices::taints::TaintEffect::NoSchedule)]
     pub unhealthy_taint_effect: crate::slices::taints::TaintEffect,
+    /// Seconds ResourceSlice publishing must keep failing before a Warning Event
+    /// `ResourceSlicePublishFailing` on the Node (one per outage; `...Recovered` follows).
+    #[arg(long, env = "GPU_DRA_SLICE_FAILURE_EVENT_AFTER", default_value_t = 60)]
+    pub slice_failure_event_after: u64,
+    /// Publish this node's full GPUs as consumable shares (KEP-5075, needs the
+    /// DRAConsumableCapacity gate, on by default since 1.36): `disabled` (exclusive GPUs),
+    /// `memory` (claims ask for `memory` bytes and `compute` percent; an amount left out
+    /// means the whole GPU) or a share count N (an amount left out means 1/N of the GPU;
+    /// serves `nvidia.com/gpu.shared`). MIG devices stay exclusive.
+    #[arg(long, env = "GPU_DRA_CONSUMABLE_SHARES", default_value = "disabled")]
+    pub consumable_shares: crate::slices::shares::ConsumableShares,
     /// The host's cgroup v2 root (`/sys/fs/cgroup`) as the plugin sees it: the GPU memory
     /// limit of a share is set on the cgroup of the pod its claim is reserved for, found
     /// here (`kubepods/...` or `kubepods.slice/...`).
@@ -225,12 +242,20 @@ pub struct InventoryArgs {
     /// Print the ResourceSlices the plugin would publish (YAML) instead of the devices.
     #[arg(long, env = "GPU_DRA_SLICES", requires = "node_name")]
     pub slices: bool,
+    /// With --slices: publish full GPUs as consumable shares, as `kubelet-plugin
+    /// --consumable-shares` does (`disabled`, `memory` or a share count).
+    #[arg(long, env = "GPU_DRA_CONSUMABLE_SHARES", default_value = "disabled")]
+    pub consumable_shares: crate::slices::shares::ConsumableShares,
     /// Node name used as pool name and in the slices; required with --slices.
     #[arg(long, env = "GPU_DRA_NODE_NAME", value_parser = parse_non_empty)]
     pub node_name: Option<String>,
     /// DRA driver name written into the slices.
     #[arg(long, env = "GPU_DRA_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME, value_parser = parse_driver_name)]
     pub driver_name: String,
+    /// The kubelet's root directory: the plugin's checkpoint there (read only, if any)
+    /// says which MIG devices are in use, as the plugin weighs them at start.
+    #[arg(long, env = "GPU_DRA_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
     /// Path of libnvidia-ml.so to load instead of the system's libnvidia-ml.so.1.
     #[arg(long, env = "GPU_DRA_NVML_LIB_PATH")]
     pub nvml_lib_path: Option<PathBuf>,

@@ -3,7 +3,8 @@
 //!
 //! Helm is the one `make tools` builds from the Go module proxy (tools/go.mod). Values
 //! files: the chart's `ci/*-values.yaml` (default, NVIDIA compat mode, GPU-operator
-//! layout, webhook with a chart-generated CA, webhook with cert-manager) must lint and
+//! layout, webhook with a chart-generated CA, webhook with cert-manager, MPS launcher
+//! `session`) must lint and
 //! render; `deploy/helm/bad-values/*.yaml` must fail `helm template` naming the field.
 //! Rendered objects are sent to the API server as server-side apply dry-runs with strict
 //! field validation (nothing changes in the box but the namespace, applied as
@@ -69,12 +70,13 @@ fn ci_values(name: &str) -> PathBuf {
     chart().join("ci").join(format!("{name}-values.yaml"))
 }
 
-const CI_VALUES: [&str; 5] = [
+const CI_VALUES: [&str; 6] = [
     "default",
     "compat",
     "gpu-operator",
     "webhook-generated-ca",
     "webhook-cert-manager",
+    "mps-session",
 ];
 
 /// The objects `helm template` renders with the `ci/<name>-values.yaml` file.
@@ -172,6 +174,7 @@ fn bad_values_fail_naming_the_field() {
         ),
         ("secret-without-ca.yaml", "at '/webhook/tls/caBundle'"),
         ("unknown-key.yaml", "'driverRoot' not allowed"),
+        ("unknown-mps-launcher.yaml", "at '/mps/launcher'"),
     ] {
         let out = template(&root().join("deploy/helm/bad-values").join(file));
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -211,13 +214,24 @@ fn default_values_use_the_image_make_image_tags() {
         .find(|e| e["name"] == "GPU_DRA_POD_UID")
         .expect("GPU_DRA_POD_UID");
     assert_eq!(uid["valueFrom"]["fieldRef"]["fieldPath"], "metadata.uid");
-    assert_eq!(
-        spec["volumes"].as_array().unwrap().last().unwrap()["hostPath"]["path"],
-        "/"
-    );
+    assert_eq!(volume(spec, "driver-root")["hostPath"]["path"], "/");
     assert_eq!(
         names_of(&objects, "DeviceClass"),
-        ["gpu.gpu-dra.dev", "mig.gpu-dra.dev"]
+        [
+            "gpu.gpu-dra.dev",
+            "mig.gpu-dra.dev",
+            "gpu-shared.gpu-dra.dev"
+        ]
+    );
+    let shared = find(&objects, "DeviceClass", "gpu-shared.gpu-dra.dev");
+    assert_eq!(
+        shared["spec"]["extendedResourceName"],
+        "nvidia.com/gpu.shared"
+    );
+    assert_eq!(
+        plugin_env(&objects, "GPU_DRA_CONSUMABLE_SHARES").as_deref(),
+        Some("disabled"),
+        "shares are off unless the admin turns them on"
     );
     assert!(
         names_of(&objects, "Deployment").is_empty(),
@@ -229,6 +243,123 @@ fn default_values_use_the_image_make_image_tags() {
     );
 }
 
+fn volume<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+fn plugin_pod(objects: &[Value]) -> &Value {
+    &find(objects, "DaemonSet", "gpu-dra-kubelet-plugin")["spec"]["template"]["spec"]
+}
+
+/// (mount path, volume name, read-only) of the plugin container's mounts.
+fn plugin_mounts(pod: &Value) -> Vec<(String, String, bool)> {
+    pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .map(|m| {
+            (
+                m["mountPath"].as_str().expect("mountPath").to_owned(),
+                m["name"].as_str().expect("name").to_owned(),
+                m["readOnly"] == true,
+            )
+        })
+        .collect()
+}
+
+fn plugin_args(pod: &Value) -> Vec<String> {
+    pod["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg").to_owned())
+        .collect()
+}
+
+/// The parsed `kubelet-plugin` flags of the rendered args (what the plugin would run with).
+fn parsed_plugin_args(pod: &Value) -> gpu_dra::cli::PluginArgs {
+    use clap::Parser as _;
+    let mut argv = vec!["gpu-dra".to_owned()];
+    argv.extend(plugin_args(pod));
+    argv.push("--node-name=n".to_owned());
+    match gpu_dra::cli::Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("rendered args {argv:?}: {e}"))
+        .command
+    {
+        gpu_dra::cli::Command::KubeletPlugin(args) => args,
+        _ => panic!("rendered args are not kubelet-plugin"),
+    }
+}
+
+#[test]
+fn default_mps_launcher_is_a_host_systemd_scope_with_its_wiring() {
+    let objects = render("default");
+    let pod = plugin_pod(&objects);
+    let args = parsed_plugin_args(pod);
+    assert_eq!(
+        args.mps_launcher,
+        gpu_dra::cli::MpsLauncherKind::SystemdScope
+    );
+    assert!(
+        args.mps_private_shm,
+        "daemon and clients share the claim's /dev/shm"
+    );
+    // systemd must see the launcher's PID: the host's PID namespace.
+    assert_eq!(pod["hostPID"], true);
+    let mounts = plugin_mounts(pod);
+    for (path, name) in [
+        ("/run/systemd", "host-systemd"),
+        ("/run/dbus/system_bus_socket", "host-dbus"),
+    ] {
+        assert!(
+            mounts.contains(&(path.to_owned(), name.to_owned(), true)),
+            "{path} mounted read-only from volume {name}: {mounts:?}"
+        );
+        assert_eq!(volume(pod, name)["hostPath"]["path"], path);
+    }
+    assert_eq!(volume(pod, "host-systemd")["hostPath"]["type"], "Directory");
+    assert_eq!(volume(pod, "host-dbus")["hostPath"]["type"], "Socket");
+    // The per-claim shm dirs live under the plugin data dir, a host path shared with the
+    // claim's containers through CDI.
+    assert!(
+        mounts
+            .iter()
+            .any(|(path, _, ro)| path == "/var/lib/kubelet/plugins" && !ro),
+        "{mounts:?}"
+    );
+    assert_eq!(pod["containers"][0]["securityContext"]["privileged"], true);
+}
+
+#[test]
+fn session_launcher_renders_no_host_pid_nor_systemd_mounts() {
+    let objects = render("mps-session");
+    let pod = plugin_pod(&objects);
+    let args = parsed_plugin_args(pod);
+    assert_eq!(args.mps_launcher, gpu_dra::cli::MpsLauncherKind::Session);
+    assert!(args.mps_private_shm);
+    assert!(pod.get("hostPID").is_none(), "hostPID rendered: {pod}");
+    let mounts = plugin_mounts(pod);
+    assert!(
+        !mounts.iter().any(|(path, _, _)| path.starts_with("/run/")),
+        "{mounts:?}"
+    );
+    for name in ["host-systemd", "host-dbus"] {
+        assert!(
+            !pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["name"] == name),
+            "volume {name} rendered"
+        );
+    }
+}
+
 #[test]
 fn compat_mode_renders_nvidia_named_device_classes() {
     let objects = render("compat");
@@ -237,6 +368,7 @@ fn compat_mode_renders_nvidia_named_device_classes() {
         [
             "gpu.nvidia.com",
             "mig.nvidia.com",
+            "gpu-shared.nvidia.com",
             "gpu-dev.nvidia.com",
             "gpu-prod.nvidia.com",
             "gpu-training.nvidia.com"

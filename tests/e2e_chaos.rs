@@ -11,11 +11,18 @@
 //! unprepare paths; while it stands the node must hold nothing of the claim (no spec, no
 //! checkpoint entry, GPU settings back, no daemon), and once cleared the node agent's
 //! retry must succeed and leave the node consistent.
+//!
+//! The recovery test keeps one pod of every claim kind running while the plugin is
+//! restarted over each kind of unusable checkpoint (`support::chaos::CORRUPTIONS`), while a
+//! second instance without a pod UID tries to start next to it (it must exit naming the
+//! holder and change nothing), and while a rolling-update instance (own pod UID) takes
+//! over from it. After each: the campaign's invariants, the GPU settings, MPS daemons and
+//! CDI specs as before, and a new pod on each live claim starts.
 
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -24,7 +31,9 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::{Value, json};
 
 use support::TestBox;
-use support::chaos::{self, KINDS, Kind, LiveClaim, NodeSnapshot, Violation};
+use support::chaos::{
+    self, CORRUPTIONS, Corruption, KINDS, Kind, LiveClaim, NodeSnapshot, Violation,
+};
 use support::driver::{DRIVER, FakeGpus, Plugin};
 
 const NODE: &str = "node-a";
@@ -144,10 +153,7 @@ const UNPREPARE_FAULTS: &[(Kind, &str)] = &[
 /// test names it, invariant id). Counted and printed, not failed; remove an entry once its
 /// fix is merged. A refused `quit` is logged and the daemon forgotten (unprepare succeeds,
 /// the daemon runs on); the fix belongs to the MPS supervisor (src/sharing/mps.rs).
-const KNOWN_FAULT_VIOLATIONS: &[(&str, &str)] = &[(
-    "unprepare of a Mps claim, fault in nvidia-cuda-mps-control quit",
-    "no-leftover-daemon",
-)];
+const KNOWN_FAULT_VIOLATIONS: &[(&str, &str)] = &[];
 /// A fault that fires on every matching call until cleared, counting down so the state
 /// shows that it fired.
 const STANDING: u32 = 1_000_000;
@@ -182,6 +188,48 @@ async fn fault_in_each_call_rolls_back_and_the_retry_succeeds() {
             c.b.log_tail(30)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_checkpoints_and_second_instances_keep_live_claims() {
+    let _node = NODE_LOCK.lock().await;
+    let b = support::shared();
+    let client = b.client().await;
+    let gpus = FakeGpus::new("dgx-h100-static-mig").unwrap();
+    let plugin = Plugin::start_in_group(b, NODE, &gpus).unwrap();
+    let ns = b.create_namespace("recovery").await;
+    let mut c = Campaign {
+        b,
+        client,
+        gpus,
+        plugin,
+        ns,
+        rng: fastrand::Rng::with_seed(0),
+        pods: BTreeMap::new(),
+        deleting: BTreeSet::new(),
+        next: 0,
+        created: 0,
+        deleted: 0,
+        violations: BTreeMap::new(),
+        first: BTreeMap::new(),
+    };
+    let mut others = Vec::new();
+    let started = Instant::now();
+    if let Err(err) = c.recovery(&mut others).await {
+        let logs: Vec<String> = others.iter().map(|p| p.log_tail(30)).collect();
+        panic!(
+            "{err:#}\n--- plugin log ---\n{}\n--- other instances ---\n{}\n--- box logs ---\n{}",
+            c.plugin.log_tail(60),
+            logs.join("\n---\n"),
+            c.b.log_tail(30)
+        );
+    }
+    eprintln!(
+        "recovery: {} corruptions, a refused and a rolling-update second instance, {} pods, in {:?}",
+        CORRUPTIONS.len(),
+        c.created,
+        started.elapsed()
+    );
 }
 
 impl Campaign {
@@ -470,7 +518,10 @@ impl Campaign {
             .kubelet_root(NODE)
             .join(format!("plugins/{DRIVER}/checkpoint.json"));
         let checkpoint = match std::fs::read(&cp_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)?,
+            // Unparsable (a corruption the restarted plugin has not replaced yet): no
+            // claims, so the invariants fail until it has.
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| Value::String(format!("unparsable checkpoint: {e}"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Value::Null,
             Err(e) => return Err(e.into()),
         };
@@ -517,4 +568,285 @@ fn process_alive(pid: u32) -> bool {
         .ok()
         .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
         .unwrap_or(false)
+}
+
+impl Campaign {
+    /// The recovery cases with one live pod of every kind (see the module docs);
+    /// `others` collects the second instances, for their logs on failure.
+    async fn recovery(&mut self, others: &mut Vec<Plugin>) -> anyhow::Result<()> {
+        self.setup().await?;
+        for kind in KINDS {
+            self.create(kind).await?;
+        }
+        self.settle().await?;
+        self.expect_consistent("one live claim of every kind")
+            .await?;
+        let mut before = self.snapshot()?;
+        for corruption in CORRUPTIONS {
+            let at = format!("restart over a {corruption:?} checkpoint");
+            self.plugin.kill_group();
+            let quarantined = self.quarantined()?;
+            let link_target = self.corrupt(corruption)?;
+            self.plugin.restart(&self.gpus)?;
+            self.wait_ready(&at).await?;
+            // Every unusable file is moved aside; one from another boot is only replaced.
+            let moved = self.quarantined()? - quarantined;
+            let want = usize::from(corruption != Corruption::PreviousBoot);
+            anyhow::ensure!(
+                moved == want,
+                "{at}: {moved} file(s) quarantined, want {want}"
+            );
+            if let Some((target, good)) = link_target {
+                anyhow::ensure!(
+                    std::fs::read(&target)? == good,
+                    "{at}: the plugin wrote through the symlink into {}",
+                    target.display()
+                );
+            }
+            self.settle().await.map_err(|e| e.context(at.clone()))?;
+            self.expect_kept(&at, &before).await?;
+            self.new_pods_on_live_claims(&at).await?;
+            before = self.snapshot()?;
+        }
+        self.refused_second_instance(others).await?;
+        self.rolling_update_instance(others).await?;
+        for name in self.pods.keys().cloned().collect::<Vec<_>>() {
+            self.delete(&name).await?;
+        }
+        self.settle().await?;
+        self.expect_consistent("every pod deleted after the recovery cases")
+            .await
+    }
+
+    fn plugin_dir(&self) -> PathBuf {
+        self.b.kubelet_root(NODE).join(format!("plugins/{DRIVER}"))
+    }
+
+    /// Quarantined checkpoints (`checkpoint.json.corrupt-*`) in the plugin dir.
+    fn quarantined(&self) -> anyhow::Result<usize> {
+        Ok(std::fs::read_dir(self.plugin_dir())?
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("checkpoint.json.corrupt-")
+            })
+            .count())
+    }
+
+    /// Replaces the (stopped) plugin's checkpoint by `corruption` of it; for a symlink,
+    /// returns the link's target and the content it must keep.
+    fn corrupt(&self, corruption: Corruption) -> anyhow::Result<Option<(PathBuf, Vec<u8>)>> {
+        let path = self.plugin_dir().join("checkpoint.json");
+        let good = std::fs::read(&path)?;
+        match corruption.content(&good) {
+            Some(bad) => {
+                std::fs::write(&path, bad)?;
+                Ok(None)
+            }
+            None => {
+                let target = self
+                    .b
+                    .state_dir()
+                    .join(format!("checkpoint-copy-{}", self.next));
+                std::fs::write(&target, &good)?;
+                std::fs::remove_file(&path)?;
+                std::os::unix::fs::symlink(&target, &path)?;
+                Ok(Some((target, good)))
+            }
+        }
+    }
+
+    /// Waits until the plugin answers `/readyz` with 200: start-up recovery is done and its
+    /// slices are published.
+    async fn wait_ready(&self, at: &str) -> anyhow::Result<()> {
+        self.b
+            .wait(SETTLE, &format!("{at}: plugin ready"), || async {
+                self.plugin.check_alive()?;
+                let (status, _) = self.plugin.probe("/readyz").await?;
+                Ok((status == 200).then_some(()))
+            })
+            .await
+    }
+
+    /// The invariants hold and the GPU settings, MPS daemons and CDI specs are those of
+    /// `before`.
+    async fn expect_kept(&self, at: &str, before: &NodeSnapshot) -> anyhow::Result<()> {
+        let mut found = self.converged().await?;
+        found.extend(chaos::kept(before, &self.snapshot()?));
+        anyhow::ensure!(found.is_empty(), "{at}: {found:?}");
+        Ok(())
+    }
+
+    /// Starts one more pod on each live claim (by claim name), waits until all run with
+    /// a container result, then deletes them (their claims stay reserved for the first
+    /// pods, so nothing is unprepared).
+    async fn new_pods_on_live_claims(&mut self, at: &str) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let mut extra = Vec::new();
+        for name in self.pods.keys().cloned().collect::<Vec<_>>() {
+            let claim = pods
+                .get(&name)
+                .await?
+                .status
+                .and_then(|s| s.resource_claim_statuses)
+                .and_then(|s| s.into_iter().next())
+                .and_then(|s| s.resource_claim_name)
+                .ok_or_else(|| anyhow::anyhow!("pod {name} has no generated claim"))?;
+            let pod_name = format!("p-{}", self.next);
+            self.next += 1;
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": pod_name},
+                "spec": {
+                    "resourceClaims": [{"name": "gpu", "resourceClaimName": claim}],
+                    "containers": [{"name": "ctr", "image": "registry.example/cuda:none",
+                                    "resources": {"claims": [{"name": "gpu"}]}}]
+                }
+            }))?;
+            pods.create(&PostParams::default(), &pod).await?;
+            self.created += 1;
+            extra.push(pod_name);
+        }
+        let (b, ns) = (self.b, self.ns.clone());
+        b.wait(
+            SETTLE,
+            &format!("{at}: new pods on the live claims run"),
+            || async {
+                self.plugin.check_alive()?;
+                for name in &extra {
+                    let p = pods.get(name).await?;
+                    let phase = p.status.and_then(|s| s.phase).unwrap_or_default();
+                    if phase != "Running" || b.container_result(NODE, &ns, name, "ctr").is_none() {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(()))
+            },
+        )
+        .await?;
+        for name in &extra {
+            pods.delete(name, &DeleteParams::default()).await?;
+            self.deleting.insert(name.clone());
+            self.deleted += 1;
+        }
+        self.settle().await?;
+        self.expect_consistent(&format!("{at}: new pods on the live claims deleted"))
+            .await
+    }
+
+    /// A second instance without a pod UID (a manual run next to the DaemonSet's) exits
+    /// with an error naming the holder; the first instance's state is byte for byte as it
+    /// was, and it still serves.
+    async fn refused_second_instance(&mut self, others: &mut Vec<Plugin>) -> anyhow::Result<()> {
+        let at = "a second instance without a pod UID";
+        let holder_pid = self.plugin.pid().unwrap_or_default();
+        let files = |dir: &Path| -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+            let mut out = BTreeMap::new();
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                if entry.file_type()?.is_file() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    out.insert(name, std::fs::read(entry.path())?);
+                }
+            }
+            Ok(out)
+        };
+        let before = self.snapshot()?;
+        let (plugin_files, cdi_files) = (files(&self.plugin_dir())?, files(&self.b.cdi_dir(NODE))?);
+        others.push(Plugin::start_unmanaged(self.b, NODE, &self.gpus, "second")?);
+        let second = others
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("no second instance"))?;
+        let status = self
+            .b
+            .wait(SETTLE, &format!("{at} exits"), || async {
+                second.exit_status()
+            })
+            .await?;
+        anyhow::ensure!(!status.success(), "{at} exited with {status}");
+        let log = second.log_tail(20);
+        anyhow::ensure!(
+            log.contains(&format!("pid {holder_pid} ")),
+            "{at}: its error names the holder (pid {holder_pid}):\n{log}"
+        );
+        self.plugin.check_alive()?;
+        anyhow::ensure!(
+            files(&self.plugin_dir())? == plugin_files,
+            "{at}: the plugin dir's files (checkpoint, lock record, verdicts) changed"
+        );
+        anyhow::ensure!(
+            files(&self.b.cdi_dir(NODE))? == cdi_files,
+            "{at}: CDI specs changed"
+        );
+        let after = self.snapshot()?;
+        anyhow::ensure!(
+            after.gpus.gpus == before.gpus.gpus,
+            "{at}: GPU state changed"
+        );
+        self.expect_kept(at, &before).await?;
+        self.new_pods_on_live_claims(at).await
+    }
+
+    /// A rolling-update instance (its own pod UID) starts while the first serves, the
+    /// kubelet switches to it, the first stops (SIGTERM) and the new one takes the lock
+    /// and serves every live claim from then on.
+    async fn rolling_update_instance(&mut self, others: &mut Vec<Plugin>) -> anyhow::Result<()> {
+        let at = "a rolling-update instance";
+        let before = self.snapshot()?;
+        let uid = uuid::Uuid::new_v4().to_string();
+        let next = Plugin::start_with(
+            self.b,
+            NODE,
+            &self.gpus,
+            "next",
+            &[format!("--pod-uid={uid}")],
+        )?;
+        let dra = next.dra_socket().to_path_buf();
+        self.b
+            .wait(
+                SETTLE,
+                &format!("the kubelet connected to {at}"),
+                || async {
+                    next.check_alive()?;
+                    Ok((connections(&dra) >= 1).then_some(()))
+                },
+            )
+            .await?;
+        // Served by the new instance, forwarded to the lock holder.
+        self.new_pods_on_live_claims(&format!("{at}, forwarding"))
+            .await?;
+        let status = self.plugin.terminate()?;
+        anyhow::ensure!(
+            status.is_some_and(|s| s.success()),
+            "the first instance stopped cleanly: {status:?}"
+        );
+        let old = std::mem::replace(&mut self.plugin, next);
+        others.push(old);
+        let lock = self.plugin_dir().join(gpu_dra::instance::LOCK_FILE);
+        let pid = self.plugin.pid().unwrap_or_default();
+        self.b
+            .wait(SETTLE, &format!("{at} holds the instance lock"), || async {
+                self.plugin.check_alive()?;
+                let holder = gpu_dra::instance::lock::read_holder(&lock);
+                Ok(holder.is_some_and(|h| h.pid == pid).then_some(()))
+            })
+            .await?;
+        self.expect_kept(&format!("{at}, after the take-over"), &before)
+            .await?;
+        self.new_pods_on_live_claims(&format!("{at}, after the take-over"))
+            .await
+    }
+}
+
+/// Connected (accepted) Unix sockets bound to `path`, from /proc/net/unix (state 03).
+fn connections(path: &Path) -> usize {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path = path.to_string_lossy();
+    table
+        .lines()
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() >= 8 && cols[5] == "03" && cols[7] == path
+        })
+        .count()
 }

@@ -3,7 +3,9 @@
 //! no release build — the recipe and everything checked here are the same): its index, manifest and config read as an OCI runtime would (digests
 //! checked), the entrypoint, user and labels those of deploy/image/Containerfile, and the
 //! unpacked root file system running `gpu-dra --version` and `gpu-dra inventory` (fake
-//! NVML copied in) under chroot, so every shared library the binary links is in the image.
+//! NVML copied in) under chroot, so every shared library the binary links is in the image,
+//! and every program of deploy/image/programs (the MPS launchers `setsid`, `systemd-run`,
+//! `unshare`, `mount`, `sh`) found through the image's PATH and running there too.
 //!
 //! Needs root (chroot; CI runs as root) and the archive of `make image-check`.
 
@@ -78,6 +80,16 @@ fn containerfile() -> (serde_json::Map<String, Value>, String, String) {
     (labels, user, entrypoint)
 }
 
+/// The programs of deploy/image/programs (absolute paths).
+fn programs() -> Vec<String> {
+    std::fs::read_to_string(root().join("deploy/image/programs"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split('#').next()?.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -149,6 +161,15 @@ fn image_archive_runs_the_plugin_binary_from_its_root_file_system() {
     ))
     .unwrap();
     let (labels, user, entrypoint) = containerfile();
+    // The default PATH of an image config (as BuildKit writes it): the plugin runs its
+    // launchers by name.
+    let image_path = config["config"]["Env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|e| e.as_str()?.strip_prefix("PATH="))
+        .expect("the image config sets PATH")
+        .to_owned();
     assert_eq!(config["os"], "linux");
     assert_eq!(
         config["config"]["Entrypoint"],
@@ -217,4 +238,45 @@ fn image_archive_runs_the_plugin_binary_from_its_root_file_system() {
         assert!(inventory.contains(&format!("gpu-{minor} ")), "{inventory}");
     }
     assert!(inventory.contains("NVIDIA H100 80GB HBM3"), "{inventory}");
+
+    // The MPS launchers, by name through the image's PATH as the plugin runs them.
+    let progs = programs();
+    for name in ["setsid", "systemd-run", "unshare", "mount", "sh"] {
+        assert!(
+            progs.iter().any(|p| p.ends_with(&format!("/{name}"))),
+            "{name} not in deploy/image/programs"
+        );
+    }
+    for program in &progs {
+        let name = Path::new(program).file_name().unwrap().to_str().unwrap();
+        let mut cmd = Command::new("chroot");
+        cmd.arg(&rootfs).env_clear().env("PATH", &image_path);
+        match name {
+            // dash has no --version: run a command.
+            "sh" => cmd.args([name, "-c", "echo sh runs"]),
+            _ => cmd.args([name, "--version"]),
+        };
+        let out = run(&mut cmd);
+        eprintln!("{program}: {}", out.lines().next().unwrap_or_default());
+        assert!(!out.trim().is_empty(), "{program} printed nothing");
+    }
+    // glibc's libraries the driver's nvidia-smi and nvidia-cuda-mps-control link.
+    for lib in ["libpthread.so.0", "libdl.so.2", "librt.so.1"] {
+        let found = walk(&rootfs).into_iter().any(|p| p.ends_with(lib));
+        assert!(found, "{lib} not in the image");
+    }
+}
+
+/// Every file below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            files.extend(walk(&e.path()));
+        } else {
+            files.push(e.path());
+        }
+    }
+    files
 }

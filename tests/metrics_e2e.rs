@@ -4,10 +4,12 @@
 //! One plugin on node-a (fake dgx-h100-static-mig), two pods: one on a whole GPU
 //! (time-sliced, Long), one on a 1g.10gb MIG device. The scrape must show the RPC
 //! latency, the prepared claims, the sharing policy of the GPU and one info series per
-//! pod; the rule's join keys (`on (UUID, GPU_I_ID)`) must then match exactly one series
+//! pod and container using the claim (each pod also has a sidecar without claims, which
+//! gets none); the rule's join keys (`on (UUID, GPU_I_ID)`) must then match exactly one series
 //! of tests/fixtures/dcgm-exporter-dgx-h100-static-mig.prom (dcgm-exporter's own label
 //! names) for each pod, giving each pod the value of its own device. Last, with the
-//! plugin stopped, `gpu-dra status -o json` still lists both pods on their devices.
+//! plugin stopped, `gpu-dra status -o json` still lists both pods on their devices and
+//! the GPU made unhealthy by XID 79.
 
 mod support;
 
@@ -100,7 +102,8 @@ fn pod(name: &str, template: &str) -> Pod {
         "spec": {
             "resourceClaims": [{"name": "gpu", "resourceClaimTemplateName": template}],
             "containers": [{"name": "ctr", "image": "registry.example/cuda:none",
-                            "resources": {"claims": [{"name": "gpu"}]}}]
+                            "resources": {"claims": [{"name": "gpu"}]}},
+                           {"name": "sidecar", "image": "registry.example/proxy:none"}]
         }
     }))
     .unwrap()
@@ -222,6 +225,13 @@ async fn metrics_are_scraped_and_join_dcgm_per_pod() {
         .find(|s| label(s, "pod") == "notebook")
         .unwrap_or_else(|| panic!("notebook info in {info:#?}"));
     assert!(label(trainer, "GPU_I_ID").is_empty(), "{trainer:?}");
+    // One series per container using the claim: `ctr`, not the sidecar without claims.
+    assert_eq!(label(trainer, "container"), "ctr", "{trainer:?}");
+    assert_eq!(label(notebook, "container"), "ctr", "{notebook:?}");
+    assert!(
+        !info.iter().any(|s| label(s, "container") == "sidecar"),
+        "{info:#?}"
+    );
     assert_eq!(label(notebook, "GPU_I_PROFILE"), "1g.10gb", "{notebook:?}");
     assert!(!label(notebook, "GPU_I_ID").is_empty(), "{notebook:?}");
     assert!(
@@ -243,8 +253,8 @@ async fn metrics_are_scraped_and_join_dcgm_per_pod() {
     );
 
     // The rules join on dcgm-exporter's label names.
-    let utilization = rule_expr("namespace_pod_device:gpu_dra_gpu_utilization:ratio");
-    let framebuffer = rule_expr("namespace_pod_device:gpu_dra_framebuffer_used:bytes");
+    let utilization = rule_expr("namespace_pod_container_device:gpu_dra_gpu_utilization:ratio");
+    let framebuffer = rule_expr("namespace_pod_container_device:gpu_dra_framebuffer_used:bytes");
     for (expr, dcgm) in [
         (&utilization, "DCGM_FI_PROF_GR_ENGINE_ACTIVE"),
         (&framebuffer, "DCGM_FI_DEV_FB_USED"),
@@ -252,8 +262,25 @@ async fn metrics_are_scraped_and_join_dcgm_per_pod() {
         assert!(expr.contains("on (UUID, GPU_I_ID) group_left"), "{expr}");
         assert!(expr.contains("max by (UUID, GPU_I_ID)"), "{expr}");
         assert!(
+            expr.contains("max by (namespace, pod, container, claim, UUID, GPU_I_ID)"),
+            "{expr}"
+        );
+        assert!(
             expr.contains(dcgm) && expr.contains("gpu_dra_prepared_device_info"),
             "{expr}"
+        );
+    }
+    // Per pod, each device counts once however many containers use it.
+    for record in [
+        "namespace_pod_device:gpu_dra_gpu_utilization:ratio",
+        "namespace_pod_device:gpu_dra_framebuffer_used:bytes",
+    ] {
+        let expr = rule_expr(record);
+        assert!(
+            expr.contains(
+                "max by (namespace, pod, claim, UUID, GPU_I_ID) (namespace_pod_container_device:"
+            ),
+            "{record}: {expr}"
         );
     }
     let fixture = parse(&std::fs::read_to_string(FIXTURE).unwrap());
@@ -344,6 +371,15 @@ async fn metrics_are_scraped_and_join_dcgm_per_pod() {
         .find(|g| g["uuid"] == trainer_uuid.as_str())
         .unwrap_or_else(|| panic!("{trainer_uuid} in {report}"));
     assert_eq!(gpu["strategy"], "TimeSlicing", "{gpu}");
+    assert_eq!(gpu["health"], "Healthy", "{gpu}");
+    let sick = report["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["uuid"] == idle.as_str())
+        .unwrap_or_else(|| panic!("{idle} in {report}"));
+    assert_eq!(sick["health"], "Unhealthy", "the plugin's verdict: {sick}");
+    assert_eq!(sick["xid"], 79, "{sick}");
     assert_eq!(gpu["timeSlice"], "Long", "{gpu}");
     assert_eq!(gpu["claims"][0]["pods"], json!(["trainer"]), "{gpu}");
     let mig = report["gpus"]

@@ -292,6 +292,51 @@ async fn webhook_rejects_bad_opaque_config_on_the_real_api_server() {
         );
     }
 
+    // A repeated key in the parameters (sent as raw bytes: typed clients cannot repeat
+    // one) reaches the webhook verbatim and is denied with its path.
+    let body = format!(
+        r#"{{"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {{"name": "repeated-key"}},
+            "spec": {{"devices": {{
+                "requests": [{{"name": "gpu", "exactly": {{"deviceClassName": "gpu.gpu-dra.dev"}}}}],
+                "config": [{{"requests": ["gpu"], "opaque": {{"driver": "{DRIVER}", "parameters":
+                    {{"apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig",
+                      "sharing": {{"strategy": "MPS", "strategy": "TimeSlicing"}}}}}}}}]}}}}}}"#
+    );
+    let post = http::Request::post(format!(
+        "/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaims"
+    ))
+    .header("content-type", "application/json")
+    .body(body.into_bytes())
+    .unwrap();
+    let status = rejection(client.request_text(post).await);
+    assert!(
+        status.message.contains(
+            "denied the request: spec.devices.config[0].opaque.parameters.sharing.strategy: \
+             duplicate key \"strategy\""
+        ),
+        "{}",
+        status.message
+    );
+
+    // Two different configs of one claim for one request: denied naming both entries.
+    let mut spec = claim_spec(DRIVER, mps(40));
+    spec["devices"]["config"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"requests": ["gpu"], "opaque": {"driver": DRIVER, "parameters": mps(60)}}));
+    let two: ResourceClaim =
+        serde_json::from_value(json!({"metadata": {"name": "two-configs"}, "spec": spec})).unwrap();
+    let status = rejection(claims.create(&PostParams::default(), &two).await);
+    assert!(
+        status.message.contains(
+            "spec.devices.config[1]: conflicts with spec.devices.config[0]: both configure \
+             request \"gpu\" with a different GpuConfig"
+        ),
+        "{}",
+        status.message
+    );
+
     // A good claim passes; so does a bad-looking config for another driver.
     let call = Instant::now();
     claims

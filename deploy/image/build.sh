@@ -1,7 +1,10 @@
 #!/bin/sh
 # Builds the OCI image archive of `make image` with no container engine: the release
-# binary, the shared libraries `ldd` lists for it (at their host paths, links followed),
-# /etc/passwd and /etc/group, with the labels, user and entrypoint of
+# binary, the programs of deploy/image/programs (setsid, systemd-run, unshare, mount, sh:
+# MPS daemon launchers) at their host paths, the shared libraries `ldd` lists for all of
+# them (at their host paths, links followed), glibc's libpthread, libdl and librt (which
+# the driver's nvidia-smi and nvidia-cuda-mps-control link; the plugin runs them in its
+# container), /etc/passwd and /etc/group, with the labels, user and entrypoint of
 # deploy/image/Containerfile (read from it, so both builds stay identical).
 # Usage: deploy/image/build.sh BINARY VERSION REF OUT   (OCIIMAGE: default tools/bin/ociimage)
 set -eu
@@ -12,8 +15,17 @@ containerfile=$here/Containerfile
 
 set -- -o "$out" -ref "$ref" -file "$bin=/usr/bin/gpu-dra" \
   -file "$here/passwd=/etc/passwd" -file "$here/group=/etc/group"
-libs=$(ldd "$bin" | grep -o '/[^ ]*') || { echo "build.sh: ldd $bin found no libraries" >&2; exit 1; }
-for lib in $libs; do set -- "$@" -file "$lib"; done
+programs=$(sed -e 's/#.*//' "$here/programs" | grep -o '/[^ ]*')
+files=
+for p in "$bin" $programs; do
+  [ -x "$p" ] || { echo "build.sh: $p missing: install it (make debs)" >&2; exit 1; }
+  libs=$(ldd "$p" | grep -o '/[^ ]*') || { echo "build.sh: ldd $p found no libraries" >&2; exit 1; }
+  files="$files $libs"
+done
+libc_dir=$(dirname "$(ldd "$bin" | grep -o '/[^ ]*/libc\.so\.6')")
+for lib in libpthread.so.0 libdl.so.2 librt.so.1; do files="$files $libc_dir/$lib"; done
+for p in $programs; do set -- "$@" -file "$p"; done
+for lib in $(printf '%s\n' $files | sort -u); do set -- "$@" -file "$lib"; done
 # LABEL k="v" lines (${VERSION} substituted), USER and the exec-form ENTRYPOINT.
 while IFS= read -r line; do
   case $line in

@@ -24,7 +24,9 @@ pub struct PodClaims {
     pub live: bool,
     /// Names of the ResourceClaims (in the pod's namespace) the pod uses: each
     /// `spec.resourceClaims[].resourceClaimName`, and for template claims the name the
-    /// claim controller wrote into `status.resourceClaimStatuses` (absent until it has).
+    /// claim controller wrote into `status.resourceClaimStatuses` (absent until it has),
+    /// and the claim the scheduler made for extended resources (KEP-5004,
+    /// `status.extendedResourceClaimStatus.resourceClaimName`).
     pub claims: BTreeSet<String>,
 }
 
@@ -40,6 +42,9 @@ impl PodClaims {
             .and_then(|s| s.resource_claim_statuses.as_ref())
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let extended = status
+            .and_then(|s| s.extended_resource_claim_status.as_ref())
+            .map(|e| e.resource_claim_name.clone());
         let claims = pod
             .spec
             .as_ref()
@@ -55,6 +60,7 @@ impl PodClaims {
                         .and_then(|g| g.resource_claim_name.clone())
                 })
             })
+            .chain(extended)
             .collect();
         Some(Self {
             pod: PodRef {

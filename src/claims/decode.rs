@@ -7,7 +7,9 @@
 //! nor which field). Opaque parameters (`spec.devices.config[].opaque.parameters`, copied
 //! to `status.allocation.devices.config`) are the only free-form part of a claim, so they
 //! are what a deep document nests in; the API server bounds their size (10 KiB), not
-//! their depth. Must not interpret the claim (the prepare and config modules do).
+//! their depth. A repeated key in an object (which only opaque parameters can carry, the
+//! API server re-encodes the rest) is refused naming it: serde_json would keep the last
+//! value silently. Must not interpret the claim (the prepare and config modules do).
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
 
@@ -31,6 +33,10 @@ pub enum DecodeError {
         /// Byte offset in the document where the limit was passed.
         offset: usize,
     },
+    /// A JSON object in the document repeats a key (in practice: in opaque parameters,
+    /// which the API server stores verbatim); decoding would silently keep the last value.
+    #[error("{0}")]
+    DuplicateKey(crate::config::DuplicateKey),
     /// The document is not a ResourceClaim of resource.k8s.io/v1.
     #[error("not a valid resource.k8s.io/v1 ResourceClaim")]
     Json(#[source] serde_json::Error),
@@ -69,11 +75,16 @@ pub fn check_depth(json: &[u8], limit: usize) -> Result<usize, DecodeError> {
     Ok(deepest)
 }
 
-/// Decodes one ResourceClaim, refusing documents nested deeper than [`MAX_DEPTH`].
+/// Decodes one ResourceClaim, refusing documents nested deeper than [`MAX_DEPTH`] and
+/// documents with a repeated key in an object (the first one found is named).
 ///
 /// Managed fields are dropped: they are large and never read by the driver.
 pub fn decode_claim(json: &[u8]) -> Result<ResourceClaim, DecodeError> {
     check_depth(json, MAX_DEPTH)?;
+    let duplicates = crate::config::find_duplicate_keys(json).map_err(DecodeError::Json)?;
+    if let Some(first) = duplicates.into_iter().next() {
+        return Err(DecodeError::DuplicateKey(first));
+    }
     let mut claim: ResourceClaim = serde_json::from_slice(json).map_err(DecodeError::Json)?;
     claim.metadata.managed_fields = None;
     Ok(claim)
@@ -142,5 +153,22 @@ mod tests {
             decode_claim(br#"{"metadata": 3}"#),
             Err(DecodeError::Json(_))
         ));
+    }
+
+    #[test]
+    fn a_repeated_key_in_opaque_parameters_is_refused_naming_it() {
+        let doc = r#"{"apiVersion":"resource.k8s.io/v1","kind":"ResourceClaim","metadata":{"name":"c"},
+            "spec":{"devices":{"config":[{"opaque":{"driver":"d","parameters":{"kind":"GpuConfig",
+            "sharing":{"strategy":"MPS","strategy":"TimeSlicing"}}}}]}}}"#;
+        let err = decode_claim(doc.as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::DuplicateKey(d)
+                if d.key_path() == "spec.devices.config[0].opaque.parameters.sharing.strategy"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("duplicate key \"strategy\""),
+            "{err}"
+        );
     }
 }

@@ -107,6 +107,7 @@ impl PodWatch {
     }
 
     fn apply(&self, event: watcher::Event<Pod>) -> Vec<ClaimKey> {
+        crate::metrics::events::pod_event(&event);
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         match event {
             watcher::Event::Init => {

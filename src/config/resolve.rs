@@ -13,12 +13,16 @@
 //! source a request-specific entry beats a general one wherever it is listed (NVIDIA's
 //! driver lets a later general entry win; we deem that surprising). Every applicable entry
 //! is validated, also those that lose: a bad config is reported, never silently ignored.
+//! Two applicable entries at the same (source, specificity) with the same kind and
+//! different configs are an error naming both ([`super::conflict`]): position would pick
+//! one and silently drop the other, so position only ever chooses between equal copies.
 
 use std::fmt;
 
 use k8s_openapi::api::resource::v1::DeviceAllocationConfiguration;
 
 use super::api::Config;
+use super::conflict::{Candidate, conflicts};
 use super::validate::{FieldError, join_errors, validate_opaque};
 
 /// Where an allocation config entry came from (`allocation.devices.config[].source`).
@@ -129,6 +133,7 @@ pub fn resolve(
 ) -> Result<Option<ResolvedConfig>, Vec<EntryError>> {
     let mut errors = Vec::new();
     let mut best: Option<((ConfigSource, Specificity, usize), ResolvedConfig)> = None;
+    let mut valid: Vec<(usize, (ConfigSource, Specificity), Config)> = Vec::new();
     for (index, entry) in configs.iter().enumerate() {
         let Some(opaque) = entry.opaque.as_ref().filter(|o| o.driver == driver) else {
             continue;
@@ -154,6 +159,7 @@ pub fn resolve(
         };
         match validate_opaque(&opaque.parameters.0) {
             Ok(config) => {
+                valid.push((index, (source, spec), config.clone()));
                 let key = (source, spec, index);
                 if best.as_ref().is_none_or(|(k, _)| key > *k) {
                     best = Some((
@@ -169,11 +175,65 @@ pub fn resolve(
             Err(field_errors) => errors.push(entry_error(field_errors)),
         }
     }
+    errors.extend(same_source_conflicts(configs, &valid, request));
+    errors.sort_by_key(|e| e.index);
     if errors.is_empty() {
         Ok(best.map(|(_, r)| r))
     } else {
         Err(errors)
     }
+}
+
+/// One [`EntryError`] on the later entry of each pair of `valid` entries (index, level,
+/// config) that conflict for `request` ([`conflicts`]), naming both.
+fn same_source_conflicts(
+    configs: &[DeviceAllocationConfiguration],
+    valid: &[(usize, (ConfigSource, Specificity), Config)],
+    request: &str,
+) -> Vec<EntryError> {
+    let candidates: Vec<Candidate<'_, _>> = valid
+        .iter()
+        .map(|(index, level, config)| Candidate {
+            index: *index,
+            level: *level,
+            config,
+        })
+        .collect();
+    conflicts(&candidates)
+        .into_iter()
+        .map(|c| {
+            let source = configs
+                .get(c.later)
+                .map(|e| e.source.clone())
+                .unwrap_or_default();
+            let what = match valid.iter().find(|v| v.0 == c.later).map(|v| v.1.1) {
+                Some(Specificity::General) => "every request".to_owned(),
+                _ => format!("request {request:?}"),
+            };
+            let origin = match ConfigSource::parse(&source) {
+                Some(ConfigSource::FromClass) => "DeviceClass config",
+                _ => "claim config",
+            };
+            let kind = valid
+                .iter()
+                .find(|v| v.0 == c.later)
+                .map_or("config", |v| v.2.kind().as_str());
+            EntryError {
+                index: c.later,
+                source,
+                errors: vec![FieldError::new(
+                    "",
+                    format!(
+                        "conflicts with {origin} #{earlier}: both configure {what} with a \
+                         different {kind}; the precedence rule would silently apply #{later} \
+                         only: remove one entry or merge them",
+                        earlier = c.earlier,
+                        later = c.later,
+                    ),
+                )],
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -240,9 +300,9 @@ mod tests {
     }
 
     #[test]
-    fn claim_beats_class_and_later_beats_earlier() {
+    fn claim_beats_class_and_later_copy_beats_earlier() {
         let configs = [
-            entry("FromClaim", &[], DRIVER, "Short"),
+            entry("FromClaim", &[], DRIVER, "Medium"),
             entry("FromClass", &[], DRIVER, "Long"),
             entry("FromClaim", &[], DRIVER, "Medium"),
         ];
@@ -251,6 +311,50 @@ mod tests {
             .expect("valid")
             .expect("some");
         assert_eq!((r.index, r.source), (0, ConfigSource::FromClaim));
+    }
+
+    #[test]
+    fn two_different_entries_of_one_source_for_one_request_are_rejected_naming_both() {
+        for (source, origin) in [
+            ("FromClaim", "claim config"),
+            ("FromClass", "DeviceClass config"),
+        ] {
+            let configs = [
+                entry(source, &["gpu"], DRIVER, "Short"),
+                entry("FromClaim", &["other"], DRIVER, "Long"),
+                entry(source, &["gpu"], DRIVER, "Medium"),
+            ];
+            let errs = resolve(&configs, DRIVER, "gpu").expect_err("conflict");
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!((errs[0].index, errs[0].source.as_str()), (2, source));
+            let text = errs[0].to_string();
+            assert!(
+                text.contains("#2 ") && text.ends_with(&format!("({source}): conflicts with {origin} #0: both configure request \"gpu\" with a different GpuConfig; the precedence rule would silently apply #2 only: remove one entry or merge them")),
+                "{text}"
+            );
+            // The other request is unaffected.
+            assert_eq!(winner(&configs, "other"), (1, TimeSliceInterval::Long));
+        }
+        // Two general entries of one source conflict for every request.
+        let configs = [
+            entry("FromClass", &[], DRIVER, "Short"),
+            entry("FromClass", &[], DRIVER, "Long"),
+        ];
+        let errs = resolve(&configs, DRIVER, "x").expect_err("conflict");
+        assert!(
+            errs[0].to_string().contains("both configure every request"),
+            "{}",
+            errs[0]
+        );
+        // Across sources or levels there is no conflict: that is what precedence is for.
+        let configs = [
+            entry("FromClass", &["gpu"], DRIVER, "Short"),
+            entry("FromClaim", &["gpu"], DRIVER, "Long"),
+            entry("FromClaim", &[], DRIVER, "Medium"),
+            entry("FromClaim", &["gpu/sub"], DRIVER, "Short"),
+        ];
+        assert_eq!(winner(&configs, "gpu"), (1, TimeSliceInterval::Long));
+        assert_eq!(winner(&configs, "gpu/sub"), (3, TimeSliceInterval::Short));
     }
 
     #[test]

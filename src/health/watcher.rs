@@ -121,6 +121,7 @@ fn record(state: &HealthState, event: &XidEvent, now: i64) {
         XidVerdict::Unhealthy(_) => {
             if let Some(message) = state.record_xid(&event.gpu_uuid, event.xid, now) {
                 error!(gpu = %event.gpu_uuid, xid = event.xid, %message, "GPU marked unhealthy");
+                crate::events::device_unhealthy(&event.gpu_uuid, event.xid, &message);
             }
         }
     }

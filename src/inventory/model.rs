@@ -108,6 +108,41 @@ pub struct Gpu {
     /// MIG devices that exist now (static MIG), sorted by placement start.
     #[serde(default)]
     pub mig_devices: Vec<MigDevice>,
+    /// Set when the driver manages this GPU's MIG instances itself (dynamic MIG,
+    /// partitionable devices): every placement is published and instances are created at
+    /// prepare. `None` for static MIG and non-MIG GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic_mig: Option<DynamicMig>,
+}
+
+/// Dynamic MIG facts of one GPU that the driver adds to the discovered inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DynamicMig {
+    /// GPU instances that exist but that this driver did not create (made by hand with
+    /// `nvidia-smi mig -cgi`, or by another tool): never destroyed, and no placement
+    /// overlapping them is published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign: Vec<ForeignInstance>,
+}
+
+/// A GPU instance on a dynamic MIG GPU that the driver does not own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ForeignInstance {
+    /// GPU instance id.
+    pub gi_id: u32,
+    /// GPU instance profile id (`info.id`).
+    pub gi_profile_id: u32,
+    /// Memory slices it occupies.
+    pub placement: Placement,
+}
+
+impl Placement {
+    /// True when the two memory-slice ranges share a slice.
+    pub fn overlaps(&self, other: &Placement) -> bool {
+        self.start < other.start + other.size && other.start < self.start + self.size
+    }
 }
 
 /// A GPU instance profile (NVML `nvmlGpuInstanceProfileInfo_t`) and its possible placements.

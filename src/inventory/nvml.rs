@@ -1,28 +1,35 @@
 //! Discovery of the inventory through NVML (nvml-wrapper over libnvidia-ml.so.1).
 //!
-//! Owns the read-only NVML queries that build an [`Inventory`]: enumeration, identity,
-//! memory, MIG mode, GPU instance profiles with their placements, and existing MIG
-//! devices (static MIG). Reading is kept mechanical; naming and derived values come from
+//! Owns the read-only NVML queries that build an [`Inventory`]: enumeration, identity and
+//! memory here, the MIG part in [`super::nvml_mig`]. A GPU whose MIG part fails is set
+//! apart in the [`Survey`] rather than failing the pass. Reading is kept mechanical; naming and derived values come from
 //! pure functions in [`super::model`] and here (tested without NVML). Calls nvml-wrapper
 //! does not expose safely go through [`crate::nvml_raw`]. It must not change GPU state.
 //! Every error names the NVML function and the GPU (UUID, or index before the UUID is known).
 
 use std::path::{Path, PathBuf};
 
+use nvml_wrapper::Nvml;
 use nvml_wrapper::error::NvmlError;
-use nvml_wrapper::struct_wrappers::device::ProfileInfo;
-use nvml_wrapper::{Device, Nvml};
 
-use super::model::{
-    ComputeCapability, Gpu, Inventory, MigDevice, MigProfile, MigState, PROFILE_INDEX_COUNT,
-    Placement, mig_profile_name,
-};
-use crate::nvml_raw;
+use super::model::{ComputeCapability, Gpu, Inventory, MigState};
+use super::nvml_mig::read_mig;
+use super::survey::{Survey, Unresolved};
 
 /// Source of the node's inventory; NVML in production, a fixed value in tests.
 pub trait Discover: Send + Sync {
     /// Reads the current inventory. Errors name the failing NVML function and GPU.
     fn discover(&self) -> Result<Inventory, DiscoverError>;
+
+    /// Reads the current inventory, setting apart the GPUs whose MIG shape could not be
+    /// read ([`Survey::unresolved`]) instead of failing. Errors: a system-wide query, or a
+    /// GPU that cannot even be named. Default: [`Discover::discover`], every GPU resolved.
+    fn survey(&self) -> Result<Survey, DiscoverError> {
+        Ok(Survey {
+            inventory: self.discover()?,
+            unresolved: Vec::new(),
+        })
+    }
 }
 
 /// Errors of inventory discovery.
@@ -56,6 +63,17 @@ pub enum DiscoverError {
         /// NVML's error.
         #[source]
         source: NvmlError,
+    },
+    /// `nvmlDeviceGetMigMode` answered NOT_SUPPORTED, yet the GPU lists a GPU instance
+    /// profile: the answer is taken for a failed query, the GPU's MIG mode is unknown.
+    #[error(
+        "NVML nvmlDeviceGetMigMode answered NOT_SUPPORTED for GPU {gpu}, which lists GPU instance profile index {profile_index}: MIG mode unknown"
+    )]
+    MigModeContradicted {
+        /// GPU UUID.
+        gpu: String,
+        /// A profile index `nvmlDeviceGetGpuInstanceProfileInfo` answered for.
+        profile_index: u32,
     },
     /// A MIG device refers to a GPU instance profile the GPU did not list.
     #[error(
@@ -124,7 +142,9 @@ impl NvmlDiscovery {
         &self.nvml
     }
 
-    fn read_gpu(&self, index: u32) -> Result<Gpu, DiscoverError> {
+    /// Reads GPU `index`: its identity (errors fail the whole discovery: the GPU cannot
+    /// even be named), then its MIG shape, whose failure makes the GPU unresolved.
+    fn read_gpu(&self, index: u32) -> Result<Reading, DiscoverError> {
         let at_index = format!("index {index}");
         let dev = self
             .nvml
@@ -147,15 +167,6 @@ impl NvmlDiscovery {
         let memory = dev
             .memory_info()
             .map_err(gpu_err("nvmlDeviceGetMemoryInfo_v2", &uuid))?;
-        let mig = match dev.mig_mode() {
-            Ok(mode) => MigState {
-                capable: true,
-                enabled: mode.current == 1,
-                pending: mode.pending == 1,
-            },
-            Err(NvmlError::NotSupported) => MigState::default(),
-            Err(e) => return Err(gpu_err("nvmlDeviceGetMigMode", &uuid)(e)),
-        };
         let compute_capability = ComputeCapability {
             major: u32::try_from(cc.major).unwrap_or(0),
             minor: u32::try_from(cc.minor).unwrap_or(0),
@@ -171,22 +182,40 @@ impl NvmlDiscovery {
             pcie_root: pcie_root(&self.sysfs_root, &pci.bus_id),
             pci_bus_id: pci.bus_id,
             memory_bytes: memory.total,
-            mig,
+            mig: MigState::default(),
             mig_profiles: Vec::new(),
             mig_devices: Vec::new(),
+            dynamic_mig: None,
         };
-        if gpu.mig.capable {
-            gpu.mig_profiles = read_profiles(&dev, &gpu)?;
-        }
-        if gpu.mig.enabled {
-            gpu.mig_devices = read_mig_devices(&dev, &gpu)?;
-        }
-        Ok(gpu)
+        Ok(match read_mig(&dev, &mut gpu) {
+            Ok(()) => Reading::Complete(gpu),
+            Err(error) => Reading::Unresolved(Unresolved {
+                index,
+                minor,
+                uuid: gpu.uuid,
+                error,
+            }),
+        })
     }
 }
 
+/// One GPU as read.
+enum Reading {
+    Complete(Gpu),
+    Unresolved(Unresolved),
+}
+
 impl Discover for NvmlDiscovery {
+    /// Errors also when a GPU's MIG shape could not be read (its error is returned).
     fn discover(&self) -> Result<Inventory, DiscoverError> {
+        let survey = self.survey()?;
+        match survey.unresolved.into_iter().next() {
+            Some(unresolved) => Err(unresolved.error),
+            None => Ok(survey.inventory),
+        }
+    }
+
+    fn survey(&self) -> Result<Survey, DiscoverError> {
         let driver_version =
             self.nvml
                 .sys_driver_version()
@@ -208,134 +237,35 @@ impl Discover for NvmlDiscovery {
                 function: "nvmlDeviceGetCount_v2",
                 source,
             })?;
-        let mut gpus = (0..count)
-            .map(|i| self.read_gpu(i))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut gpus = Vec::new();
+        let mut unresolved = Vec::new();
+        for index in 0..count {
+            match self.read_gpu(index)? {
+                Reading::Complete(gpu) => gpus.push(gpu),
+                Reading::Unresolved(u) => unresolved.push(u),
+            }
+        }
         gpus.sort_by_key(|g| g.index);
-        Ok(Inventory {
-            driver_version,
-            cuda_driver_version: cuda_version_string(cuda),
-            gpus,
+        Ok(Survey {
+            inventory: Inventory {
+                driver_version,
+                cuda_driver_version: cuda_version_string(cuda),
+                gpus,
+            },
+            unresolved,
         })
     }
 }
 
-fn gpu_err(function: &'static str, gpu: &str) -> impl FnOnce(NvmlError) -> DiscoverError {
+pub(super) fn gpu_err(
+    function: &'static str,
+    gpu: &str,
+) -> impl FnOnce(NvmlError) -> DiscoverError {
     let gpu = gpu.to_string();
     move |source| DiscoverError::Gpu {
         function,
         gpu,
         source,
-    }
-}
-
-/// Every GPU instance profile the GPU answers for, with its possible placements.
-fn read_profiles(dev: &Device<'_>, gpu: &Gpu) -> Result<Vec<MigProfile>, DiscoverError> {
-    let mut profiles = Vec::new();
-    for index in 0..PROFILE_INDEX_COUNT {
-        let info = match dev.profile_info(index) {
-            Ok(info) => info,
-            // Profiles a GPU does not have answer NotSupported (or InvalidArg on older drivers).
-            Err(NvmlError::NotSupported | NvmlError::InvalidArg | NvmlError::NotFound) => continue,
-            Err(e) => return Err(gpu_err("nvmlDeviceGetGpuInstanceProfileInfo", &gpu.uuid)(e)),
-        };
-        // Placements take the profile id (`info.id`, e.g. 19), not the index.
-        let placements = match nvml_raw::gpu_instance_possible_placements(dev, info.id) {
-            Ok(p) => p
-                .into_iter()
-                .map(|p| Placement {
-                    start: p.start,
-                    size: p.size,
-                })
-                .collect(),
-            Err(NvmlError::NotSupported) => Vec::new(),
-            Err(e) => {
-                return Err(gpu_err(
-                    "nvmlDeviceGetGpuInstancePossiblePlacements_v2",
-                    &gpu.uuid,
-                )(e));
-            }
-        };
-        profiles.push(profile_from_info(
-            index,
-            &info,
-            placements,
-            gpu.memory_bytes,
-        ));
-    }
-    Ok(profiles)
-}
-
-/// The existing MIG devices of a GPU in MIG mode.
-fn read_mig_devices(dev: &Device<'_>, gpu: &Gpu) -> Result<Vec<MigDevice>, DiscoverError> {
-    let max = dev
-        .mig_device_count()
-        .map_err(gpu_err("nvmlDeviceGetMaxMigDeviceCount", &gpu.uuid))?;
-    let mut devices = Vec::new();
-    for index in 0..max {
-        let mig = match dev.mig_device_by_index(index) {
-            Ok(m) => m,
-            // Unused slots answer NotFound.
-            Err(NvmlError::NotFound) => continue,
-            Err(e) => return Err(gpu_err("nvmlDeviceGetMigDeviceHandleByIndex", &gpu.uuid)(e)),
-        };
-        let uuid = mig
-            .uuid()
-            .map_err(gpu_err("nvmlDeviceGetUUID", &gpu.uuid))?;
-        let gi_id = nvml_raw::mig_gpu_instance_id(&mig)
-            .map_err(gpu_err("nvmlDeviceGetGpuInstanceId", &uuid))?;
-        let ci_id = nvml_raw::mig_compute_instance_id(&mig)
-            .map_err(gpu_err("nvmlDeviceGetComputeInstanceId", &uuid))?;
-        let gi = nvml_raw::gpu_instance_info(dev, gi_id)
-            .map_err(gpu_err("nvmlGpuInstanceGetInfo", &gpu.uuid))?;
-        let profile =
-            gpu.profile_by_id(gi.profile_id)
-                .ok_or_else(|| DiscoverError::UnknownProfile {
-                    gpu: gpu.uuid.clone(),
-                    index,
-                    profile_id: gi.profile_id,
-                })?;
-        let ci = nvml_raw::compute_instance_info(dev, gi_id, ci_id)
-            .map_err(gpu_err("nvmlComputeInstanceGetInfo_v2", &gpu.uuid))?;
-        let placement = Placement {
-            start: gi.placement.start,
-            size: gi.placement.size,
-        };
-        let ci_placement = Placement {
-            start: ci.placement.start,
-            size: ci.placement.size,
-        };
-        devices.push(
-            MigDevice::from_profile(gpu, profile, index, uuid, gi_id, ci_id, placement)
-                .with_compute_instance(ci.slice_count, ci_placement, ci.multiprocessors),
-        );
-    }
-    devices.sort_by_key(|d| (d.placement.start, d.gi_profile_id, d.ci_placement.start));
-    Ok(devices)
-}
-
-/// Converts NVML's profile info into the model, naming the profile.
-fn profile_from_info(
-    index: u32,
-    info: &ProfileInfo,
-    mut placements: Vec<Placement>,
-    device_memory: u64,
-) -> MigProfile {
-    placements.sort();
-    MigProfile {
-        name: mig_profile_name(info.slice_count, info.memory_size_mb, device_memory, index),
-        profile_index: index,
-        gi_profile_id: info.id,
-        slice_count: info.slice_count,
-        instance_count: info.instance_count,
-        memory_bytes: info.memory_size_mb.saturating_mul(1 << 20),
-        multiprocessors: info.multiprocessor_count,
-        copy_engines: info.copy_engine_count,
-        decoders: info.decoder_count,
-        encoders: info.encoder_count,
-        jpeg_engines: info.jpeg_count,
-        ofa_engines: info.ofa_count,
-        placements,
     }
 }
 
@@ -418,34 +348,6 @@ mod tests {
             }),
             "Blackwell"
         );
-    }
-
-    #[test]
-    fn profile_info_becomes_named_profile() {
-        let info = ProfileInfo {
-            copy_engine_count: 1,
-            decoder_count: 1,
-            encoder_count: 0,
-            id: 20,
-            instance_count: 1,
-            is_p2p_supported: false,
-            jpeg_count: 1,
-            memory_size_mb: 9984,
-            multiprocessor_count: 16,
-            ofa_count: 1,
-            slice_count: 1,
-        };
-        let placements = vec![
-            Placement { start: 6, size: 1 },
-            Placement { start: 0, size: 1 },
-        ];
-        let p = profile_from_info(7, &info, placements, 85_520_809_984);
-        assert_eq!(p.name, "1g.10gb+me");
-        assert_eq!(p.gi_profile_id, 20);
-        assert_eq!(p.profile_index, 7);
-        assert_eq!(p.memory_bytes, 9984 << 20);
-        assert_eq!(p.placements[0].start, 0);
-        assert_eq!(p.ofa_engines, 1);
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! Owns `gpu_dra_node_prepare_resources_duration_seconds`,
 //! `gpu_dra_node_unprepare_resources_duration_seconds`, `gpu_dra_claim_errors_total`,
 //! `gpu_dra_xid_events_total`, `gpu_dra_slice_publish_duration_seconds`,
-//! `gpu_dra_slice_publish_failures_total`, and the pods the prepare path saw in each
-//! claim's `status.reservedFor` (for the info series). Hooks never block and never fail.
+//! `gpu_dra_slice_publish_failures_total`, and, for the info series, the containers of
+//! this node's pods per claim (fed by the pod watch, [`super::pods`]) with the pods the
+//! prepare path saw in each claim's `status.reservedFor` as a fallback. Hooks never block
+//! and never fail.
 
 use std::collections::BTreeMap;
 use std::sync::{LazyLock, Mutex, PoisonError};
@@ -19,6 +21,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher;
+
+use super::pods::PodIndex;
 use crate::checkpoint::Checkpoint;
 use crate::prepare::PrepareError;
 use crate::sharing::SharingError;
@@ -61,6 +67,7 @@ struct Events {
     publish: Histogram,
     publish_failures: Counter,
     pods: Mutex<BTreeMap<String, Vec<String>>>,
+    pod_index: Mutex<PodIndex>,
 }
 
 static EVENTS: LazyLock<Events> = LazyLock::new(|| {
@@ -110,6 +117,7 @@ static EVENTS: LazyLock<Events> = LazyLock::new(|| {
         publish,
         publish_failures,
         pods: Mutex::new(BTreeMap::new()),
+        pod_index: Mutex::new(PodIndex::default()),
     }
 });
 
@@ -137,7 +145,7 @@ pub fn observe_rpc(rpc: Rpc, ok: bool, elapsed: Duration) {
 /// The `reason` label of a claim error: `claim` (ResourceClaim not readable or not
 /// usable), `plan` (devices or configs do not fit this node), `policy_conflict` (another
 /// claim holds the GPU under another policy), `sharing` (NVML, nvidia-smi or MPS failed),
-/// `device_nodes`, `cdi`, `checkpoint`.
+/// `device_nodes`, `cdi`, `checkpoint`, `dynamic_mig` (creating or destroying a MIG instance).
 pub fn reason(err: &PrepareError) -> &'static str {
     match err {
         PrepareError::Claim(_) => "claim",
@@ -147,6 +155,7 @@ pub fn reason(err: &PrepareError) -> &'static str {
         PrepareError::DeviceNodes(_) => "device_nodes",
         PrepareError::Cdi(_) => "cdi",
         PrepareError::Checkpoint(_) => "checkpoint",
+        PrepareError::DynamicMig(_) => "dynamic_mig",
     }
 }
 
@@ -188,14 +197,43 @@ pub fn forget_claim(claim_uid: &str) {
     map.remove(claim_uid);
 }
 
-/// The pods known for the claims of `checkpoint`, by claim UID. (Entries are removed by
-/// [`forget_claim`], not here: a claim being prepared is recorded before it reaches the
-/// checkpoint.)
-pub fn claim_pods(checkpoint: &Checkpoint) -> BTreeMap<String, Vec<String>> {
-    let map = EVENTS.pods.lock().unwrap_or_else(PoisonError::into_inner);
-    map.iter()
-        .filter(|(uid, _)| checkpoint.claims.contains_key(*uid))
-        .map(|(uid, pods)| (uid.clone(), pods.clone()))
+/// Hook of the node-scoped pod watch: keeps the containers of this node's pods per claim.
+pub fn pod_event(event: &watcher::Event<Pod>) {
+    EVENTS
+        .pod_index
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .apply(event);
+}
+
+/// Pods using one claim, each with the containers that use it (empty: none named).
+pub type ClaimUsers = Vec<(String, Vec<String>)>;
+
+/// The pods and containers using each claim of `checkpoint`, by claim UID: this node's
+/// pods that reference the claim (from the pod watch); where the watch knows none, the
+/// pods of the claim's `status.reservedFor` as prepare saw it, without containers.
+/// (Entries are removed by [`forget_claim`], not here: a claim being prepared is
+/// recorded before it reaches the checkpoint.)
+pub fn claim_pods(checkpoint: &Checkpoint) -> BTreeMap<String, ClaimUsers> {
+    let reserved = EVENTS.pods.lock().unwrap_or_else(PoisonError::into_inner);
+    let index = EVENTS
+        .pod_index
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    checkpoint
+        .claims
+        .iter()
+        .filter_map(|(uid, entry)| {
+            let mut users = index.users(&entry.namespace, &entry.name);
+            if users.is_empty() {
+                users = reserved
+                    .get(uid)?
+                    .iter()
+                    .map(|pod| (pod.clone(), Vec::new()))
+                    .collect();
+            }
+            Some((uid.clone(), users))
+        })
         .collect()
 }
 

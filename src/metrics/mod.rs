@@ -13,6 +13,7 @@
 //! settings or any other plugin state, and a scrape makes no NVML or API server call.
 
 pub mod events;
+pub mod pods;
 pub mod state;
 
 use std::sync::Arc;

@@ -10,6 +10,13 @@
 //! `gpu_dra_prepared_device_info * on(UUID, GPU_I_ID) group_left DCGM_FI_...` attaches
 //! namespace, pod and claim to a DCGM series. A whole GPU has no `GPU_I_ID`, which
 //! PromQL treats like the empty value DCGM leaves out for non-MIG GPUs.
+//!
+//! Shape of the info series: one series per prepared device x pod x container, where the
+//! pods are this node's pods referencing the claim and the containers those whose
+//! `resources.claims` (or, for an extended-resource claim, the pod's
+//! `status.extendedResourceClaimStatus.requestMappings`) use it ([`super::pods`]). A pod
+//! that lists the claim but gives it to no container has one series with `container=""`;
+//! a claim whose pods are not known (yet) has one with `pod=""` and `container=""`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
@@ -37,8 +44,9 @@ pub struct StateInput<'a> {
     pub health: &'a HealthSnapshot,
     /// The inventory (MIG GPU instance ids and profile names).
     pub inventory: &'a Inventory,
-    /// Pod names by claim UID (from the claims' `status.reservedFor`).
-    pub pods: &'a BTreeMap<String, Vec<String>>,
+    /// Pods using each claim and their containers using it, by claim UID
+    /// ([`super::events::claim_pods`]).
+    pub pods: &'a BTreeMap<String, super::events::ClaimUsers>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -118,18 +126,24 @@ pub fn registry(input: &StateInput<'_>) -> Registry {
             });
             let gi_id = mig.map(|m| m.gi_id.to_string()).unwrap_or_default();
             let profile = mig.map(|m| m.profile.clone()).unwrap_or_default();
-            let pods = input.pods.get(uid).cloned().unwrap_or_default();
-            let pods = if pods.is_empty() {
-                vec![String::new()]
-            } else {
-                pods
-            };
-            for pod in pods {
+            // One series per (pod, container) using the claim; `""` where unknown.
+            let mut users: Vec<(String, String)> = Vec::new();
+            for (pod, containers) in input.pods.get(uid).into_iter().flatten() {
+                if containers.is_empty() {
+                    users.push((pod.clone(), String::new()));
+                }
+                users.extend(containers.iter().map(|c| (pod.clone(), c.clone())));
+            }
+            if users.is_empty() {
+                users.push((String::new(), String::new()));
+            }
+            for (pod, container) in users {
                 let mut set = labels(&[
                     ("UUID", &record.gpu_uuid),
                     ("dra_device", &record.device),
                     ("namespace", &entry.namespace),
                     ("pod", &pod),
+                    ("container", &container),
                     ("claim", &entry.name),
                     ("claim_uid", uid),
                 ]);
@@ -197,7 +211,7 @@ pub fn registry(input: &StateInput<'_>) -> Registry {
     );
     registry.register(
         "gpu_dra_prepared_device_info",
-        "One series (value 1) per prepared device and pod; join with dcgm-exporter on(UUID, GPU_I_ID)",
+        "One series (value 1) per prepared device, pod and container using it; join with dcgm-exporter on(UUID, GPU_I_ID)",
         info,
     );
     registry
@@ -272,7 +286,16 @@ mod tests {
                 extra: BTreeMap::new(),
             },
         );
-        let pods = BTreeMap::from([("uid-1".to_owned(), vec!["a".to_owned(), "b".to_owned()])]);
+        let pods = BTreeMap::from([(
+            "uid-1".to_owned(),
+            vec![
+                (
+                    "a".to_owned(),
+                    vec!["main".to_owned(), "sidecar".to_owned()],
+                ),
+                ("b".to_owned(), vec![]),
+            ],
+        )]);
         let health = HealthSnapshot::default();
         let input = StateInput {
             checkpoint: &checkpoint,
@@ -283,14 +306,18 @@ mod tests {
         };
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry(&input)).expect("encode");
-        for pod in ["a", "b"] {
+        for (pod, container) in [("a", "main"), ("a", "sidecar"), ("b", "")] {
             let line = format!(
-                "gpu_dra_prepared_device_info{{UUID=\"{}\",dra_device=\"{}\",namespace=\"ml\",pod=\"{pod}\",claim=\"shared\",claim_uid=\"uid-1\"}} 1",
+                "gpu_dra_prepared_device_info{{UUID=\"{}\",dra_device=\"{}\",namespace=\"ml\",pod=\"{pod}\",container=\"{container}\",claim=\"shared\",claim_uid=\"uid-1\"}} 1",
                 whole.uuid,
                 whole.device_name()
             );
             assert!(out.contains(&line), "{line}\n{out}");
         }
+        assert!(
+            out.contains("pod=\"\",container=\"\",claim=\"mig\""),
+            "a claim without known pods still has its series: {out}"
+        );
         let mig_line = format!(
             "GPU_I_ID=\"{}\",GPU_I_PROFILE=\"{}\",mig_uuid=\"{}\"}} 1",
             mig.gi_id, mig.profile, mig.uuid

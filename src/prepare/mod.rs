@@ -14,6 +14,9 @@
 pub mod allocation;
 #[cfg(test)]
 mod limits_tests;
+pub mod mig_control;
+pub mod mig_dynamic;
+pub mod mig_select;
 pub mod plan;
 pub mod rebuild;
 mod recovery;
@@ -42,6 +45,8 @@ use crate::plugin::{ClaimRef, NodeDriver, PreparedDevice};
 use crate::sharing::memory_limit::{AppliedLimit, MemoryLimitRecord, MemoryLimiter};
 use crate::sharing::memory_limit_plan::{Decision, DeviceInput};
 use crate::sharing::{ClaimEdits, Policy, SharingError, SharingManager};
+use mig_control::MigControl;
+use mig_dynamic::InstanceRecord;
 use plan::{DevicePlan, PlanError, plan_claim, policy_groups};
 
 /// Why one claim could not be prepared or unprepared. The message says what to do.
@@ -66,6 +71,9 @@ pub enum PrepareError {
     /// The checkpoint could not be written.
     #[error("checkpoint: {0}; check free space and permissions of the plugin directory")]
     Checkpoint(#[from] CheckpointError),
+    /// A dynamic MIG instance could not be created or destroyed (names step and GPU).
+    #[error(transparent)]
+    DynamicMig(#[from] mig_dynamic::DynamicMigError),
 }
 
 /// Settings of a [`Preparer`].
@@ -91,6 +99,7 @@ pub struct Preparer<L> {
     checkpoint: CheckpointWriter,
     claim_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     memory_limits: Option<Arc<MemoryLimiter>>,
+    mig: Option<Arc<dyn MigControl>>,
 }
 
 impl<L: ClaimLookup> Preparer<L> {
@@ -111,7 +120,14 @@ impl<L: ClaimLookup> Preparer<L> {
             checkpoint,
             claim_locks: Mutex::new(HashMap::new()),
             memory_limits: None,
+            mig: None,
         }
+    }
+
+    /// Lets this preparer create and destroy dynamic MIG instances through `control`.
+    pub fn with_mig_control(mut self, control: Arc<dyn MigControl>) -> Self {
+        self.mig = Some(control);
+        self
     }
 
     /// Enforces the memory of GPU shares per pod with `limiter` (without one, shares
@@ -167,7 +183,7 @@ impl<L: ClaimLookup> Preparer<L> {
             let object = self.claims.get(claim).await?;
             crate::metrics::events::record_claim_pods(&claim.uid, &object);
             // Planning is synchronous: the borrow of the inventory ends before any await.
-            let plans = plan_claim(
+            let mut plans = plan_claim(
                 &object,
                 &self.inventory.borrow(),
                 &self.config.driver_name,
@@ -175,13 +191,11 @@ impl<L: ClaimLookup> Preparer<L> {
             )?;
             let decision = self.memory_decision(&object, &plans)?;
             let groups = policy_groups(&plans)?;
-            let records = records(claim, &plans);
             let limits = self.locate_limits(&claim.uid, &decision)?;
             let limit_record = MemoryLimitRecord::for_decision(&decision, limits.clone());
             if let Some(reason) = limit_record.as_ref().and_then(|r| r.scheduling_only.as_ref()) {
                 warn!(claim.uid = %claim.uid, reason = %reason, "GPU memory share prepared without a limit (scheduling-only shares allowed)");
             }
-            let has_side_effects = groups.iter().any(|g| g.policy.is_some()) || !limits.is_empty();
             let with_limits = |(uid, mut entry): (String, ClaimEntry)| {
                 if let Some(record) = &limit_record {
                     entry.extra.insert(
@@ -191,37 +205,154 @@ impl<L: ClaimLookup> Preparer<L> {
                 }
                 (uid, entry)
             };
+            let mut instances = instance_records(&plans);
+            if !instances.is_empty() {
+                self.check_placements_free(&plans, &instances).await?;
+            }
+            let has_side_effects = groups.iter().any(|g| g.policy.is_some())
+                || !limits.is_empty()
+                || !instances.is_empty();
             if has_side_effects {
-                let entry = with_limits(entry(claim, ClaimState::PrepareStarted, records.clone()));
+                let mut started =
+                    with_limits(entry(claim, ClaimState::PrepareStarted, records(claim, &plans)));
+                mig_dynamic::set_records(&mut started.1, &instances);
                 self.checkpoint
                     .update(move |cp| {
-                        cp.claims.insert(entry.0, entry.1);
+                        cp.claims.insert(started.0, started.1);
                     })
                     .await?;
             }
-            let (uid, completed) =
-                with_limits(entry(claim, ClaimState::PrepareCompleted, records));
-            let answer = answer(&completed);
+            let mut created = Vec::new();
             let done = async {
-                self.apply_limits(&claim.uid, limits).await?;
-                self.apply(claim, &plans, groups).await?;
+                self.create_instances(&mut plans, &mut instances, &mut created)
+                    .await?;
+                let after_create = |err: PrepareError| name_step(err, &instances);
+                self.apply_limits(&claim.uid, limits)
+                    .await
+                    .map_err(after_create)?;
+                self.apply(claim, &plans, groups)
+                    .await
+                    .map_err(after_create)?;
+                let (uid, mut completed) = with_limits(entry(
+                    claim,
+                    ClaimState::PrepareCompleted,
+                    records(claim, &plans),
+                ));
+                mig_dynamic::set_records(&mut completed, &instances);
+                let answer = answer(&completed);
                 self.checkpoint
                     .update(move |cp| {
                         cp.claims.insert(uid, completed);
                     })
-                    .await?;
-                Ok(())
+                    .await
+                    .map_err(|e| after_create(e.into()))?;
+                Ok::<_, PrepareError>(answer)
             };
-            if let Err(err) = done.await {
-                // Nothing of a failed prepare stays: policy, MPS daemon, spec, entry.
-                if let Err(undo) = self.release(&claim.uid).await {
-                    warn!(claim.uid = %claim.uid, error = %undo, "rolling back a failed prepare failed; retried at the next prepare or unprepare");
+            match done.await {
+                Ok(answer) => Ok(answer),
+                Err(err) => {
+                    // Nothing of a failed prepare stays: MIG instances it created (newest
+                    // first), policy, MPS daemon, spec, entry.
+                    if !created.is_empty()
+                        && let Some(control) = self.mig.clone()
+                    {
+                        let undo = tokio::task::spawn_blocking(move || {
+                            mig_dynamic::rollback(control.as_ref(), &mut created)
+                        })
+                        .await;
+                        if let Ok(Some(e)) = undo {
+                            warn!(claim.uid = %claim.uid, error = %e, "destroying MIG instances of a failed prepare failed");
+                        }
+                    }
+                    if let Err(undo) = self.release(&claim.uid).await {
+                        warn!(claim.uid = %claim.uid, error = %undo, "rolling back a failed prepare failed; retried at the next prepare or unprepare");
+                    }
+                    Err(err)
                 }
-                return Err(err);
             }
-            Ok(answer)
         })
         .await
+    }
+
+    fn mig_control(&self, device: &str) -> Result<Arc<dyn MigControl>, PrepareError> {
+        self.mig.clone().ok_or_else(|| {
+            mig_dynamic::DynamicMigError::NoControl {
+                device: device.to_owned(),
+            }
+            .into()
+        })
+    }
+
+    /// Fails naming the instance when an allocated placement is taken on the GPU.
+    async fn check_placements_free(
+        &self,
+        plans: &[DevicePlan],
+        instances: &[InstanceRecord],
+    ) -> Result<(), PrepareError> {
+        for (plan, rec) in plans.iter().filter(|p| p.dynamic.is_some()).zip(instances) {
+            let control = self.mig_control(&rec.device)?;
+            let (rec, ids) = (
+                rec.clone(),
+                plan.dynamic
+                    .as_ref()
+                    .map(|d| d.gpu_profile_ids.clone())
+                    .unwrap_or_default(),
+            );
+            mig_blocking(move || mig_dynamic::check_free(control.as_ref(), &rec, &ids)).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates the instance of every dynamic plan, in order, and points the plan at it.
+    async fn create_instances(
+        &self,
+        plans: &mut [DevicePlan],
+        instances: &mut [InstanceRecord],
+        created: &mut Vec<mig_dynamic::Created>,
+    ) -> Result<(), PrepareError> {
+        for (plan, rec) in plans
+            .iter_mut()
+            .filter(|p| p.dynamic.is_some())
+            .zip(instances.iter_mut())
+        {
+            let control = self.mig_control(&rec.device)?;
+            let mut owned = rec.clone();
+            let (owned, mine, result) = match tokio::task::spawn_blocking(move || {
+                let mut mine = Vec::new();
+                let result = mig_dynamic::create(control.as_ref(), &mut owned, &mut mine);
+                (owned, mine, result)
+            })
+            .await
+            {
+                Ok(out) => out,
+                Err(join) => std::panic::resume_unwind(join.into_panic()),
+            };
+            created.extend(mine);
+            result?;
+            *rec = owned;
+            if let (Some(uuid), Some(gi_id), Some(ci_id)) = (&rec.mig_uuid, rec.gi_id, rec.ci_id) {
+                plan.mig = Some(plan::MigTarget {
+                    uuid: uuid.clone(),
+                    gi_id,
+                    ci_id,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys the dynamic MIG instances of a checkpoint entry, newest first.
+    async fn destroy_instances(
+        &self,
+        records: Vec<InstanceRecord>,
+        by_placement: bool,
+    ) -> Result<(), PrepareError> {
+        for rec in records.into_iter().rev() {
+            let control = self.mig_control(&rec.device)?;
+            mig_blocking(move || mig_dynamic::destroy(control.as_ref(), &rec, by_placement))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Sharing actions, then the CDI spec.
@@ -309,10 +440,26 @@ impl<L: ClaimLookup> Preparer<L> {
     /// Undoes everything of a claim: sharing policy and MPS daemon, CDI spec, checkpoint
     /// entry — in that order, so a failure leaves the entry for a retry.
     async fn release(&self, uid: &str) -> Result<(), PrepareError> {
+        self.release_with(uid, false).await
+    }
+
+    /// [`Preparer::release`]; `by_placement` also destroys dynamic MIG instances recorded
+    /// without ids (a prepare cut short by a crash: start-up recovery only).
+    async fn release_with(&self, uid: &str, by_placement: bool) -> Result<(), PrepareError> {
         self.clear_limits(uid).await?;
         self.sharing.release(uid).await.map_err(Box::new)?;
         let (root, owned_uid) = (self.config.cdi_root.clone(), uid.to_owned());
         blocking(move || cdi::remove_spec(&root, &owned_uid)).await?;
+        let instances = self
+            .checkpoint
+            .snapshot()
+            .claims
+            .get(uid)
+            .map(mig_dynamic::records_of)
+            .unwrap_or_default();
+        if !instances.is_empty() {
+            self.destroy_instances(instances, by_placement).await?;
+        }
         if self.checkpoint.snapshot().claims.contains_key(uid) {
             let uid = uid.to_owned();
             self.checkpoint
@@ -475,6 +622,58 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Runs blocking NVML MIG work on the blocking pool.
+async fn mig_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, mig_dynamic::DynamicMigError> + Send + 'static,
+) -> Result<T, mig_dynamic::DynamicMigError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+/// The instance records (not yet created) of a claim's dynamic MIG plans, in plan order.
+fn instance_records(plans: &[DevicePlan]) -> Vec<InstanceRecord> {
+    plans
+        .iter()
+        .filter_map(|p| {
+            p.dynamic.as_ref().map(|d| InstanceRecord {
+                device: p.allocated.device.clone(),
+                gpu_uuid: p.gpu_uuid.clone(),
+                gpu_minor: p.gpu_minor,
+                gi_profile_id: d.gi_profile_id,
+                placement: d.placement,
+                gi_id: None,
+                ci_id: None,
+                mig_uuid: None,
+            })
+        })
+        .collect()
+}
+
+/// A failure after MIG instances were created, named by its step and the first instance's
+/// device and GPU; other errors pass through.
+fn name_step(err: PrepareError, instances: &[InstanceRecord]) -> PrepareError {
+    let Some(first) = instances.first() else {
+        return err;
+    };
+    let step = match &err {
+        PrepareError::DeviceNodes(_) => "reading the MIG capability device nodes",
+        PrepareError::Cdi(_) => "writing the CDI spec",
+        PrepareError::Checkpoint(_) => "writing the checkpoint",
+        PrepareError::Sharing(_) => "applying the sharing policy",
+        _ => return err,
+    };
+    mig_dynamic::DynamicMigError::Step {
+        step,
+        device: first.device.clone(),
+        gpu_uuid: first.gpu_uuid.clone(),
+        rolled_back: true,
+        source: Box::new(err),
+    }
+    .into()
+}
+
 fn cdi_node(node: devnodes::DeviceNode) -> DeviceNode {
     DeviceNode::char(node.path, node.major, node.minor)
 }
@@ -577,6 +776,7 @@ where
         .map(|(claim, result)| {
             let result = result.map_err(|err| {
                 crate::metrics::events::claim_error(op_name, &err);
+                crate::events::claim_failed(op_name, &claim, &err);
                 format!("claim {claim}: {}", error_chain(&err))
             });
             (claim.uid, result)

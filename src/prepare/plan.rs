@@ -17,8 +17,9 @@ use crate::config::{
     self, Config, DeviceFacts, EntryError, Sharing, TimeSliceInterval, join_errors,
     validate_for_device,
 };
-use crate::inventory::{DeviceRef, Inventory};
+use crate::inventory::{DeviceRef, Inventory, Placement};
 use crate::sharing::{MpsLimits, Policy, TimeSlice};
+use crate::slices::partitionable;
 
 /// The MIG part of a planned device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +45,19 @@ pub struct DevicePlan {
     pub mig: Option<MigTarget>,
     /// Sharing policy for the physical GPU; `None` leaves the GPU's policy as it is.
     pub policy: Option<Policy>,
+    /// Set for a dynamic MIG placement: the instance to create (then `mig` is filled).
+    pub dynamic: Option<DynamicPlan>,
+}
+
+/// A dynamic MIG placement to create at prepare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DynamicPlan {
+    /// GPU instance profile id.
+    pub gi_profile_id: u32,
+    /// Placement in memory slices.
+    pub placement: Placement,
+    /// Every GPU instance profile id of the GPU (to look for overlapping instances).
+    pub gpu_profile_ids: Vec<u32>,
 }
 
 impl DevicePlan {
@@ -138,6 +152,14 @@ pub enum PlanError {
         /// Request name.
         request: String,
     },
+    /// The full GPU of a dynamic MIG GPU was allocated (from stale slices).
+    #[error(
+        "device {device} is the full GPU of a dynamic MIG GPU, which this driver does not offer (it would have to leave MIG mode): the ResourceSlices the scheduler used are stale; ask for a MIG profile (device class mig.*, e.g. 7g.80gb for all of it) or run the GPU without dynamic MIG (--dynamic-mig)"
+    )]
+    DynamicFullGpu {
+        /// Device name.
+        device: String,
+    },
     /// More than one MPS policy in one claim.
     #[error(
         "a claim can run one MPS control daemon; requests of this claim ask for different MPS settings: give them one config"
@@ -164,6 +186,12 @@ pub fn plan_claim(
         .unwrap_or_default();
     let mut plans = Vec::with_capacity(allocated.len());
     for (index, device) in allocated.iter().enumerate() {
+        if let Some(target) = partitionable::resolve(inventory, &device.device) {
+            plans.push(plan_dynamic(
+                device, index, target, configs, driver, &allocated, inventory,
+            )?);
+            continue;
+        }
         let Some(found) = inventory.find_device(&device.device) else {
             return Err(PlanError::UnknownDevice {
                 device: device.device.clone(),
@@ -218,15 +246,83 @@ pub fn plan_claim(
                 device: device.device.clone(),
             });
         }
+        if mig.is_none() && partitionable::is_dynamic(gpu) {
+            return Err(PlanError::DynamicFullGpu {
+                device: device.device.clone(),
+            });
+        }
         plans.push(DevicePlan {
             allocated: device.clone(),
             gpu_uuid: gpu.uuid.clone(),
             gpu_minor: gpu.minor,
             mig,
             policy,
+            dynamic: None,
         });
     }
     Ok(plans)
+}
+
+/// Plans a dynamic MIG placement: like a static MIG device, the instance comes later.
+fn plan_dynamic(
+    device: &AllocatedDevice,
+    index: usize,
+    target: partitionable::DynamicTarget<'_>,
+    configs: &[k8s_openapi::api::resource::v1::DeviceAllocationConfiguration],
+    driver: &str,
+    allocated: &[AllocatedDevice],
+    inventory: &Inventory,
+) -> Result<DevicePlan, PlanError> {
+    let resolved =
+        config::resolve(configs, driver, &device.request).map_err(|errors| PlanError::Config {
+            request: device.request.clone(),
+            details: entry_errors(&errors),
+        })?;
+    let policy = match resolved.map(|r| r.config) {
+        None => None,
+        Some(config) => {
+            let facts = DeviceFacts {
+                is_mig: true,
+                memory_bytes: target.profile.memory_bytes,
+                uuid: None,
+                index_in_claim: Some(index),
+            };
+            validate_for_device(&config, &facts).map_err(|errors| PlanError::DeviceConfig {
+                device: device.device.clone(),
+                request: device.request.clone(),
+                details: join_errors(&errors),
+            })?;
+            policy_of(&config, allocated, inventory)?
+        }
+    };
+    if device.admin_access && policy.is_some() {
+        return Err(PlanError::AdminAccessPolicy {
+            device: device.device.clone(),
+            request: device.request.clone(),
+        });
+    }
+    if matches!(policy, Some(Policy::Mps(_))) {
+        return Err(PlanError::MpsOnMig {
+            device: device.device.clone(),
+        });
+    }
+    Ok(DevicePlan {
+        allocated: device.clone(),
+        gpu_uuid: target.gpu.uuid.clone(),
+        gpu_minor: target.gpu.minor,
+        mig: None,
+        policy,
+        dynamic: Some(DynamicPlan {
+            gi_profile_id: target.profile.gi_profile_id,
+            placement: target.placement,
+            gpu_profile_ids: target
+                .gpu
+                .mig_profiles
+                .iter()
+                .map(|p| p.gi_profile_id)
+                .collect(),
+        }),
+    })
 }
 
 /// Groups planned devices by policy, one group per distinct policy, for the sharing
@@ -239,10 +335,10 @@ pub fn plan_claim(
 /// [`PlanError::SeveralMps`] for two different MPS settings.
 pub fn policy_groups(plans: &[DevicePlan]) -> Result<Vec<PolicyGroup>, PlanError> {
     let mut per_gpu: BTreeMap<&str, &Option<Policy>> = BTreeMap::new();
-    for plan in plans
-        .iter()
-        .filter(|p| !p.allocated.admin_access && (p.mig.is_none() || p.policy.is_some()))
-    {
+    for plan in plans.iter().filter(|p| {
+        !p.allocated.admin_access
+            && ((p.mig.is_none() && p.dynamic.is_none()) || p.policy.is_some())
+    }) {
         if let Some(existing) = per_gpu.insert(&plan.gpu_uuid, &plan.policy)
             && existing != &plan.policy
         {

@@ -1,7 +1,7 @@
 //! Start-up recovery of the prepare state machine from the checkpoint.
 //!
 //! Rebuilds the sharing ledger from completed claims, rolls back prepares that stopped
-//! half-way (`PrepareStarted`), re-adopts or restarts MPS control daemons, and removes
+//! half-way (`PrepareStarted`, dynamic MIG instances included), re-adopts or restarts MPS control daemons, and removes
 //! CDI specs no completed claim owns (left by a crash between spec and checkpoint).
 //! When the checkpoint was lost, unusable or from another boot,
 //! [`Preparer::recover_after_loss`] first re-records the live claims found by
@@ -153,7 +153,9 @@ impl<L: ClaimLookup> Preparer<L> {
                 report.kept.push(uid.clone());
                 continue;
             }
-            match self.release(uid).await {
+            // By placement: a crash may have cut the prepare between creating a MIG
+            // instance and recording its id.
+            match self.release_with(uid, true).await {
                 Ok(()) => report.rolled_back.push(uid.clone()),
                 Err(err) => {
                     warn!(claim.uid = %uid, error = %error_chain(&err), "rolling back an incomplete prepare failed");

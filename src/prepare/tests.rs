@@ -22,16 +22,24 @@ use crate::sharing::{
 const DRIVER: &str = "gpu.gpu-dra.dev";
 const NODE: &str = "node-a";
 
-/// Records every hardware call; `fail_compute` makes compute-mode writes fail.
+/// Records every hardware call and holds what was set (read back by the manager);
+/// `fail_compute` makes compute-mode writes fail.
 #[derive(Default)]
 struct Hardware {
     calls: Mutex<Vec<String>>,
     fail_compute: bool,
+    modes: Mutex<std::collections::BTreeMap<String, ComputeMode>>,
+    slices: Mutex<std::collections::BTreeMap<String, TimeSlice>>,
 }
 
 impl Hardware {
     fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
+    }
+    /// GPUs come back from a reboot with the default settings.
+    fn reboot(&self) {
+        self.modes.lock().unwrap().clear();
+        self.slices.lock().unwrap().clear();
     }
 }
 
@@ -49,10 +57,17 @@ impl ComputeControl for Hardware {
             .lock()
             .unwrap()
             .push(format!("compute {gpu_uuid} {mode:?}"));
+        self.modes.lock().unwrap().insert(gpu_uuid.to_owned(), mode);
         Ok(())
     }
-    fn compute_mode(&self, _: &str) -> Result<ComputeMode, ControlError> {
-        Ok(ComputeMode::Default)
+    fn compute_mode(&self, gpu_uuid: &str) -> Result<ComputeMode, ControlError> {
+        Ok(self
+            .modes
+            .lock()
+            .unwrap()
+            .get(gpu_uuid)
+            .copied()
+            .unwrap_or(ComputeMode::Default))
     }
 }
 
@@ -66,10 +81,24 @@ impl TimeSliceControl for Hardware {
             .lock()
             .unwrap()
             .push(format!("timeslice {gpu_uuid} {interval:?}"));
+        self.slices
+            .lock()
+            .unwrap()
+            .insert(gpu_uuid.to_owned(), interval);
         async { Ok(()) }.boxed()
     }
-    fn time_slice<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<TimeSliceState, ControlError>> {
-        async { Ok(TimeSliceState::Supported(TimeSlice::Default)) }.boxed()
+    fn time_slice<'a>(
+        &'a self,
+        gpu_uuid: &'a str,
+    ) -> BoxFuture<'a, Result<TimeSliceState, ControlError>> {
+        let current = self
+            .slices
+            .lock()
+            .unwrap()
+            .get(gpu_uuid)
+            .copied()
+            .unwrap_or(TimeSlice::Default);
+        async move { Ok(TimeSliceState::Supported(current)) }.boxed()
     }
 }
 
@@ -750,6 +779,7 @@ async fn specs_from_before_the_boot_are_not_rebuilt() {
         .as_secs()
         + 3600;
     std::fs::write(r.dir.path().join("proc/stat"), format!("btime {boot}\n")).unwrap();
+    r.hw.reboot();
     let live = live_claims();
     let p = restarted_without_checkpoint(&r, live.clone());
     let report = p.recover_after_loss(Some(&live)).await;

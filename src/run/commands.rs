@@ -57,7 +57,35 @@ pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
     };
     let discovery =
         NvmlDiscovery::new(library.as_deref(), SYSFS_ROOT).context("initialising NVML")?;
-    let inventory = discovery.discover().context("discovering GPUs")?;
+    // As the plugin starts: a GPU whose MIG shape is unknown is withheld (and named).
+    let survey = discovery.survey().context("discovering GPUs")?;
+    let checkpoint = args
+        .kubelet_root
+        .join("plugins")
+        .join(&args.driver_name)
+        .join(crate::checkpoint::CHECKPOINT_FILE_NAME);
+    let in_use = match std::fs::read(&checkpoint).map_err(|e| e.to_string()) {
+        Ok(bytes) => match crate::checkpoint::model::decode(&bytes) {
+            Ok(cp) => super::withheld::in_use_of(&cp),
+            Err(reason) => {
+                eprintln!(
+                    "checkpoint {} unusable ({reason}): MIG devices in use unknown",
+                    checkpoint.display()
+                );
+                crate::inventory::InUse::default()
+            }
+        },
+        // No plugin ran here (or not as this user): nothing known to be in use.
+        Err(_) => crate::inventory::InUse::default(),
+    };
+    let resolved = crate::inventory::resolve(None, survey, &in_use);
+    for u in &resolved.holdback.withheld {
+        eprintln!(
+            "gpu-{} ({}) withheld: {}; run again once NVML reads it",
+            u.minor, u.uuid, u.reason
+        );
+    }
+    let inventory = resolved.inventory;
     if args.slices {
         let node = args.node_name.as_deref().unwrap_or_default();
         let slices = desired_slices(
@@ -66,7 +94,10 @@ pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
             node,
             "",
             1,
-            &SliceFeatures::default(),
+            &SliceFeatures {
+                consumable_shares: args.consumable_shares,
+                ..SliceFeatures::default()
+            },
         );
         print!(
             "{}",
@@ -130,12 +161,24 @@ pub async fn status(args: crate::cli::StatusArgs) -> anyhow::Result<()> {
             Err(e) => (Default::default(), Some(format!("{e:#}"))),
         }
     };
+    let verdicts_path = path.with_file_name(crate::health::verdicts::VERDICTS_FILE_NAME);
+    let (unhealthy, health_error) =
+        match std::fs::read_to_string(crate::checkpoint::DEFAULT_BOOT_ID_PATH) {
+            Ok(boot_id) => {
+                match crate::status::verdicts::read_verdicts(&verdicts_path, boot_id.trim()) {
+                    Ok(gpus) => (gpus, None),
+                    Err(e) => (Default::default(), Some(e)),
+                }
+            }
+            Err(e) => (Default::default(), Some(format!("boot id: {e}"))),
+        };
     let report = NodeStatus {
         node: args.node_name.clone(),
         checkpoint: path.display().to_string(),
         checkpoint_error,
         api_error,
-        gpus: build(&inventory, &checkpoint, &pods),
+        health_error,
+        gpus: build(&inventory, &checkpoint, &pods, &unhealthy),
     };
     match args.output {
         crate::cli::StatusOutput::Table => print!("{}", render_table(&report)),

@@ -6,6 +6,7 @@
 //! `anyhow` here and nowhere below.
 
 mod commands;
+mod withheld;
 
 pub use commands::{clear_unhealthy, inventory, migrate, status, webhook};
 
@@ -17,8 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use tokio::sync::watch;
 
 use crate::checkpoint::{CheckpointStore, CheckpointWriter, DEFAULT_BOOT_ID_PATH, LoadOutcome};
@@ -33,7 +33,7 @@ use crate::health::{
 use crate::http::HttpServer;
 use crate::http::probes::{DriverStatus, probe_channels};
 use crate::instance::{HandOverDriver, Holder, TAKE_OVER_TIMEOUT, startup};
-use crate::inventory::{Discover, NvmlDiscovery, refresh_inventory};
+use crate::inventory::{Discover, Holdback, NvmlDiscovery, Refresh, refresh_inventory, resolve};
 use crate::nvml_liveness::{self, NvmlPing};
 use crate::plugin::{
     NodeDriver, PluginServer, PluginServerConfig, RegistrationState, SHUTDOWN_GRACE,
@@ -51,6 +51,8 @@ use crate::slices::reconcile::Reconciler;
 const SYSFS_ROOT: &str = "/sys";
 /// How often the inventory is re-read (MIG instances created outside the driver).
 const INVENTORY_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+/// First retry of a GPU discovery could not read as it is (doubles up to the refresh).
+const INVENTORY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long a stopping instance waits for its last checkpoint write before exiting.
 const CHECKPOINT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// Time limit of one nvidia-smi or MPS control command.
@@ -180,8 +182,12 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     };
     let nvml_library = files.nvml_library.clone();
     let discovery: Arc<dyn Discover> = nvml.clone();
-    let inventory = discovery.discover().context("discovering GPUs")?;
-    info!(gpus = inventory.gpus.len(), driver_version = %inventory.driver_version, "discovered GPUs");
+    // GPUs whose MIG shape could not be read are set apart; what is published of them is
+    // decided once the checkpoint says what is in use.
+    let Some(survey) = first_survey(&discovery, &shutdown).await else {
+        return Ok(());
+    };
+    info!(gpus = survey.inventory.gpus.len(), unresolved = survey.unresolved.len(), driver_version = %survey.inventory.driver_version, "discovered GPUs");
     // Verdicts are read now (a successor serves health while it forwards); only the
     // lock holder writes them.
     let store = CheckpointStore::new(&plugin_dir, Path::new(DEFAULT_BOOT_ID_PATH));
@@ -191,11 +197,13 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     );
     let health = Arc::new(HealthState::restore(
         args.node_name.clone(),
-        inventory.clone(),
+        survey.inventory.clone(),
         unix_now(),
         load_verdicts(&verdicts)?,
     ));
     let client = kube_client(args.kubeconfig.as_deref()).await?;
+    // Notices are queued from here on; the poster starts once the checkpoint is loaded.
+    let notices = crate::events::install();
 
     // Read-only: runs while a successor forwards, so its health stream is current.
     tokio::spawn(nvml_liveness::watch_nvml(
@@ -258,21 +266,58 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         Arc::clone(&health),
         shutdown.clone(),
     ));
-    let (inventory_tx, inventory_rx) = watch::channel(inventory);
-    let inventory_rx_for_health = inventory_rx.clone();
     let loaded = store.load().context("reading the checkpoint")?;
-    report_checkpoint_outcome(&client, &args, &loaded.outcome).await;
+    let resolved = resolve(None, survey, &withheld::in_use_of(&loaded.checkpoint));
+    crate::inventory::refresh::log_change(&Holdback::default(), &resolved.holdback);
+    health.set_inventory(resolved.inventory.clone());
+    let (holdback_tx, holdback_rx) = watch::channel(resolved.holdback);
+    tokio::spawn(withheld::report_holdback(
+        client.clone(),
+        args.driver_name.clone(),
+        args.node_name.clone(),
+        holdback_rx,
+        shutdown.clone(),
+    ));
+    let (inventory_tx, inventory_rx) = watch::channel(resolved.inventory);
+    let inventory_rx_for_health = inventory_rx.clone();
+    report_checkpoint_outcome(&loaded.outcome);
     let (checkpoint, writer_task) = CheckpointWriter::spawn(store, loaded.checkpoint);
+    let checkpoint_now = checkpoint.subscribe();
+    tokio::spawn(crate::events::run(
+        client.clone(),
+        args.driver_name.clone(),
+        args.node_name.clone(),
+        checkpoint.subscribe(),
+        notices,
+        shutdown.clone(),
+    ));
+    let checkpoint_for_events = checkpoint.subscribe();
+    let (discovery, mig_control) =
+        dynamic_mig_setup(&args, discovery, &inventory_tx, &checkpoint, &nvml_library).await;
 
+    // nvidia-smi and the MPS daemons find the driver's libraries through links under the
+    // plugin dir; the plugin itself loaded NVML by path.
+    let tool_env = crate::tool_env::prepare(
+        &args.driver_root,
+        &nvml_library,
+        &plugin_dir.join(crate::tool_env::LIBRARY_DIR),
+    )
+    .unwrap_or_else(|err| {
+        tracing::warn!(error = %err, "nvidia-smi and MPS daemons run without the driver library path");
+        Vec::new()
+    });
     let sharing = SharingManager::new(
         Arc::new(
             NvmlComputeControl::new(Some(&nvml_library))
                 .context("initialising NVML for compute mode control")?,
         ),
-        Arc::new(NvidiaSmiTimeSlice::new(
-            tool_path(files.nvidia_smi, driver_root::NVIDIA_SMI),
-            TOOL_TIMEOUT,
-        )),
+        Arc::new(
+            NvidiaSmiTimeSlice::new(
+                tool_path(files.nvidia_smi, driver_root::NVIDIA_SMI),
+                TOOL_TIMEOUT,
+            )
+            .with_env(tool_env.clone()),
+        ),
         MpsSupervisor::new(MpsSettings {
             control_path: tool_path(files.mps_control, driver_root::MPS_CONTROL),
             root_dir: plugin_dir.join("mps"),
@@ -291,7 +336,8 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
             MpsLauncherKind::SystemdScope => MpsLauncher::SystemdScope {
                 systemd_run_path: "systemd-run".into(),
             },
-        }),
+        })
+        .with_tool_env(tool_env),
     );
     let (claims, pod_watch) = ClaimSource::new(client.clone(), &args.node_name);
     tokio::spawn(pod_watch.run());
@@ -303,6 +349,10 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     }));
     tokio::spawn(crate::metrics::events::follow_publish(
         probes.publish.subscribe(),
+    ));
+    tokio::spawn(crate::events::publish::follow_publish(
+        probes.publish.subscribe(),
+        std::time::Duration::from_secs(args.slice_failure_event_after),
     ));
     let preparer = Preparer::new(
         PreparerConfig {
@@ -321,32 +371,54 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         &nvml_library,
         &inventory_rx.borrow().driver_version,
     )));
+    let preparer = match mig_control {
+        Some(control) => preparer.with_mig_control(control),
+        None => preparer,
+    };
     tokio::spawn(crate::sharing::memory_limit_status::report_device_status(
         client.clone(),
         args.driver_name.clone(),
         preparer.checkpoint().subscribe(),
     ));
-    if loaded.outcome == LoadOutcome::Loaded {
-        preparer.recover().await;
+    let report = if loaded.outcome == LoadOutcome::Loaded {
+        preparer.recover().await
     } else {
         let live = list_node_claims_with_retry(&client, &args).await;
         let report = preparer.recover_after_loss(live.as_deref()).await;
-        report_rebuild(&client, &args, &report).await;
-    }
+        report_rebuild(&report);
+        report
+    };
+    crate::events::mps_recovered(&report.mps, &checkpoint_for_events.borrow());
 
-    let reconciler = Reconciler::for_node(
-        client.clone(),
-        &args.driver_name,
-        &args.node_name,
-        SliceFeatures::default(),
-    )
-    .await
-    .context("looking up this node for the ResourceSlices' owner")?
-    .with_health(health.subscribe_unhealthy(), args.unhealthy_taint_effect);
+    // The kubelet is served from local state while the API server is away; slices are
+    // published once it answers (`/readyz` stays false until then).
     let status_tx = probes.publish;
     let slices_stop = shutdown.clone();
+    let (slices_client, unhealthy, taint_effect) = (
+        client.clone(),
+        health.subscribe_unhealthy(),
+        args.unhealthy_taint_effect,
+    );
+    let (driver_name, node_name) = (args.driver_name.clone(), args.node_name.clone());
+    let consumable_shares = args.consumable_shares;
     tokio::spawn(async move {
+        let Some(reconciler) = Reconciler::for_node_when_reachable(
+            slices_client,
+            &driver_name,
+            &node_name,
+            SliceFeatures {
+                consumable_shares,
+                ..SliceFeatures::default()
+            },
+            &status_tx,
+            slices_stop.cancelled(),
+        )
+        .await
+        else {
+            return;
+        };
         if let Err(err) = reconciler
+            .with_health(unhealthy, taint_effect)
             .run(inventory_rx, status_tx, slices_stop.cancelled_owned())
             .await
         {
@@ -355,9 +427,14 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     });
     let refresh_stop = shutdown.clone();
     tokio::spawn(refresh_inventory(
-        discovery,
-        INVENTORY_REFRESH,
+        Refresh {
+            discover: discovery,
+            in_use: Arc::new(move || withheld::in_use_of(&checkpoint_now.borrow())),
+            interval: INVENTORY_REFRESH,
+            retry: INVENTORY_RETRY,
+        },
         inventory_tx,
+        holdback_tx,
         refresh_stop.cancelled_owned(),
     ));
 
@@ -409,6 +486,31 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
     info!(lock = %instance_lock.path().display(), "releasing the instance lock");
     drop(instance_lock);
     served
+}
+
+/// The first discovery, asked again with backoff ([`INVENTORY_RETRY`] doubling up to
+/// [`INVENTORY_REFRESH`]) while NVML fails as a whole, so a transient error at start does
+/// not end the process; `None` on `shutdown`.
+async fn first_survey(
+    discovery: &Arc<dyn Discover>,
+    shutdown: &CancellationToken,
+) -> Option<crate::inventory::Survey> {
+    let mut backoff = INVENTORY_RETRY;
+    loop {
+        let d = Arc::clone(discovery);
+        match tokio::task::spawn_blocking(move || d.survey()).await {
+            Ok(Ok(survey)) => return Some(survey),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::new(err)), retry_in_ms = backoff.as_millis() as u64, "discovering GPUs failed; nothing is published until it works")
+            }
+            Err(err) => tracing::warn!(error = %err, "GPU discovery task failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(INVENTORY_REFRESH);
+    }
 }
 
 /// Restores the unhealthy verdicts of this boot, logging what was found.
@@ -537,12 +639,81 @@ async fn list_node_claims_with_retry(
     None
 }
 
-/// Posts what recovery rebuilt after a checkpoint loss as a Node Event.
-async fn report_rebuild(
-    client: &kube::Client,
+/// Chooses the dynamic MIG GPUs (`--dynamic-mig`), marks them in the inventory, reports
+/// GPU instances on them that the driver did not create (log and a Node Event), and
+/// returns the annotating discovery plus the NVML MIG control (`None` when no GPU is
+/// dynamic or NVML cannot be initialised for it: then nothing is marked dynamic).
+async fn dynamic_mig_setup(
     args: &PluginArgs,
-    report: &crate::prepare::RecoveryReport,
+    discovery: Arc<dyn Discover>,
+    inventory_tx: &watch::Sender<crate::inventory::Inventory>,
+    checkpoint: &CheckpointWriter,
+    nvml_library: &Path,
+) -> (
+    Arc<dyn Discover>,
+    Option<Arc<dyn crate::prepare::mig_control::MigControl>>,
 ) {
+    use crate::prepare::{mig_control, mig_select};
+    let owned = mig_select::owned_records(&checkpoint.snapshot());
+    let mut chosen = mig_select::choose(&inventory_tx.borrow(), &args.dynamic_mig, &owned);
+    let control = if chosen.is_empty() {
+        None
+    } else {
+        match mig_control::NvmlMigControl::new(Some(nvml_library)) {
+            Ok(c) => Some(Arc::new(c) as Arc<dyn mig_control::MigControl>),
+            Err(err) => {
+                tracing::error!(error = %err, "dynamic MIG disabled: NVML MIG control unavailable");
+                chosen.clear();
+                None
+            }
+        }
+    };
+    inventory_tx.send_modify(|inv| mig_select::annotate(inv, &chosen, &owned));
+    let foreign: Vec<String> = inventory_tx
+        .borrow()
+        .gpus
+        .iter()
+        .flat_map(|g| {
+            g.dynamic_mig.iter().flat_map(move |d| {
+                d.foreign.iter().map(move |f| {
+                    format!(
+                        "GPU {} instance {} (profile id {}, memory slices {}..{})",
+                        g.uuid,
+                        f.gi_id,
+                        f.gi_profile_id,
+                        f.placement.start,
+                        f.placement.start + f.placement.size
+                    )
+                })
+            })
+        })
+        .collect();
+    if !chosen.is_empty() {
+        info!(gpus = ?chosen, "dynamic MIG GPUs");
+    }
+    if !foreign.is_empty() {
+        let note = format!(
+            "GPU instances this driver did not create on dynamic MIG GPUs are kept and their placements not offered: {}; to hand them back, delete them (nvidia-smi mig -i <gpu> -dci -gi <id>, then -dgi -gi <id>) when no workload uses them",
+            foreign.join("; ")
+        );
+        tracing::warn!(note = %note, "unknown MIG instances");
+        crate::events::notify(crate::events::Notice::Node {
+            warning: true,
+            reason: "UnknownMigInstances".into(),
+            action: "DiscoverMigInstances".into(),
+            note,
+        });
+    }
+    let wrapped: Arc<dyn Discover> = Arc::new(mig_select::DynamicMigDiscovery::new(
+        discovery,
+        chosen,
+        checkpoint.clone(),
+    ));
+    (wrapped, control)
+}
+
+/// Posts what recovery rebuilt after a checkpoint loss as a Node Event.
+fn report_rebuild(report: &crate::prepare::RecoveryReport) {
     let (type_, reason, note) = if report.deferred {
         (
             EventType::Warning,
@@ -564,38 +735,17 @@ async fn report_rebuild(
         )
     };
     tracing::info!(reason, note = %note, "checkpoint recovery");
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: args.driver_name.clone(),
-            instance: Some(args.node_name.clone()),
-        },
-    );
-    let node = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Node".into()),
-        name: Some(args.node_name.clone()),
-        ..ObjectReference::default()
-    };
-    let event = Event {
-        type_,
+    crate::events::notify(crate::events::Notice::Node {
+        warning: type_ == EventType::Warning,
         reason: reason.into(),
-        note: Some(note),
         action: "RecoverClaims".into(),
-        secondary: None,
-    };
-    if let Err(err) = recorder.publish(&event, &node).await {
-        tracing::warn!(error = %err, "posting the recovery Event on the node failed");
-    }
+        note,
+    });
 }
 
 /// Logs how the checkpoint was loaded; a quarantined or previous-boot checkpoint is also
 /// reported as a Warning Event on this node, so `kubectl describe node` shows it.
-async fn report_checkpoint_outcome(
-    client: &kube::Client,
-    args: &PluginArgs,
-    outcome: &LoadOutcome,
-) {
+fn report_checkpoint_outcome(outcome: &LoadOutcome) {
     let (reason, note) = match outcome {
         LoadOutcome::Fresh | LoadOutcome::Loaded => return,
         LoadOutcome::PreviousBoot {
@@ -623,29 +773,12 @@ async fn report_checkpoint_outcome(
         ),
     };
     tracing::warn!(reason, note = %note, "checkpoint");
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: args.driver_name.clone(),
-            instance: Some(args.node_name.clone()),
-        },
-    );
-    let node = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Node".into()),
-        name: Some(args.node_name.clone()),
-        ..ObjectReference::default()
-    };
-    let event = Event {
-        type_: EventType::Warning,
+    crate::events::notify(crate::events::Notice::Node {
+        warning: true,
         reason: reason.into(),
-        note: Some(note),
         action: "LoadCheckpoint".into(),
-        secondary: None,
-    };
-    if let Err(err) = recorder.publish(&event, &node).await {
-        tracing::warn!(error = %err, "posting the checkpoint Event on the node failed");
-    }
+        note,
+    });
 }
 
 /// The per-pod GPU memory limiter, with support detected now; an NVML library that cannot

@@ -274,6 +274,7 @@ impl ComputeControl for NvmlComputeControl {
 pub struct NvidiaSmiTimeSlice {
     nvidia_smi: PathBuf,
     timeout: Duration,
+    env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
 }
 
 impl NvidiaSmiTimeSlice {
@@ -282,7 +283,16 @@ impl NvidiaSmiTimeSlice {
         Self {
             nvidia_smi: nvidia_smi.into(),
             timeout,
+            env: Vec::new(),
         }
+    }
+
+    /// Runs nvidia-smi with these environment variables added (the driver library path,
+    /// [`crate::tool_env`]); the plugin's own environment is not changed.
+    #[must_use]
+    pub fn with_env(mut self, env: Vec<(std::ffi::OsString, std::ffi::OsString)>) -> Self {
+        self.env = env;
+        self
     }
 
     fn command_line(&self, args: &[&str]) -> String {
@@ -307,6 +317,7 @@ impl NvidiaSmiTimeSlice {
         };
         let child = tokio::process::Command::new(&self.nvidia_smi)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

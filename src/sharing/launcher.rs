@@ -15,19 +15,28 @@
 //!   plugin leaves it running. This is enough where the plugin runs as a host process
 //!   (the test box, a systemd service) but not inside a container: the daemon is still in
 //!   the container's cgroup, which the runtime kills whole.
-//! - [`MpsLauncher::SystemdScope`] (for the DaemonSet): `systemd-run --scope` asks the
-//!   host's systemd, over its D-Bus socket, to move the launcher into a transient scope
+//! - [`MpsLauncher::SystemdScope`] (the chart's default, value `mps.launcher`, for the
+//!   DaemonSet): `systemd-run --scope` asks the
+//!   host's systemd, through its D-Bus API, to move the launcher into a transient scope
 //!   unit `gpu-dra-mps-<claimUID>.scope`, a cgroup of the host's, not the container's.
 //!   The daemon it forks stays in that scope, so a plugin container restart or a
 //!   DaemonSet upgrade leaves it and its clients running; the scope ends when the daemon
 //!   quits (`--collect` also unloads a failed one). Needs the host's PID namespace
 //!   (`hostPID: true`, systemd must see the PID), `/run/systemd` and
-//!   `/run/dbus/system_bus_socket` mounted from the host, and `systemd-run` in the image.
+//!   `/run/dbus/system_bus_socket` mounted from the host (read-only is enough: run as
+//!   root, `systemd-run` talks to systemd's private socket `/run/systemd/private`), and
+//!   `systemd-run` in the image; the chart renders all of it for that value.
 //!   Chosen over a separate long-lived container in the plugin pod because a DaemonSet
 //!   upgrade replaces the whole pod, sidecar included; and over talking D-Bus ourselves
 //!   because `systemd-run` is systemd's own, maintained client of that API.
 //! - [`MpsLauncher::Direct`]: no wrapper (the daemon is the plugin's descendant);
 //!   for tests of the supervisor itself.
+//!
+//! Tested as a container runtime stops a container, every process of the plugin's cgroup
+//! killed at once (cgroup v2 `cgroup.kill`), in tests/mps_cgroup_kill.rs: a `session`
+//! daemon dies with the cgroup; a `systemd-scope` daemon, started through the real
+//! `systemd-run` of a real systemd (PID 1 of its own namespaces), lives on in its scope
+//! and is re-adopted. tests/mps_detached.rs covers the process-group kill.
 
 use std::path::PathBuf;
 

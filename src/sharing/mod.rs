@@ -5,8 +5,9 @@
 //! actions and container edits, orders operations per GPU (an async mutex per GPU UUID;
 //! no node-wide lock: different GPUs proceed in parallel), and rolls back a claim's partial
 //! changes when one GPU fails. Submodules: [`control`] (NVML compute mode and
-//! `nvidia-smi compute-policy` seams), [`policy`] (the pure conflict ledger), [`mps`] (MPS
-//! control daemon supervisor).
+//! `nvidia-smi compute-policy` seams), `gpu_settings` (each setting set, read back, and
+//! stale ones reset), [`policy`] (the pure conflict ledger), [`mps`] (MPS control daemon
+//! supervisor).
 //!
 //! Must not: write the checkpoint or CDI files (the prepare state machine does; it gets
 //! [`ClaimEdits`] as data and rebuilds this module's state with [`SharingManager::restore`]),
@@ -20,6 +21,7 @@
 //! before setting, daemons supervised by the plugin, per-GPU rather than node-wide locking.
 
 pub mod control;
+mod gpu_settings;
 pub mod launcher;
 pub mod memory_limit;
 pub mod memory_limit_cgroup;
@@ -76,6 +78,26 @@ pub enum SharingError {
         #[source]
         source: ControlError,
     },
+    /// The GPU reports success for a setting it does not hold when read back.
+    #[error(
+        "claim {claim_uid}: GPU {gpu_uuid} does not hold {setting} {wanted} after {call} reported success: it reads back {read}; {hint}"
+    )]
+    NotApplied {
+        /// The claim UID.
+        claim_uid: String,
+        /// The GPU UUID.
+        gpu_uuid: String,
+        /// `compute mode` or `time slice`.
+        setting: &'static str,
+        /// The call that reported success (NVML function or command).
+        call: &'static str,
+        /// The value set.
+        wanted: String,
+        /// The value read back.
+        read: String,
+        /// What to do.
+        hint: &'static str,
+    },
     /// The MPS control daemon could not be started, configured or stopped.
     #[error(transparent)]
     Mps(#[from] MpsError),
@@ -99,7 +121,8 @@ pub struct MpsRecovery {
     pub adopted: Vec<String>,
     /// Claims whose daemon was started afresh.
     pub restarted: Vec<String>,
-    /// Daemon directories of claims the ledger does not know, stopped and removed.
+    /// Claims the ledger does not know with a daemon directory or a running daemon
+    /// (found in `/proc`), stopped and removed.
     pub stopped_orphans: Vec<String>,
     /// Claims whose daemon could not be recovered.
     pub failed: Vec<(String, SharingError)>,
@@ -170,12 +193,16 @@ impl SharingManager {
     ///
     /// `gpu_uuids`: the physical GPUs (`GPU-...`) the claim's devices live on, any order.
     /// `None` applies nothing but records the claim (so a later MPS/Exclusive claim on the
-    /// same GPU is refused). Idempotent: a claim prepared again gets the same edits (an MPS
-    /// daemon that died is restarted). On a failure nothing of this call stays applied.
+    /// same GPU is refused). Every setting made is read back; on a GPU no other claim
+    /// holds, a stale compute mode or time slice (one the policy does not want, the default
+    /// for `None`) is reset first. Idempotent: a claim prepared again gets the same edits
+    /// (an MPS daemon that died is restarted). On a failure nothing of this call's policy
+    /// stays applied (a stale setting reset to the default stays reset).
     ///
     /// Errors: [`SharingError::Conflict`] (rules in [`policy`]),
     /// [`SharingError::TimeSliceUnsupported`], [`SharingError::Control`] (NVML /
-    /// nvidia-smi), [`SharingError::Mps`], [`SharingError::NoGpus`].
+    /// nvidia-smi), [`SharingError::NotApplied`] (the GPU does not hold a value it took),
+    /// [`SharingError::Mps`], [`SharingError::NoGpus`].
     pub async fn apply(
         &self,
         gpu_uuids: &[String],
@@ -206,20 +233,18 @@ impl SharingManager {
                 .map(|gpu| {
                     ledger
                         .check(gpu, claim_uid, policy.as_ref())
-                        .map(|a| (gpu.clone(), a))
+                        .map(|a| (gpu.clone(), a, !ledger.held_by_others(gpu, claim_uid)))
                 })
                 .collect::<Result<Vec<_>, _>>()?
         };
 
-        let results = join_all(
-            actions
-                .iter()
-                .map(|(gpu, action)| self.execute(claim_uid, gpu, action)),
-        )
+        let results = join_all(actions.iter().map(|(gpu, action, free)| {
+            self.execute(claim_uid, gpu, action, policy.as_ref(), *free)
+        }))
         .await;
         let mut first_error = None;
         let mut applied = Vec::new();
-        for ((gpu, action), result) in actions.iter().zip(results) {
+        for ((gpu, action, _), result) in actions.iter().zip(results) {
             match result {
                 Ok(()) => {
                     if let Action::Apply(p) = action {
@@ -279,66 +304,6 @@ impl SharingManager {
         }
     }
 
-    async fn execute(
-        &self,
-        claim_uid: &str,
-        gpu: &str,
-        action: &Action,
-    ) -> Result<(), SharingError> {
-        let control_error = control_error(claim_uid, gpu);
-        match action {
-            Action::Nothing => Ok(()),
-            Action::Restore(p) => self.restore_gpu(claim_uid, gpu, p).await,
-            Action::Apply(Policy::TimeSlicing { interval }) => {
-                match self
-                    .time_slice
-                    .time_slice(gpu)
-                    .await
-                    .map_err(|e| control_error("reading the time slice", e))?
-                {
-                    TimeSliceState::Unsupported { detail } => {
-                        Err(SharingError::TimeSliceUnsupported {
-                            claim_uid: claim_uid.to_owned(),
-                            gpu_uuid: gpu.to_owned(),
-                            detail,
-                        })
-                    }
-                    TimeSliceState::Supported(current) if current == *interval => Ok(()),
-                    TimeSliceState::Supported(_) => self
-                        .time_slice
-                        .set_time_slice(gpu, *interval)
-                        .await
-                        .map_err(|e| control_error(&format!("setting time slice {interval:?}"), e)),
-                }
-            }
-            Action::Apply(Policy::Mps(_) | Policy::Exclusive) => self
-                .compute
-                .set_compute_mode(gpu, ComputeMode::ExclusiveProcess)
-                .map_err(|e| control_error("setting compute mode ExclusiveProcess", e)),
-        }
-    }
-
-    /// Puts one GPU back to the default for `policy` (the MPS daemon is stopped by the caller).
-    async fn restore_gpu(
-        &self,
-        claim_uid: &str,
-        gpu: &str,
-        policy: &Policy,
-    ) -> Result<(), SharingError> {
-        let control_error = control_error(claim_uid, gpu);
-        match policy {
-            Policy::TimeSlicing { .. } => self
-                .time_slice
-                .set_time_slice(gpu, TimeSlice::Default)
-                .await
-                .map_err(|e| control_error("restoring time slice Default", e)),
-            Policy::Mps(_) | Policy::Exclusive => self
-                .compute
-                .set_compute_mode(gpu, ComputeMode::Default)
-                .map_err(|e| control_error("restoring compute mode Default", e)),
-        }
-    }
-
     /// Releases everything `claim_uid` holds: stops its MPS daemon and restores each GPU
     /// whose last policy holder it was. Idempotent; an unknown claim is a no-op (its MPS
     /// directories, if any, are still removed).
@@ -364,7 +329,7 @@ impl SharingManager {
         };
         let results = join_all(
             plan.iter()
-                .map(|(gpu, action)| self.execute(claim_uid, gpu, action)),
+                .map(|(gpu, action)| self.execute(claim_uid, gpu, action, None, false)),
         )
         .await;
         let mut first_error = None;
@@ -425,7 +390,12 @@ impl SharingManager {
             }
         }
         match self.mps.claim_dirs() {
-            Ok(dirs) => {
+            Ok(mut dirs) => {
+                // Daemons are found by process too: one whose directories are gone still
+                // runs and holds its GPUs.
+                dirs.extend(self.mps.daemon_claims());
+                dirs.sort();
+                dirs.dedup();
                 for claim in dirs.into_iter().filter(|c| !claims.contains_key(c)) {
                     match self.mps.stop(&claim).await {
                         Ok(()) => report.stopped_orphans.push(claim),

@@ -244,6 +244,14 @@ impl Ledger {
         Ok(action)
     }
 
+    /// Whether a claim other than `claim_uid` is recorded on `gpu_uuid` (with or without a
+    /// policy). A GPU no other claim holds may have its stale settings reset.
+    pub fn held_by_others(&self, gpu_uuid: &str, claim_uid: &str) -> bool {
+        self.gpus
+            .get(gpu_uuid)
+            .is_some_and(|e| e.claims.keys().any(|c| c != claim_uid))
+    }
+
     /// What removing `claim_uid` from `gpu_uuid` requires, without removing it.
     pub fn plan_release(&self, gpu_uuid: &str, claim_uid: &str) -> Action {
         let Some(entry) = self.gpus.get(gpu_uuid) else {

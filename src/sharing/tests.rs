@@ -17,6 +17,8 @@ struct Hardware {
     modes: Mutex<BTreeMap<String, ComputeMode>>,
     slices: Mutex<BTreeMap<String, TimeSlice>>,
     fail_set: Mutex<BTreeSet<String>>,
+    /// GPUs whose setters report success and change nothing.
+    no_effect: Mutex<BTreeSet<String>>,
     no_time_slice: BTreeSet<String>,
     barrier: Option<tokio::sync::Barrier>,
 }
@@ -30,6 +32,18 @@ impl Hardware {
     }
     fn heal(&self) {
         self.fail_set.lock().unwrap().clear();
+        self.no_effect.lock().unwrap().clear();
+    }
+    fn ignore_sets(&self, gpu: &str) {
+        self.no_effect.lock().unwrap().insert(gpu.to_owned());
+    }
+    fn ignores(&self, gpu: &str) -> bool {
+        self.no_effect.lock().unwrap().contains(gpu)
+    }
+    /// Leaves `gpu` as a crash or a manual change would: no claim, non-default settings.
+    fn make_stale(&self, gpu: &str, mode: ComputeMode, slice: TimeSlice) {
+        self.modes.lock().unwrap().insert(gpu.to_owned(), mode);
+        self.slices.lock().unwrap().insert(gpu.to_owned(), slice);
     }
     fn failing(&self, gpu: &str) -> bool {
         self.fail_set.lock().unwrap().contains(gpu)
@@ -53,7 +67,9 @@ impl ComputeControl for Hardware {
             .lock()
             .unwrap()
             .push(format!("mode {gpu_uuid} {mode:?}"));
-        self.modes.lock().unwrap().insert(gpu_uuid.to_owned(), mode);
+        if !self.ignores(gpu_uuid) {
+            self.modes.lock().unwrap().insert(gpu_uuid.to_owned(), mode);
+        }
         Ok(())
     }
     fn compute_mode(&self, gpu_uuid: &str) -> Result<ComputeMode, ControlError> {
@@ -84,10 +100,12 @@ impl TimeSliceControl for Hardware {
                 .lock()
                 .unwrap()
                 .push(format!("slice {gpu_uuid} {interval:?}"));
-            self.slices
-                .lock()
-                .unwrap()
-                .insert(gpu_uuid.to_owned(), interval);
+            if !self.ignores(gpu_uuid) {
+                self.slices
+                    .lock()
+                    .unwrap()
+                    .insert(gpu_uuid.to_owned(), interval);
+            }
             Ok(())
         })
     }
@@ -282,8 +300,11 @@ async fn mps_sets_exclusive_process_starts_daemon_and_tears_down() {
         lines[1..],
         [
             "cmd set_default_active_thread_percentage 40",
+            "cmd get_default_active_thread_percentage",
             "cmd set_default_device_pinned_mem_limit GPU-a 16384M",
+            "cmd get_default_device_pinned_mem_limit GPU-a",
             "cmd set_default_device_pinned_mem_limit GPU-b 8192M",
+            "cmd get_default_device_pinned_mem_limit GPU-b",
         ]
     );
     // Preparing again is idempotent: same edits, the live daemon is kept.
@@ -451,4 +472,132 @@ fn mps_policy_b() -> Option<Policy> {
         pinned_memory_limit_bytes: Some(2 << 30),
         ..MpsLimits::default()
     }))
+}
+
+#[tokio::test]
+async fn compute_mode_that_does_not_take_fails_the_claim_and_rolls_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hw = Arc::new(Hardware::default());
+    let m = manager(tmp.path(), &hw);
+    hw.ignore_sets("GPU-b");
+    let err = m
+        .apply(&gpus(&["GPU-a", "GPU-b"]), "c1", Some(Policy::Exclusive))
+        .await
+        .unwrap_err();
+    let SharingError::NotApplied {
+        ref gpu_uuid,
+        setting,
+        ref wanted,
+        ref read,
+        ..
+    } = err
+    else {
+        panic!("{err}");
+    };
+    assert_eq!(
+        (gpu_uuid.as_str(), setting, wanted.as_str(), read.as_str()),
+        ("GPU-b", "compute mode", "ExclusiveProcess", "Default")
+    );
+    assert!(
+        err.to_string().contains("nvidia-smi -q -d COMPUTE"),
+        "{err}"
+    );
+    assert_eq!(hw.compute_mode("GPU-a").unwrap(), ComputeMode::Default);
+    assert!(
+        hw.events().contains(&"mode GPU-a Default".to_owned()),
+        "{:?}",
+        hw.events()
+    );
+    assert!(m.entries().is_empty());
+    hw.heal();
+    m.apply(&gpus(&["GPU-a", "GPU-b"]), "c1", Some(Policy::Exclusive))
+        .await
+        .unwrap();
+    assert_eq!(
+        hw.compute_mode("GPU-b").unwrap(),
+        ComputeMode::ExclusiveProcess
+    );
+}
+
+#[tokio::test]
+async fn time_slice_that_does_not_take_fails_the_claim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hw = Arc::new(Hardware::default());
+    let m = manager(tmp.path(), &hw);
+    hw.ignore_sets("GPU-a");
+    let err = m.apply(&gpus(&["GPU-a"]), "c1", long()).await.unwrap_err();
+    assert!(
+        matches!(&err, SharingError::NotApplied { setting: "time slice", wanted, read, .. }
+            if wanted == "Long" && read == "Default"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("GPU-a") && err.to_string().contains("c1"),
+        "{err}"
+    );
+    assert!(m.entries().is_empty());
+    // Releasing a policy the GPU does not give back fails too, and keeps the claim.
+    hw.heal();
+    m.apply(&gpus(&["GPU-a"]), "c1", long()).await.unwrap();
+    hw.ignore_sets("GPU-a");
+    let err = m.release("c1").await.unwrap_err();
+    assert!(
+        matches!(&err, SharingError::NotApplied { read, .. } if read == "Long"),
+        "{err}"
+    );
+    assert_eq!(m.entries().len(), 1);
+    hw.heal();
+    m.release("c1").await.unwrap();
+    assert!(m.entries().is_empty());
+}
+
+#[tokio::test]
+async fn stale_settings_of_a_gpu_no_claim_holds_are_reset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hw = Arc::new(Hardware::default());
+    let m = manager(tmp.path(), &hw);
+    // A claim with no sharing config on a GPU left in EXCLUSIVE_PROCESS and time slice Long.
+    hw.make_stale("GPU-a", ComputeMode::ExclusiveProcess, TimeSlice::Long);
+    m.apply(&gpus(&["GPU-a"]), "plain", None).await.unwrap();
+    assert_eq!(hw.events(), ["mode GPU-a Default", "slice GPU-a Default"]);
+    // A time-sliced claim gets its interval and the default compute mode.
+    hw.make_stale("GPU-b", ComputeMode::ExclusiveProcess, TimeSlice::Short);
+    m.apply(&gpus(&["GPU-b"]), "ts", long()).await.unwrap();
+    assert_eq!(hw.events()[2..], ["slice GPU-b Long", "mode GPU-b Default"]);
+    // An Exclusive claim gets EXCLUSIVE_PROCESS and the default time slice.
+    hw.make_stale("GPU-c", ComputeMode::Default, TimeSlice::Medium);
+    m.apply(&gpus(&["GPU-c"]), "ex", Some(Policy::Exclusive))
+        .await
+        .unwrap();
+    assert_eq!(
+        hw.events()[4..],
+        ["mode GPU-c ExclusiveProcess", "slice GPU-c Default"]
+    );
+}
+
+#[tokio::test]
+async fn a_gpu_another_claim_holds_is_never_reset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hw = Arc::new(Hardware::default());
+    let m = manager(tmp.path(), &hw);
+    m.apply(&gpus(&["GPU-a"]), "first", None).await.unwrap();
+    hw.make_stale("GPU-a", ComputeMode::ExclusiveProcess, TimeSlice::Long);
+    m.apply(&gpus(&["GPU-a"]), "second", None).await.unwrap();
+    assert!(hw.events().is_empty(), "{:?}", hw.events());
+}
+
+#[tokio::test]
+async fn a_reset_that_does_not_take_fails_a_plain_claim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hw = Arc::new(Hardware::default());
+    let m = manager(tmp.path(), &hw);
+    hw.make_stale("GPU-a", ComputeMode::ExclusiveProcess, TimeSlice::Default);
+    hw.ignore_sets("GPU-a");
+    let err = m.apply(&gpus(&["GPU-a"]), "plain", None).await.unwrap_err();
+    assert!(
+        matches!(&err, SharingError::NotApplied { wanted, read, .. }
+            if wanted == "Default" && read == "ExclusiveProcess"),
+        "{err}"
+    );
+    assert!(m.entries().is_empty());
 }

@@ -4,8 +4,9 @@
 //! pool into slices. Follows resource.k8s.io/v1 (design/API-FACTS.md: <= 128 devices per
 //! slice, <= 64 with taints, <= 32 attributes + capacities per device, string attributes
 //! <= 64 characters, device names DNS labels) and NVIDIA's reference driver for names and
-//! attributes (design/COMPAT.md). Static MIG only: a GPU in MIG mode is announced as its
-//! existing MIG devices, not as a full GPU. It must not do I/O; the reconciler applies
+//! attributes (design/COMPAT.md). A GPU in static MIG mode is announced as its existing
+//! MIG devices, not as a full GPU; a dynamic MIG GPU as partitionable devices
+//! ([`super::partitionable`]), its counter set in a slice of its own. It must not do I/O; the reconciler applies
 //! the result. The pool generation passed in is written as is (the reconciler decides it).
 //!
 //! Health comes in as [`HealthTaints`]: the devices of an unhealthy GPU carry its taint.
@@ -15,14 +16,16 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::resource::v1::{
-    Device, DeviceAttribute, DeviceCapacity, DeviceTaint, ResourcePool, ResourceSlice,
+    CounterSet, Device, DeviceAttribute, DeviceCapacity, DeviceTaint, ResourcePool, ResourceSlice,
     ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
+use super::partitionable;
+use super::shares::{ConsumableShares, make_shareable};
 use super::taints::HealthTaints;
-use crate::inventory::{Gpu, Inventory, MigDevice};
+use crate::inventory::{Gpu, Inventory, MigDevice, MigProfile};
 
 /// Most devices a slice may hold.
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
@@ -43,12 +46,22 @@ pub struct SliceFeatures {
     /// Emit device taints (DRADeviceTaints). Used to keep new claims off a GPU whose MIG
     /// mode change is pending a reset.
     pub device_taints: bool,
+    /// Publish full GPUs as consumable shares (DRAConsumableCapacity), see
+    /// [`super::shares`]; turned off when the API server drops `allowMultipleAllocations`
+    /// or a `requestPolicy`.
+    pub consumable_shares: ConsumableShares,
+    /// Emit partitionable devices (DRAPartitionableDevices: `sharedCounters`,
+    /// `consumesCounters`). Off: dynamic MIG GPUs are withheld, since without counters the
+    /// scheduler could hand out overlapping placements.
+    pub partitionable_devices: bool,
 }
 
 impl Default for SliceFeatures {
     fn default() -> Self {
         SliceFeatures {
             device_taints: true,
+            consumable_shares: ConsumableShares::Disabled,
+            partitionable_devices: true,
         }
     }
 }
@@ -67,10 +80,23 @@ impl SliceFeatures {
             if path.starts_with("spec.devices[*].taints") {
                 out.device_taints = false;
             }
+            if path.starts_with("spec.devices[*].allowMultipleAllocations")
+                || path.ends_with(".requestPolicy")
+            {
+                out.consumable_shares = ConsumableShares::Disabled;
+            }
+            if path.starts_with("spec.sharedCounters")
+                || path.starts_with("spec.devices[*].consumesCounters")
+            {
+                out.partitionable_devices = false;
+            }
         }
         out
     }
 }
+
+/// What one slice carries: devices, or counter sets (never both).
+type SliceBody = (Option<Vec<Device>>, Option<Vec<CounterSet>>);
 
 /// Name of slice `index` of a node's pool: `<node>-<driver with dots as dashes>-<NN>`.
 ///
@@ -138,7 +164,7 @@ pub fn desired_slices_with(
     let devices = desired_devices_with(inv, health, features);
     let per_slice = if devices
         .iter()
-        .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()))
+        .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()) || d.consumes_counters.is_some())
     {
         MAX_DEVICES_PER_SLICE_WITH_TAINTS
     } else {
@@ -149,11 +175,23 @@ pub fn desired_slices_with(
     } else {
         devices.chunks(per_slice).map(<[Device]>::to_vec).collect()
     };
-    let count = chunks.len();
-    chunks
+    // Counter sets go in slices of their own (a slice holds devices or sharedCounters).
+    let counter_sets = if features.partitionable_devices {
+        partitionable::counter_sets(inv)
+    } else {
+        Vec::new()
+    };
+    let mut bodies: Vec<SliceBody> = chunks.into_iter().map(|d| (Some(d), None)).collect();
+    bodies.extend(
+        counter_sets
+            .chunks(partitionable::MAX_COUNTER_SETS_PER_SLICE)
+            .map(|sets| (None, Some(sets.to_vec()))),
+    );
+    let count = bodies.len();
+    bodies
         .into_iter()
         .enumerate()
-        .map(|(i, devices)| ResourceSlice {
+        .map(|(i, (devices, shared_counters))| ResourceSlice {
             metadata: ObjectMeta {
                 name: Some(slice_name(node, driver, i, count)),
                 owner_references: Some(vec![OwnerReference {
@@ -174,7 +212,8 @@ pub fn desired_slices_with(
                     generation,
                     resource_slice_count: count as i64,
                 },
-                devices: Some(devices),
+                devices,
+                shared_counters,
                 ..Default::default()
             },
         })
@@ -201,7 +240,13 @@ pub fn desired_devices_with(
             continue;
         }
         let taints = taints(gpu, health, features);
-        if gpu.mig.enabled {
+        if partitionable::is_dynamic(gpu) {
+            if features.partitionable_devices {
+                out.extend(partitionable::devices(gpu, taints, |g, profile| {
+                    dynamic_mig_device(inv, g, profile)
+                }));
+            }
+        } else if gpu.mig.enabled {
             let mut migs: Vec<&MigDevice> = gpu.mig_devices.iter().collect();
             migs.sort_by_key(|m| (m.placement.start, m.gi_profile_id, m.ci_placement.start));
             out.extend(
@@ -209,7 +254,9 @@ pub fn desired_devices_with(
                     .map(|m| mig_device(inv, gpu, m, taints.clone())),
             );
         } else {
-            out.push(gpu_device(inv, gpu, taints));
+            let mut device = gpu_device(inv, gpu, taints);
+            make_shareable(&mut device, gpu.memory_bytes, features.consumable_shares);
+            out.push(device);
         }
     }
     out
@@ -257,6 +304,21 @@ fn mig_device(
         attributes: Some(attrs),
         capacity: Some(capacity),
         taints,
+        ..Default::default()
+    }
+}
+
+/// A MIG device of a dynamic GPU before its instance exists: no `uuid` (COMPAT.md), the
+/// profile's capacities. Name and counters are set by [`partitionable::devices`].
+fn dynamic_mig_device(inv: &Inventory, gpu: &Gpu, profile: &MigProfile) -> Device {
+    let mut attrs = common_attributes(inv, gpu);
+    attrs.insert("type".into(), string_attr("mig"));
+    attrs.insert("parentUUID".into(), string_attr(&gpu.uuid));
+    attrs.insert("profile".into(), string_attr(&profile.name));
+    Device {
+        name: String::new(),
+        attributes: Some(attrs),
+        capacity: Some(partitionable::profile_capacity(profile)),
         ..Default::default()
     }
 }
@@ -352,7 +414,7 @@ pub fn validate_slice(slice: &ResourceSlice) -> Vec<String> {
     let devices = slice.spec.devices.as_deref().unwrap_or_default();
     let tainted = devices
         .iter()
-        .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()));
+        .any(|d| d.taints.as_ref().is_some_and(|t| !t.is_empty()) || d.consumes_counters.is_some());
     let limit = if tainted {
         MAX_DEVICES_PER_SLICE_WITH_TAINTS
     } else {

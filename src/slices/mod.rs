@@ -5,6 +5,11 @@
 //! the pool generation rules; names and attributes follow design/COMPAT.md.
 
 pub mod desired;
+pub mod partitionable;
 pub mod plan;
 pub mod reconcile;
+#[cfg(test)]
+mod reconcile_tests;
+pub mod shares;
+pub mod start;
 pub mod taints;

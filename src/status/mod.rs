@@ -4,7 +4,10 @@
 //! Owns the report's shape and rendering (pure: [`build`], [`render_table`]). The inputs
 //! are read by `run.rs`: the inventory from NVML, the checkpoint file (read only, never
 //! moved aside or rewritten: that is the plugin's job) and, when the API server answers,
-//! the claims' `status.reservedFor`. Works while the plugin is down.
+//! the claims' `status.reservedFor`, and the plugin's health verdicts file ([`verdicts`]).
+//! Works while the plugin is down.
+
+pub mod verdicts;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,6 +15,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, ClaimState, PreparedDeviceRecord};
+use crate::health::UnhealthyGpus;
 use crate::inventory::Inventory;
 use crate::metrics::state::policy_labels;
 use crate::sharing::Policy;
@@ -30,6 +34,9 @@ pub struct NodeStatus {
     /// Why pods could not be looked up in the API server.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_error: Option<String>,
+    /// Why the health verdicts could not be read (then every GPU shows `Healthy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_error: Option<String>,
     /// Every GPU of the node.
     pub gpus: Vec<GpuStatus>,
 }
@@ -44,6 +51,14 @@ pub struct GpuStatus {
     pub uuid: String,
     /// Product name.
     pub product: String,
+    /// `Healthy`, or `Unhealthy` after a critical XID (then its MIG devices are too).
+    pub health: String,
+    /// The critical XID that made it unhealthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xid: Option<u64>,
+    /// What the XID means and what to do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_message: Option<String>,
     /// Sharing strategy in force (`None`, `TimeSlicing`, `MPS`, `Exclusive`).
     pub strategy: String,
     /// Time slice interval (TimeSlicing only).
@@ -112,12 +127,13 @@ fn policy_of(record: &PreparedDeviceRecord) -> Option<Policy> {
         .and_then(|v| serde_json::from_value(v.clone()).ok())
 }
 
-/// The per-GPU rows of `inventory` with the holders recorded in `checkpoint` and the
-/// pods by claim UID.
+/// The per-GPU rows of `inventory` with the holders recorded in `checkpoint`, the pods
+/// by claim UID and the unhealthy GPUs by UUID.
 pub fn build(
     inventory: &Inventory,
     checkpoint: &Checkpoint,
     pods: &BTreeMap<String, Vec<String>>,
+    unhealthy: &UnhealthyGpus,
 ) -> Vec<GpuStatus> {
     let mut rows = Vec::new();
     for gpu in &inventory.gpus {
@@ -156,10 +172,19 @@ pub fn build(
             }
         }
         let (strategy, time_slice, compute_mode) = policy_labels(policy.as_ref());
+        let verdict = unhealthy.get(&gpu.uuid);
         rows.push(GpuStatus {
             device: gpu.device_name(),
             uuid: gpu.uuid.clone(),
             product: gpu.name.clone(),
+            health: if verdict.is_some() {
+                "Unhealthy"
+            } else {
+                "Healthy"
+            }
+            .to_owned(),
+            xid: verdict.map(|v| v.xid),
+            health_message: verdict.map(|v| v.message.clone()),
             strategy: strategy.to_owned(),
             time_slice,
             compute_mode: compute_mode.to_owned(),
@@ -202,6 +227,7 @@ pub fn render_table(status: &NodeStatus) -> String {
         [
             "DEVICE",
             "UUID",
+            "HEALTH",
             "POLICY",
             "COMPUTE MODE",
             "MPS DAEMON",
@@ -218,9 +244,14 @@ pub fn render_table(status: &NodeStatus) -> String {
             format!("{} ({})", gpu.strategy, gpu.time_slice)
         };
         let (claims, pods) = holders(&gpu.claims);
+        let health = match gpu.xid {
+            Some(xid) => format!("{} (XID {xid})", gpu.health),
+            None => gpu.health.clone(),
+        };
         rows.push(vec![
             gpu.device.clone(),
             gpu.uuid.clone(),
+            health.clone(),
             policy,
             gpu.compute_mode.clone(),
             gpu.mps_daemon.clone().unwrap_or_else(|| "-".into()),
@@ -232,6 +263,7 @@ pub fn render_table(status: &NodeStatus) -> String {
             rows.push(vec![
                 format!("  {}", mig.device),
                 mig.uuid.clone(),
+                health.clone(),
                 format!("MIG {} GI {}", mig.profile, mig.gpu_instance_id),
                 String::new(),
                 String::new(),
@@ -257,6 +289,9 @@ pub fn render_table(status: &NodeStatus) -> String {
     }
     if let Some(e) = &status.api_error {
         let _ = writeln!(out, "\npods not looked up: {e}");
+    }
+    if let Some(e) = &status.health_error {
+        let _ = writeln!(out, "\nhealth verdicts not read: {e}");
     }
     out
 }
@@ -321,7 +356,16 @@ mod tests {
             "u1".to_owned(),
             vec!["tgi-a".to_owned(), "tgi-b".to_owned()],
         )]);
-        let gpus = build(&inventory, &checkpoint, &pods);
+        let unhealthy = UnhealthyGpus::from([(
+            mig_gpu.uuid.clone(),
+            crate::health::UnhealthyGpu {
+                xid: 48,
+                since: 1,
+                message: "double-bit ECC error".into(),
+                gone: false,
+            },
+        )]);
+        let gpus = build(&inventory, &checkpoint, &pods, &unhealthy);
         assert_eq!(gpus.len(), inventory.gpus.len());
         assert_eq!(gpus[0].strategy, "MPS");
         assert_eq!(gpus[0].compute_mode, "ExclusiveProcess");
@@ -330,11 +374,17 @@ mod tests {
         assert!(gpus[1].claims.is_empty());
         assert_eq!(gpus[1].mig_devices[0].claims[0].claim, "ml/small");
         assert_eq!(gpus[2].strategy, "None");
+        assert_eq!((gpus[0].health.as_str(), gpus[0].xid), ("Healthy", None));
+        assert_eq!(
+            (gpus[1].health.as_str(), gpus[1].xid),
+            ("Unhealthy", Some(48))
+        );
         let status = NodeStatus {
             node: "n".into(),
             checkpoint: "/x".into(),
             checkpoint_error: None,
             api_error: Some("no kubeconfig".into()),
+            health_error: None,
             gpus,
         };
         let table = render_table(&status);
@@ -344,6 +394,7 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("ml/small (PrepareStarted)"), "{table}");
+        assert!(table.contains("Unhealthy (XID 48)"), "{table}");
         assert!(
             table.contains("pods not looked up: no kubeconfig"),
             "{table}"

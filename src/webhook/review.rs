@@ -122,8 +122,20 @@ pub fn config_errors(kind: ReviewedKind, object: &Value, driver: &str) -> Vec<Fi
 
 /// Judges one admission request for `driver`: allows everything that is not a
 /// claim, template or class of `resource.k8s.io`, DELETEs and subresource writes; denies
-/// objects with invalid opaque config for `driver`, naming every field error.
+/// objects with invalid opaque config for `driver`, naming every field error, and objects
+/// where two of `driver`'s entries configure one request differently
+/// ([`super::conflicts`]).
 pub fn review(req: &AdmissionRequest<DynamicObject>, driver: &str) -> AdmissionResponse {
+    review_with_duplicates(req, driver, &[])
+}
+
+/// [`review`], also denying the repeated JSON keys `duplicates` (found in the raw request
+/// body, paths from the object root) that lie in `driver`'s entries.
+pub fn review_with_duplicates(
+    req: &AdmissionRequest<DynamicObject>,
+    driver: &str,
+    duplicates: &[crate::config::DuplicateKey],
+) -> AdmissionResponse {
     let response = AdmissionResponse::from(req);
     if req.kind.group != RESOURCE_GROUP || req.sub_resource.is_some() {
         return response;
@@ -137,9 +149,18 @@ pub fn review(req: &AdmissionRequest<DynamicObject>, driver: &str) -> AdmissionR
     let Some(object) = &req.object else {
         return response;
     };
-    let errors = config_errors(kind, &object.data, driver);
+    let mut errors = config_errors(kind, &object.data, driver);
+    if let Some(entries) = config_entries(kind, &object.data) {
+        let list_path = kind.config_keys().join(".");
+        errors.extend(super::conflicts::duplicate_errors(
+            &list_path, entries, driver, duplicates,
+        ));
+        errors.extend(super::conflicts::conflict_errors(
+            &list_path, entries, driver,
+        ));
+    }
     if errors.is_empty() {
-        return warn_shadowed(response, kind, &object.data, driver);
+        return response;
     }
     let unchanged = req.operation == Operation::Update
         && req.old_object.as_ref().is_some_and(|old| {
@@ -154,28 +175,6 @@ pub fn review(req: &AdmissionRequest<DynamicObject>, driver: &str) -> AdmissionR
         return response;
     }
     deny(response, kind, &req.name, &errors)
-}
-
-/// Adds an admission warning for each config entry a later entry overrides
-/// ([`super::shadow`]); the object is allowed either way.
-fn warn_shadowed(
-    mut response: AdmissionResponse,
-    kind: ReviewedKind,
-    object: &Value,
-    driver: &str,
-) -> AdmissionResponse {
-    let Some(entries) = config_entries(kind, object) else {
-        return response;
-    };
-    let list_path = kind.config_keys().join(".");
-    let warnings: Vec<String> = super::shadow::shadowed(entries, driver)
-        .iter()
-        .map(|s| super::shadow::warning(&list_path, s))
-        .collect();
-    if !warnings.is_empty() {
-        response.warnings = Some(warnings);
-    }
-    response
 }
 
 /// Turns `response` into a denial with an `Invalid` status carrying one cause per error.
@@ -302,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn good_claim_is_allowed() {
+    fn good_claim_is_allowed_and_two_configs_for_every_request_are_not() {
         let time_sliced = json!({
             "apiVersion": "resource.nvidia.com/v1beta1",
             "kind": "GpuConfig",
@@ -312,12 +311,25 @@ mod tests {
             "ResourceClaim",
             claim("v1", vec![ours(mps(40)), ours(time_sliced)]),
         );
-        assert!(resp.allowed, "{resp:?}");
-        // Both apply to every request with the same kind: the MPS entry never applies.
-        assert_eq!(
-            resp.warnings.as_deref(),
-            Some(&["spec.devices.config[0] never applies: spec.devices.config[1] configures the same requests with the same kind and wins (later wins); remove one of them".to_owned()][..])
+        // Both apply to every request with the same kind: the MPS entry would never apply.
+        let message = denial(&resp);
+        assert!(
+            message.contains("spec.devices.config[1]: conflicts with spec.devices.config[0]: both configure every request with a different GpuConfig"),
+            "{message}"
         );
+        let split = create(
+            "ResourceClaim",
+            claim(
+                "v1",
+                vec![ours(mps(40)), {
+                    let mut e = ours(json!({"apiVersion": "resource.nvidia.com/v1beta1",
+                    "kind": "GpuConfig", "sharing": {"strategy": "TimeSlicing"}}));
+                    e["requests"] = json!(["other"]);
+                    e
+                }],
+            ),
+        );
+        assert!(split.allowed, "{split:?}");
         let one = create("ResourceClaim", claim("v1", vec![ours(mps(40))]));
         assert!(one.allowed, "{one:?}");
         assert!(one.warnings.is_none());

@@ -30,7 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::review::review;
+use super::review::review_with_duplicates;
 
 /// Largest request body accepted (an UPDATE carries the object twice; objects are
 /// limited to about 1.5 MiB by etcd).
@@ -123,7 +123,22 @@ async fn validate(State(driver): State<Arc<str>>, body: Bytes) -> Response {
             return axum::Json(answer.into_review()).into_response();
         }
     };
-    let answer = review(&request, &driver);
+    // The decoded review kept one value of each repeated key: find them in the bytes.
+    let duplicates: Vec<crate::config::DuplicateKey> = crate::config::find_duplicate_keys(&body)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| {
+            let path = match d.path.as_str() {
+                "request.object" => "",
+                other => other.strip_prefix("request.object.")?,
+            };
+            Some(crate::config::DuplicateKey {
+                path: path.to_owned(),
+                key: d.key,
+            })
+        })
+        .collect();
+    let answer = review_with_duplicates(&request, &driver, &duplicates);
     let namespace = request.namespace.as_deref().unwrap_or("");
     if answer.allowed {
         debug!(uid = %request.uid, kind = %request.kind.kind, namespace, name = %request.name, "allowed");
@@ -372,6 +387,43 @@ mod tests {
         assert!(
             message.starts_with("spec.config[0].opaque.parameters.kind: "),
             "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_repeated_key_in_our_parameters_is_denied_naming_its_path() {
+        // serde_json keeps the last "strategy"; the body still has both.
+        let body = r#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u-2",
+                "kind": {"group": "resource.k8s.io", "version": "v1", "kind": "DeviceClass"},
+                "resource": {"group": "resource.k8s.io", "version": "v1", "resource": "deviceclasses"},
+                "name": "x", "operation": "CREATE", "userInfo": {},
+                "object": {"metadata": {"name": "x"}, "spec": {"config": [{"opaque": {
+                    "driver": "gpu.gpu-dra.dev",
+                    "parameters": {"apiVersion": "gpu.gpu-dra.dev/v1alpha1", "kind": "GpuConfig",
+                        "sharing": {"strategy": "MPS", "strategy": "TimeSlicing"}}}}]}},
+                "oldObject": {"a": 1, "a": 2}}}"#;
+        let request = Request::post("/validate")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .expect("request");
+        let (status, body) = call(request).await;
+        assert_eq!(status, StatusCode::OK);
+        let answer: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(answer["response"]["allowed"], false, "{answer}");
+        let causes = answer["response"]["status"]["details"]["causes"]
+            .as_array()
+            .expect("causes");
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert_eq!(
+            causes[0]["field"],
+            "spec.config[0].opaque.parameters.sharing.strategy"
+        );
+        assert!(
+            causes[0]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("duplicate key \"strategy\"")),
+            "{causes:?}"
         );
     }
 

@@ -273,3 +273,121 @@ pub fn check(live: &[LiveClaim], snap: &NodeSnapshot) -> Vec<Violation> {
     }
     out
 }
+
+/// A way a checkpoint file can be unusable at start, each restarted over in the campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Corruption {
+    /// The first half of the file only (a torn write).
+    Truncated,
+    /// Bytes that are not JSON.
+    Garbage,
+    /// A format version this plugin does not read.
+    FutureVersion,
+    /// Valid JSON whose checksum does not match its claims.
+    BadChecksum,
+    /// A zero-length file.
+    Empty,
+    /// A valid file recorded under another boot id.
+    PreviousBoot,
+    /// A symlink to a copy of the valid file (never followed by the plugin).
+    Symlink,
+}
+
+/// Every corruption, in the order the campaign applies them.
+pub const CORRUPTIONS: [Corruption; 7] = [
+    Corruption::Truncated,
+    Corruption::Garbage,
+    Corruption::FutureVersion,
+    Corruption::BadChecksum,
+    Corruption::Empty,
+    Corruption::PreviousBoot,
+    Corruption::Symlink,
+];
+
+impl Corruption {
+    /// The damaged content written over a valid checkpoint `good`; `None` for
+    /// [`Corruption::Symlink`], which keeps the content and replaces the file by a link.
+    pub fn content(self, good: &[u8]) -> Option<Vec<u8>> {
+        let edit = |f: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+            let mut doc: Value = serde_json::from_slice(good).expect("valid checkpoint");
+            f(doc.as_object_mut().expect("checkpoint is an object"));
+            serde_json::to_vec_pretty(&doc).expect("serialisable")
+        };
+        Some(match self {
+            Corruption::Truncated => good[..good.len() / 2].to_vec(),
+            Corruption::Garbage => b"\x00\xffgpu-dra\x7f{not json]\n".repeat(8),
+            Corruption::FutureVersion => edit(&|o| {
+                o.insert("version".into(), json!(99));
+            }),
+            Corruption::BadChecksum => edit(&|o| {
+                o.insert("checksum".into(), json!("fnv1a64:0000000000000000"));
+            }),
+            Corruption::Empty => Vec::new(),
+            Corruption::PreviousBoot => edit(&|o| {
+                o.insert(
+                    "bootId".into(),
+                    json!("00000000-0000-4000-8000-000000000000"),
+                );
+            }),
+            Corruption::Symlink => return None,
+        })
+    }
+}
+
+/// What a restart or a second instance must leave as it was for the live claims:
+///
+/// - `gpu-settings-kept`: each GPU's compute mode, time slice and MIG instances;
+/// - `mps-daemon-kept`: the running MPS daemons (pipe dir and pid: none restarted);
+/// - `cdi-specs-kept`: the set of CDI spec files.
+pub fn kept(before: &NodeSnapshot, after: &NodeSnapshot) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for (uuid, b) in &before.gpus.gpus {
+        let a = after.gpus.gpus.get(uuid);
+        let same = a.is_some_and(|a| {
+            a.compute_mode == b.compute_mode
+                && a.timeslice == b.timeslice
+                && a.gpu_instances == b.gpu_instances
+        });
+        if !same {
+            out.push(Violation {
+                invariant: "gpu-settings-kept",
+                detail: format!(
+                    "GPU {uuid}: compute mode {:?}, time slice {}, {} GPU instances before; \
+                     after {:?}",
+                    b.compute_mode,
+                    b.timeslice,
+                    b.gpu_instances.len(),
+                    a.map(|a| (a.compute_mode, a.timeslice, a.gpu_instances.len()))
+                ),
+            });
+        }
+    }
+    let daemons = |s: &NodeSnapshot| -> BTreeMap<String, u32> {
+        s.gpus
+            .mps_daemons
+            .iter()
+            .filter(|(_, d)| d.running)
+            .map(|(pipe, d)| (pipe.clone(), d.pid))
+            .collect()
+    };
+    if daemons(before) != daemons(after) {
+        out.push(Violation {
+            invariant: "mps-daemon-kept",
+            detail: format!(
+                "running MPS daemons {:?} before, {:?} after",
+                daemons(before),
+                daemons(after)
+            ),
+        });
+    }
+    if before.cdi_files != after.cdi_files {
+        out.push(Violation {
+            invariant: "cdi-specs-kept",
+            detail: format!(
+                "CDI specs {:?} before, {:?} after",
+                before.cdi_files, after.cdi_files
+            ),
+        });
+    }
+    out
+}

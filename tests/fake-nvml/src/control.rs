@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use crate::engine::Engine;
 pub use crate::state::{
     ComputeInstanceState, ComputeMode, Fault, GpuInstanceState, GpuState, MemoryLimit, MpsDaemon,
-    State, Times, XidEvent,
+    NO_EFFECT, State, Times, XidEvent,
 };
 use crate::store::{StateStore, StoreError};
 pub use crate::topology::{MemoryLimitBackend, Topology, TopologyError};
@@ -91,6 +91,14 @@ pub fn inject_xid(state_path: &Path, gpu_uuid: &str, xid: u64) -> Result<u64, Co
 /// Everything the fake remembers: per-GPU compute mode, time slice, MIG mode, GPU and
 /// compute instances (ids, placements, MIG UUIDs), pending faults, XIDs, MPS daemons with
 /// their recorded limits. An empty state if nothing used the machine yet.
+///
+/// An MPS daemon record reads `running: true` only while its process exists (and is not a
+/// zombie): a daemon killed by a signal (SIGTERM, SIGKILL, its process group killed) is
+/// gone, as a real one would be, though it could not update its record.
 pub fn read_state(state_path: &Path) -> Result<State, ControlError> {
-    Ok(StateStore::new(state_path, None).read()?)
+    let mut state = StateStore::new(state_path, None).read()?;
+    for d in state.mps_daemons.values_mut() {
+        d.running = d.running && crate::mps::process_alive(d.pid);
+    }
+    Ok(state)
 }

@@ -21,7 +21,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::state::MpsDaemon;
+use crate::state::{MpsDaemon, NO_EFFECT};
 use crate::store::StateStore;
 
 /// Default `CUDA_MPS_PIPE_DIRECTORY`.
@@ -281,6 +281,9 @@ pub fn client(
             let fault = s.take_fault_visible(&command_fault(word), visible.as_deref());
             let d = s.mps_daemons.get_mut(&env.pipe_dir)?;
             Some(match fault {
+                // Answered as if taken (same output), but the daemon keeps its state: a
+                // setting that does not take, a `quit` the daemon ignores.
+                Some(NO_EFFECT) => (apply_command(&mut d.clone(), &line), None),
                 // Refused as a failing daemon refuses: not applied, not recorded.
                 Some(code) => ((None, Some(format!("{word}: failed (error {code})"))), None),
                 None => (apply_command(d, &line), Some(d.log_dir.clone())),
@@ -403,5 +406,37 @@ mod tests {
         let mut input: &[u8] = b"quit\n";
         assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 0);
         assert!(!is_running(&store, &e.pipe_dir, std::process::id()));
+    }
+
+    #[test]
+    fn no_effect_faults_answer_as_taken_and_change_nothing() {
+        use crate::state::{Fault, Times};
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("s.json"), None);
+        let e = env(dir.path());
+        record_start(&store, &e, std::process::id()).unwrap();
+        store
+            .update(|s| {
+                for word in ["set_default_active_thread_percentage", "quit"] {
+                    s.faults.push(Fault {
+                        function: command_fault(word),
+                        gpu_uuid: None,
+                        error: NO_EFFECT,
+                        times: Times::Once,
+                    });
+                }
+            })
+            .unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut input: &[u8] =
+            b"set_default_active_thread_percentage 40\nget_default_active_thread_percentage\nquit\n";
+        assert_eq!(client(&store, &e, &mut input, &mut out, &mut err), 0);
+        assert_eq!(String::from_utf8(out).unwrap(), "40.0\n100.0\n");
+        assert!(
+            is_running(&store, &e.pipe_dir, std::process::id()),
+            "an ignored quit leaves the daemon"
+        );
+        let d = store.read().unwrap().mps_daemons[&e.pipe_dir].clone();
+        assert_eq!(d.default_active_thread_percentage, None);
     }
 }

@@ -18,7 +18,7 @@ use std::io::Write;
 use crate::engine::{self, Code, Engine};
 use crate::machine::Machine;
 use crate::presets;
-use crate::state::ComputeMode;
+use crate::state::{ComputeMode, NO_EFFECT};
 use crate::topology::normalize_bus_id;
 
 const HINT: &str = "Invalid combination of input arguments. Please run 'nvidia-smi -h' for help.";
@@ -164,7 +164,9 @@ fn top(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
                 e.fault("nvmlDeviceSetComputeMode", Some(*g))?;
                 e.set_compute_mode(*g, value.nvml())
             });
-            if let Err(c) = r {
+            if let Err(c) = r
+                && c != NO_EFFECT
+            {
                 return io.fail(
                     exit_code(c),
                     &format!(
@@ -372,7 +374,9 @@ fn compute_policy(machine: &Machine, args: &[String], io: &mut Io<'_>) -> i32 {
                 e.fault("nvidia-smi compute-policy", Some(*g))?;
                 e.set_timeslice(*g, value)
             });
-            if let Err(c) = r {
+            if let Err(c) = r
+                && c != NO_EFFECT
+            {
                 return io.fail(
                     exit_code(c),
                     &format!("Failed to set timeslice for GPU {bus}: {}", err_text(c)),
@@ -622,6 +626,49 @@ mod tests {
         let (code, _, err) = smi(&m, &["compute-policy", "--set-timeslice", "7"]);
         assert_eq!(code, 2);
         assert!(err.contains("Invalid timeslice"), "{err}");
+    }
+
+    #[test]
+    fn a_setting_that_does_not_take_exits_0_and_changes_nothing() {
+        use crate::control::{self, Fault, Times};
+        let dir = tempfile::tempdir().unwrap();
+        let m = machine(dir.path(), "node: l40s-single\n");
+        let uuid = m.topo.gpus[0].uuid.clone();
+        let state = control::state_path(&dir.path().join("topo.yaml"));
+        for function in ["nvidia-smi compute-policy", "nvmlDeviceSetComputeMode"] {
+            control::inject_fault(
+                &state,
+                Fault {
+                    function: function.into(),
+                    gpu_uuid: Some(uuid.clone()),
+                    error: NO_EFFECT,
+                    times: Times::Once,
+                },
+            )
+            .unwrap();
+        }
+        let (code, out, _) = smi(&m, &["compute-policy", "-i", &uuid, "--set-timeslice", "3"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("Set timeslice to 3 (Long)"), "{out}");
+        let (code, out, _) = smi(&m, &["-i", &uuid, "-c", "3"]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains("Set compute mode to EXCLUSIVE_PROCESS"),
+            "{out}"
+        );
+        let s = control::read_state(&state).unwrap();
+        assert_eq!(s.gpus[&uuid].timeslice, 0, "the time slice did not take");
+        assert_eq!(s.gpus[&uuid].compute_mode, ComputeMode::Default);
+        assert!(s.faults.is_empty(), "each fired once");
+        // The next call takes.
+        assert_eq!(
+            smi(&m, &["compute-policy", "-i", &uuid, "--set-timeslice", "3"]).0,
+            0
+        );
+        assert_eq!(
+            control::read_state(&state).unwrap().gpus[&uuid].timeslice,
+            3
+        );
     }
 
     #[test]

@@ -116,8 +116,17 @@ pub enum Times {
     Always,
 }
 
+/// [`Fault::error`] value for "reports success and changes nothing": `NVML_SUCCESS` (0).
+/// A setter (`nvmlDeviceSetComputeMode`, `nvidia-smi -c`, `nvidia-smi compute-policy
+/// --set-timeslice`, an `nvidia-cuda-mps-control` command) then returns success, exit 0
+/// and its usual output, while the GPU or daemon keeps its old value: a setting that does
+/// not take, which only a read-back detects. Meant for setters; a getter given it returns
+/// success without filling its outputs.
+pub const NO_EFFECT: u32 = 0;
+
 /// An injected failure: `function` (an NVML symbol name such as `nvmlDeviceSetComputeMode`,
-/// or an `nvidia-smi` operation such as `nvidia-smi compute-policy`) returns `error`.
+/// or an `nvidia-smi` operation such as `nvidia-smi compute-policy`) returns `error`
+/// ([`NO_EFFECT`]: succeeds without effect).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Fault {

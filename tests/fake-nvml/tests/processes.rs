@@ -325,6 +325,33 @@ fn mps_control_daemon_records_client_limits() {
     assert!(!control::read_state(&m.state()).unwrap().mps_daemons[&key].running);
 }
 
+#[test]
+fn a_daemon_killed_by_a_signal_reads_as_not_running() {
+    let m = Machine::new("node: l40s-single\n");
+    let pipe = m.dir.path().join("mps/pipe");
+    let o = m
+        .command(&bin("nvidia-cuda-mps-control"))
+        .arg("-d")
+        .env("CUDA_MPS_PIPE_DIRECTORY", &pipe)
+        .env("CUDA_MPS_LOG_DIRECTORY", m.dir.path().join("mps/log"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let key = pipe.to_string_lossy().into_owned();
+    let d = control::read_state(&m.state()).unwrap().mps_daemons[&key].clone();
+    assert!(d.running);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &d.pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let pid = d.pid;
+    wait_until("the daemon process to exit", || {
+        !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid)
+    });
+    assert!(!control::read_state(&m.state()).unwrap().mps_daemons[&key].running);
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.split_whitespace().nth(2) == Some("Z"))

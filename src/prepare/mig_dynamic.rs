@@ -1,0 +1,293 @@
+//! Dynamic MIG in the prepare state machine: the GPU and compute instance of each
+//! allocated placement, created at prepare and destroyed at unprepare or rollback.
+//!
+//! Owns the checkpoint record of each instance (`extra.dynamicMig` of a claim entry, see
+//! [`InstanceRecord`]), the order of NVML steps and their undo: create the GPU instance at
+//! the allocated placement (`nvmlDeviceCreateGpuInstanceWithPlacement`), its full-size
+//! compute instance, read the MIG device UUID; undo destroys the compute instances, then
+//! the GPU instance, in reverse order of creation. The record (GPU, profile, placement) is
+//! made durable as `PrepareStarted` before anything is created; GPU / compute instance
+//! ids, which NVML only returns on creation, are recorded at `PrepareCompleted`.
+//!
+//! It never destroys what it cannot tie to a record of its own: a GPU instance is destroyed
+//! only when its id, profile and placement all match the record (ids are reused by NVML).
+//! A placement taken behind the driver's back fails the claim naming that instance. It
+//! must not touch GPUs the inventory does not mark dynamic.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use super::mig_control::{GpuInstance, MigControl, MigControlError};
+use crate::checkpoint::ClaimEntry;
+use crate::inventory::Placement;
+
+/// Key of the instance records in [`ClaimEntry::extra`].
+pub const EXTRA_KEY: &str = "dynamicMig";
+
+/// One dynamic MIG instance of a claim, as the checkpoint keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceRecord {
+    /// DRA device name (`gpu-0-mig-3g40gb-9-4`).
+    pub device: String,
+    /// Physical GPU UUID.
+    pub gpu_uuid: String,
+    /// Physical GPU minor.
+    pub gpu_minor: u32,
+    /// GPU instance profile id.
+    pub gi_profile_id: u32,
+    /// Placement in memory slices.
+    pub placement: Placement,
+    /// GPU instance id, once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gi_id: Option<u32>,
+    /// Compute instance id, once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_id: Option<u32>,
+    /// MIG device UUID, once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig_uuid: Option<String>,
+}
+
+/// The instance records of a claim entry (none when absent or unreadable).
+pub fn records_of(entry: &ClaimEntry) -> Vec<InstanceRecord> {
+    entry
+        .extra
+        .get(EXTRA_KEY)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// Stores `records` in `entry` (removes the key when empty).
+pub fn set_records(entry: &mut ClaimEntry, records: &[InstanceRecord]) {
+    if records.is_empty() {
+        entry.extra.remove(EXTRA_KEY);
+    } else if let Ok(v) = serde_json::to_value(records) {
+        entry.extra.insert(EXTRA_KEY.to_owned(), v);
+    }
+}
+
+/// Why a dynamic MIG device could not be prepared or released. Each names the step, the
+/// device and the GPU.
+#[derive(Debug, Error)]
+pub enum DynamicMigError {
+    /// The allocated placement overlaps a GPU instance the driver did not create.
+    #[error(
+        "MIG device {device} on GPU {gpu_uuid}: its memory slices {start}..{end} are taken by GPU instance {gi_id} (profile id {gi_profile_id}, slices {other_start}..{other_end}) that this driver did not create; it is left as it is and no longer offered. Delete it (`nvidia-smi mig -i <gpu> -dci -gi {gi_id}` then `-dgi -gi {gi_id}`) or delete the pod so the claim is allocated elsewhere",
+        start = placement.start, end = placement.start + placement.size,
+        other_start = other.start, other_end = other.start + other.size
+    )]
+    PlacementTaken {
+        /// DRA device name.
+        device: String,
+        /// Physical GPU UUID.
+        gpu_uuid: String,
+        /// The allocated placement.
+        placement: Placement,
+        /// The conflicting GPU instance id.
+        gi_id: u32,
+        /// Its profile id.
+        gi_profile_id: u32,
+        /// Its placement.
+        other: Placement,
+    },
+    /// A step failed; what this prepare created was destroyed.
+    #[error("{step} for MIG device {device} on GPU {gpu_uuid} failed{rolled_back}: {source}",
+        rolled_back = if *.rolled_back { " (the instances this prepare created were destroyed)" } else { "" })]
+    Step {
+        /// What was being done (`creating the GPU instance`, `writing the CDI spec`, ...).
+        step: &'static str,
+        /// DRA device name.
+        device: String,
+        /// Physical GPU UUID.
+        gpu_uuid: String,
+        /// True when a rollback ran.
+        rolled_back: bool,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The node has dynamic MIG devices in its slices but no NVML MIG control.
+    #[error(
+        "MIG device {device} is a dynamic MIG placement but this plugin has no NVML MIG control; restart the plugin"
+    )]
+    NoControl {
+        /// DRA device name.
+        device: String,
+    },
+}
+
+/// An instance this prepare created (ids known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    /// Physical GPU UUID.
+    pub gpu_uuid: String,
+    /// GPU instance id.
+    pub gi_id: u32,
+    /// Compute instance id, when created.
+    pub ci_id: Option<u32>,
+}
+
+fn step(
+    step: &'static str,
+    rec: &InstanceRecord,
+    rolled_back: bool,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> DynamicMigError {
+    DynamicMigError::Step {
+        step,
+        device: rec.device.clone(),
+        gpu_uuid: rec.gpu_uuid.clone(),
+        rolled_back,
+        source: Box::new(source),
+    }
+}
+
+/// Fails with [`DynamicMigError::PlacementTaken`] when a GPU instance of any of
+/// `gi_profile_ids` overlaps `rec.placement`.
+pub fn check_free(
+    control: &dyn MigControl,
+    rec: &InstanceRecord,
+    gi_profile_ids: &[u32],
+) -> Result<(), DynamicMigError> {
+    let existing = control
+        .gpu_instances(&rec.gpu_uuid, gi_profile_ids)
+        .map_err(|e| step("listing the GPU instances", rec, false, e))?;
+    match existing
+        .iter()
+        .find(|gi| gi.placement.overlaps(&rec.placement))
+    {
+        Some(gi) => Err(DynamicMigError::PlacementTaken {
+            device: rec.device.clone(),
+            gpu_uuid: rec.gpu_uuid.clone(),
+            placement: rec.placement,
+            gi_id: gi.gi_id,
+            gi_profile_id: gi.gi_profile_id,
+            other: gi.placement,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Creates the GPU instance and its full-size compute instance of `rec`, reads the MIG
+/// UUID and fills `rec`'s ids. What got created is pushed to `created` as it happens, so a
+/// later failure (here or in the caller) can [`rollback`] it.
+///
+/// Errors: [`DynamicMigError::Step`] naming the NVML step; on error, what this call
+/// created is already destroyed and popped from `created`.
+pub fn create(
+    control: &dyn MigControl,
+    rec: &mut InstanceRecord,
+    created: &mut Vec<Created>,
+) -> Result<(), DynamicMigError> {
+    let gi_id = control
+        .create_gpu_instance(&rec.gpu_uuid, rec.gi_profile_id, rec.placement)
+        .map_err(|e| step("creating the GPU instance", rec, false, e))?;
+    created.push(Created {
+        gpu_uuid: rec.gpu_uuid.clone(),
+        gi_id,
+        ci_id: None,
+    });
+    let ci_id = match control.create_compute_instance(&rec.gpu_uuid, gi_id) {
+        Ok(ci) => ci,
+        Err(e) => {
+            let mut mine = created.split_off(created.len() - 1);
+            rollback(control, &mut mine);
+            return Err(step("creating the compute instance", rec, true, e));
+        }
+    };
+    if let Some(last) = created.last_mut() {
+        last.ci_id = Some(ci_id);
+    }
+    let uuid = match control.mig_uuid(&rec.gpu_uuid, gi_id, ci_id) {
+        Ok(u) => u,
+        Err(e) => {
+            let mut mine = created.split_off(created.len() - 1);
+            rollback(control, &mut mine);
+            return Err(step("reading the MIG device UUID", rec, true, e));
+        }
+    };
+    info!(device = %rec.device, gpu = %rec.gpu_uuid, gi_id, ci_id, mig_uuid = %uuid, "created MIG device");
+    rec.gi_id = Some(gi_id);
+    rec.ci_id = Some(ci_id);
+    rec.mig_uuid = Some(uuid);
+    Ok(())
+}
+
+/// Destroys `created` in reverse order (compute instance, then GPU instance) and empties
+/// it; a failure is logged and the rest still tried. Returns the first error.
+pub fn rollback(control: &dyn MigControl, created: &mut Vec<Created>) -> Option<MigControlError> {
+    let mut first = None;
+    while let Some(c) = created.pop() {
+        if let Some(ci) = c.ci_id
+            && let Err(e) = control.destroy_compute_instance(&c.gpu_uuid, c.gi_id, ci)
+            && !e.is_gone()
+        {
+            warn!(gpu = %c.gpu_uuid, gi_id = c.gi_id, ci_id = ci, error = %e, "destroying a compute instance in rollback failed");
+            first.get_or_insert(e);
+            continue;
+        }
+        if let Err(e) = control.destroy_gpu_instance(&c.gpu_uuid, c.gi_id)
+            && !e.is_gone()
+        {
+            warn!(gpu = %c.gpu_uuid, gi_id = c.gi_id, error = %e, "destroying a GPU instance in rollback failed");
+            first.get_or_insert(e);
+        }
+    }
+    first
+}
+
+/// The GPU instance `rec` stands for, if it exists: by id when recorded (and then only if
+/// profile and placement still match), else — a prepare cut short by a crash — the
+/// instance of the recorded profile at exactly the recorded placement.
+pub fn find_instance(
+    control: &dyn MigControl,
+    rec: &InstanceRecord,
+) -> Result<Option<GpuInstance>, MigControlError> {
+    let matches =
+        |gi: &GpuInstance| gi.gi_profile_id == rec.gi_profile_id && gi.placement == rec.placement;
+    match rec.gi_id {
+        Some(id) => Ok(control.gpu_instance(&rec.gpu_uuid, id)?.filter(matches)),
+        None => Ok(control
+            .gpu_instances(&rec.gpu_uuid, &[rec.gi_profile_id])?
+            .into_iter()
+            .find(matches)),
+    }
+}
+
+/// Destroys the instance of `rec` (every compute instance in it, then the GPU instance).
+/// Nothing to do when it is gone. `by_placement`: also accept an id-less record (crash
+/// recovery); otherwise an id-less record (never created by this process) is skipped.
+pub fn destroy(
+    control: &dyn MigControl,
+    rec: &InstanceRecord,
+    by_placement: bool,
+) -> Result<(), DynamicMigError> {
+    if rec.gi_id.is_none() && !by_placement {
+        return Ok(());
+    }
+    let Some(gi) =
+        find_instance(control, rec).map_err(|e| step("finding the GPU instance", rec, false, e))?
+    else {
+        return Ok(());
+    };
+    let cis = control
+        .compute_instances(&rec.gpu_uuid, gi.gi_id)
+        .map_err(|e| step("listing the compute instances", rec, false, e))?;
+    for ci in cis {
+        match control.destroy_compute_instance(&rec.gpu_uuid, gi.gi_id, ci) {
+            Err(e) if !e.is_gone() => {
+                return Err(step("destroying the compute instance", rec, false, e));
+            }
+            _ => {}
+        }
+    }
+    match control.destroy_gpu_instance(&rec.gpu_uuid, gi.gi_id) {
+        Err(e) if !e.is_gone() => Err(step("destroying the GPU instance", rec, false, e)),
+        _ => {
+            info!(device = %rec.device, gpu = %rec.gpu_uuid, gi_id = gi.gi_id, "destroyed MIG device");
+            Ok(())
+        }
+    }
+}
