@@ -592,3 +592,26 @@ pub fn destroy_compute_instance(
     // SAFETY: `ci` was just returned by NVML; not used after this call.
     nvml_try(unsafe { destroy(ci) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_library_without_the_memory_limit_symbols_means_unsupported() {
+        // The C library loads but has no NVML symbols: a driver before r615 looks the same.
+        let got = MemoryLimitSymbols::load(Some(std::path::Path::new("libc.so.6"))).unwrap();
+        assert!(got.is_none());
+        // A library that cannot be loaded at all is an error, not "unsupported".
+        assert!(
+            MemoryLimitSymbols::load(Some(std::path::Path::new("/nonexistent/libnvidia-ml.so.1")))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_fake_library_has_them() {
+        let lib = nvidia_ml::control::find_cdylib().expect("fake libnvidia_ml.so built for tests");
+        assert!(MemoryLimitSymbols::load(Some(&lib)).unwrap().is_some());
+    }
+}

@@ -134,6 +134,26 @@ async fn each_share_is_limited_on_its_pod_cgroup_until_the_pod_goes() -> anyhow:
         "{dmem_max}"
     );
 
+    // The claim says so in its device status (KEP-4817), written by the plugin.
+    let claims: Api<ResourceClaim> = Api::namespaced(client.clone(), &ns);
+    let message = b
+        .wait(STEP, "tgi-a's device status condition", || async {
+            let c = claims.get("tgi-a").await?;
+            let cond = c
+                .status
+                .and_then(|s| s.devices)
+                .and_then(|d| d.into_iter().find(|d| d.device == "gpu-0"))
+                .and_then(|d| d.conditions)
+                .and_then(|cs| cs.into_iter().find(|c| c.type_ == "GPUMemoryLimitEnforced"));
+            Ok(cond.filter(|c| c.status == "True").map(|c| c.message))
+        })
+        .await
+        .map_err(|e| e.context(plugin.log_tail(40)))?;
+    assert!(
+        message.contains(&format!("hard limit {}", 18 * GIB)),
+        "{message}"
+    );
+
     // The first pod goes: its limit is cleared (unprepare) and its cgroup removed; the
     // other pod keeps its limit.
     pods.delete("tgi-a", &DeleteParams::default()).await?;

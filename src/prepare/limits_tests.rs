@@ -307,3 +307,32 @@ async fn a_failed_limit_fails_the_claim_and_leaves_nothing() {
         error_chain(&err)
     );
 }
+
+#[tokio::test]
+async fn limits_of_claims_rebuilt_after_a_lost_checkpoint_are_still_cleared() {
+    let node = Node::new();
+    let gpu = dgx_h100().gpus[0].uuid.clone();
+    let claims = [share_claim("tgi-a", "18Gi", &["p1"])];
+    let cg = node.pod_cgroup("p1");
+    let preparer = node.preparer(&claims, "615.71.09", false);
+    preparer.prepare_claim(&cref("tgi-a")).await.unwrap();
+    drop(preparer);
+    std::fs::remove_file(
+        node.dir
+            .path()
+            .join("plugin")
+            .join(crate::checkpoint::CHECKPOINT_FILE_NAME),
+    )
+    .unwrap();
+
+    let restarted = node.preparer(&claims, "615.71.09", false);
+    restarted.recover_after_loss(Some(&claims)).await;
+    assert!(
+        node.limit(&gpu, &cg).is_some(),
+        "recovery keeps the running pod's limit"
+    );
+    let entry = restarted.checkpoint().snapshot().claims["uid-tgi-a"].clone();
+    assert!(entry.extra.contains_key(CHECKPOINT_KEY), "{entry:?}");
+    restarted.unprepare_claim(&cref("tgi-a")).await.unwrap();
+    assert_eq!(node.limit(&gpu, &cg), None);
+}

@@ -492,6 +492,51 @@ impl<L: ClaimLookup> Preparer<L> {
     }
 }
 
+impl<L: ClaimLookup> Preparer<L> {
+    /// After a lost checkpoint: records again the memory limits rebuilt claims hold (the
+    /// pod cgroups named by their `reservedFor`), so unprepare clears them. A claim whose
+    /// limits cannot be worked out is left without a record (its limit goes with its cgroup).
+    fn rebuild_limit_records(
+        &self,
+        live: &[k8s_openapi::api::resource::v1::ResourceClaim],
+        entries: &mut BTreeMap<String, ClaimEntry>,
+    ) {
+        if self.memory_limits.is_none() {
+            return;
+        }
+        for claim in live {
+            let Some(entry) = claim.metadata.uid.as_ref().and_then(|u| entries.get_mut(u)) else {
+                continue;
+            };
+            let record = plan_claim(
+                claim,
+                &self.inventory.borrow(),
+                &self.config.driver_name,
+                &self.config.node_name,
+            )
+            .map_err(PrepareError::from)
+            .and_then(|plans| self.memory_decision(claim, &plans))
+            .and_then(|decision| {
+                let uid = claim.metadata.uid.clone().unwrap_or_default();
+                let limits = self.locate_limits(&uid, &decision)?;
+                Ok(MemoryLimitRecord::for_decision(&decision, limits))
+            });
+            match record {
+                Ok(Some(record)) => {
+                    entry.extra.insert(
+                        crate::sharing::memory_limit::CHECKPOINT_KEY.to_owned(),
+                        record.to_value(),
+                    );
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    warn!(claim.uid = ?claim.metadata.uid, error = %err, "memory limits of a rebuilt claim not recorded; they are cleared when its pod cgroup goes");
+                }
+            }
+        }
+    }
+}
+
 fn limit_error(err: crate::sharing::memory_limit::MemoryLimitError) -> PrepareError {
     PrepareError::Sharing(Box::new(SharingError::MemoryLimit(err)))
 }

@@ -101,6 +101,8 @@ impl<L: ClaimLookup> Preparer<L> {
             &self.config.node_name,
         );
         let uids: Vec<String> = rebuilt.entries.keys().cloned().collect();
+        let mut rebuilt = rebuilt;
+        self.rebuild_limit_records(live, &mut rebuilt.entries);
         if !rebuilt.entries.is_empty() {
             let entries = rebuilt.entries;
             let recorded = self

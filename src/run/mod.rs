@@ -376,6 +376,11 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         Some(control) => preparer.with_mig_control(control),
         None => preparer,
     };
+    tokio::spawn(crate::sharing::memory_limit_status::report_device_status(
+        client.clone(),
+        args.driver_name.clone(),
+        preparer.checkpoint().subscribe(),
+    ));
     let report = if loaded.outcome == LoadOutcome::Loaded {
         preparer.recover().await
     } else {

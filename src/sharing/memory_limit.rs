@@ -73,8 +73,8 @@ pub enum MemoryLimitError {
     PodCgroupMissing {
         /// Claim UID.
         claim_uid: String,
-        /// The pod.
-        pod: PodRef,
+        /// The pod (boxed: the variant is rare).
+        pod: Box<PodRef>,
         /// The cgroup root searched.
         root: PathBuf,
     },
@@ -87,15 +87,15 @@ pub enum MemoryLimitError {
         claim_uid: String,
         /// GPU UUID.
         gpu_uuid: String,
-        /// The pod.
-        pod: PodRef,
+        /// The pod (boxed: the variant is rare).
+        pod: Box<PodRef>,
         /// Cgroup directory.
         cgroup: PathBuf,
         /// Hard limit asked for.
         bytes: u64,
         /// NVML's error.
         #[source]
-        source: NvmlCallError,
+        source: Box<NvmlCallError>,
     },
     /// NVML accepted the limit but reads back something else.
     #[error(
@@ -126,7 +126,7 @@ pub enum MemoryLimitError {
         cgroup: PathBuf,
         /// NVML's error.
         #[source]
-        source: NvmlCallError,
+        source: Box<NvmlCallError>,
     },
 }
 
@@ -317,7 +317,7 @@ impl MemoryLimiter {
         let cgroup = find_pod_cgroup(&self.settings.cgroup_root, &pod.uid).ok_or_else(|| {
             MemoryLimitError::PodCgroupMissing {
                 claim_uid: claim_uid.to_owned(),
-                pod: pod.clone(),
+                pod: Box::new(pod.clone()),
                 root: self.settings.cgroup_root.clone(),
             }
         })?;
@@ -356,14 +356,14 @@ impl MemoryLimiter {
                 .map_err(|source| MemoryLimitError::Set {
                     claim_uid: claim_uid.to_owned(),
                     gpu_uuid: limit.gpu_uuid.clone(),
-                    pod: PodRef {
+                    pod: Box::new(PodRef {
                         namespace: limit.pod.split('/').next().unwrap_or_default().to_owned(),
                         name: limit.pod.split('/').nth(1).unwrap_or_default().to_owned(),
                         uid: limit.pod_uid.clone(),
-                    },
+                    }),
                     cgroup: limit.cgroup.clone(),
                     bytes: limit.hard_bytes,
-                    source,
+                    source: Box::new(source),
                 })
                 .and_then(|got| {
                     if got == want {
@@ -410,7 +410,7 @@ impl MemoryLimiter {
                         claim_uid: claim_uid.to_owned(),
                         gpu_uuid: limit.gpu_uuid.clone(),
                         cgroup: limit.cgroup.clone(),
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }

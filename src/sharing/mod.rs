@@ -26,6 +26,7 @@ pub mod launcher;
 pub mod memory_limit;
 pub mod memory_limit_cgroup;
 pub mod memory_limit_plan;
+pub mod memory_limit_status;
 #[cfg(test)]
 pub(crate) mod memory_limit_tests;
 pub mod mps;
