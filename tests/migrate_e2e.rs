@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
+use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaim, ResourceSlice};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
@@ -175,6 +175,31 @@ async fn seeds_configmaps_migrate_and_their_pods_run_unchanged() {
     for doc in support::deploy::documents("deviceclasses.yaml").unwrap() {
         support::deploy::apply(&client, &doc).await.unwrap();
     }
+    // Creation timestamps have one-second resolution and a tie goes to the lower name
+    // (the scheduler's extended-resource cache), so the migrated class must be created
+    // in a later second than the chart's.
+    let classes: Api<DeviceClass> = Api::all(client.clone());
+    let chart_created = classes
+        .get("gpu.gpu-dra.dev")
+        .await
+        .unwrap()
+        .metadata
+        .creation_timestamp
+        .expect("the chart's GPU class has a creation timestamp")
+        .0
+        .as_second();
+    b.wait(
+        STEP,
+        "a second after the chart's classes were created",
+        || async {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            Ok((i64::try_from(now)? > chart_created).then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| fail(e));
 
     let slices: Vec<ResourceSlice> = b
         .wait(STEP, "node-a's ResourceSlices", || async {

@@ -55,7 +55,13 @@ impl ShareNodes {
                 node,
                 &fake,
                 "",
-                &[format!("--consumable-shares={mode}")],
+                // The fake drivers of these topologies (570) have no per-cgroup memory
+                // limits, so the shares run scheduling-only here; enforcement on an r615
+                // driver is tests/memory_limits_e2e.rs.
+                &[
+                    format!("--consumable-shares={mode}"),
+                    "--allow-scheduling-only-shares".to_owned(),
+                ],
             )?);
             gpus.insert(node.to_owned(), fake);
         }
