@@ -69,7 +69,7 @@ pub async fn refresh_inventory(
                 settled
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %error_chain(&e), "re-discovering GPUs; keeping the last inventory");
+                tracing::warn!(error = %crate::prepare::error_chain(&e), "re-discovering GPUs; keeping the last inventory");
                 false
             }
             Err(e) => {
@@ -148,17 +148,6 @@ pub fn log_change(before: &Holdback, after: &Holdback) {
             tracing::info!(gpu = %u.uuid, device = %format!("gpu-{}", u.minor), "GPU read cleanly again: published as read");
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        cur = s.source();
-    }
-    line
 }
 
 #[cfg(test)]

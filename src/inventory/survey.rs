@@ -126,7 +126,7 @@ pub fn resolve(last: Option<&Inventory>, survey: Survey, in_use: &InUse) -> Reso
         .map(|u| Unsettled {
             uuid: u.uuid,
             minor: u.minor,
-            reason: error_line(&u.error),
+            reason: crate::prepare::error_chain(&u.error),
         })
         .collect();
     for gpu in survey.inventory.gpus {
@@ -179,18 +179,6 @@ fn contradiction(gpu: &Gpu, previous: Option<&Gpu>, in_use: &InUse) -> Option<St
             missing.join(", ")
         ))
     }
-}
-
-/// The error and its sources on one line.
-fn error_line(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        cur = s.source();
-    }
-    line
 }
 
 #[cfg(test)]

@@ -519,21 +519,7 @@ mod tests {
 
     const DRIVER: &str = "gpu.gpu-dra.dev";
 
-    fn golden(name: &str, actual: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("src/slices/testdata")
-            .join(name);
-        if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, actual).expect("write golden");
-        }
-        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (run with UPDATE_GOLDEN=1 to create)",
-                path.display()
-            )
-        });
-        pretty_assertions::assert_eq!(expected, actual);
-    }
+    use crate::slices::golden;
 
     fn names(slice: &ResourceSlice) -> Vec<String> {
         slice

@@ -13,3 +13,22 @@ mod reconcile_tests;
 pub mod shares;
 pub mod start;
 pub mod taints;
+
+/// Compares `actual` with the golden file `src/slices/testdata/<name>`; with
+/// `UPDATE_GOLDEN` set it writes the file first.
+#[cfg(test)]
+pub(crate) fn golden(name: &str, actual: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/slices/testdata")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).expect("write golden");
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create)",
+            path.display()
+        )
+    });
+    pretty_assertions::assert_eq!(expected, actual);
+}

@@ -438,21 +438,7 @@ mod golden {
     use crate::inventory::fixtures::dgx_h100;
     use crate::slices::desired::{SliceFeatures, desired_slices, validate_slice};
 
-    fn golden(name: &str, actual: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("src/slices/testdata")
-            .join(name);
-        if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            std::fs::write(&path, actual).expect("write golden");
-        }
-        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (run with UPDATE_GOLDEN=1 to create)",
-                path.display()
-            )
-        });
-        pretty_assertions::assert_eq!(expected, actual);
-    }
+    use crate::slices::golden;
 
     fn slices(mode: ConsumableShares) -> Vec<k8s_openapi::api::resource::v1::ResourceSlice> {
         let features = SliceFeatures {

@@ -59,7 +59,7 @@ impl Reconciler {
                     return Some(Self::new(client, driver, node, &uid, features));
                 }
                 Err(err) => {
-                    let error = error_chain(&err);
+                    let error = crate::prepare::error_chain(&err);
                     if logged.as_ref() != Some(&error) {
                         tracing::warn!(error = %error, retry_in_ms = backoff.as_millis() as u64, "API server not answering: serving the kubelet from local state, ResourceSlices wait");
                         logged = Some(error.clone());
@@ -91,17 +91,6 @@ async fn node_uid(client: &kube::Client, node: &str) -> Result<String, Reconcile
             source,
         })?;
     Ok(found.metadata.uid.unwrap_or_default())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        cur = s.source();
-    }
-    line
 }
 
 #[cfg(test)]

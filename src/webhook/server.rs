@@ -256,7 +256,7 @@ async fn reload_on_change(tls: RustlsConfig, cert: PathBuf, key: PathBuf, stop: 
                 info!(cert = %watch.cert.display(), "reloaded the serving certificate")
             }
             Reload::Failed(error) => {
-                warn!(error = %error_chain(&error), "keeping the previous serving certificate")
+                warn!(error = %crate::prepare::error_chain(&error), "keeping the previous serving certificate")
             }
         }
     }
@@ -303,18 +303,6 @@ impl CertWatch {
             Err(error) => Reload::Failed(error),
         }
     }
-}
-
-/// `error: source: source…` in one line.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 #[cfg(test)]
