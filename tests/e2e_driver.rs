@@ -10,25 +10,17 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaim, ResourceSlice};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::{Value, json};
 
-use support::TestBox;
 use support::driver::{DRIVER, FakeGpus, Plugin};
+use support::scenario::{
+    Env, Step, apply_device_classes, claim_of_pod, create_template, env_of, pod, run_steps,
+};
 
 const NODE: &str = "node-a";
 const STEP: Duration = Duration::from_secs(90);
-
-/// One scenario of the end-to-end run.
-type Step = fn(&mut Env) -> futures::future::BoxFuture<'_, anyhow::Result<()>>;
-
-struct Env {
-    b: &'static TestBox,
-    client: kube::Client,
-    gpus: FakeGpus,
-    plugin: Plugin,
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn driver_end_to_end() {
@@ -64,36 +56,7 @@ async fn driver_end_to_end() {
             Box::pin(corrupt_checkpoint_is_quarantined(e))
         }),
     ];
-    for (name, step) in steps {
-        if let Err(err) = step(&mut env).await {
-            panic!(
-                "step '{name}' failed: {err:#}\n--- plugin log ---\n{}\n--- box logs ---\n{}",
-                env.plugin.log_tail(60),
-                env.b.log_tail(30)
-            );
-        }
-    }
-}
-
-async fn apply_device_classes(client: &kube::Client) {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/deviceclasses.yaml"
-    ))
-    .unwrap();
-    let classes: Api<DeviceClass> = Api::all(client.clone());
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let class: DeviceClass = serde::Deserialize::deserialize(doc).unwrap();
-        let name = class.metadata.name.clone().unwrap();
-        classes
-            .patch(
-                &name,
-                &PatchParams::apply("e2e").force(),
-                &Patch::Apply(&class),
-            )
-            .await
-            .unwrap();
-    }
+    run_steps(&mut env, &steps).await;
 }
 
 async fn slices_are_published(e: &mut Env) -> anyhow::Result<()> {
@@ -122,18 +85,6 @@ async fn slices_are_published(e: &mut Env) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pod(name: &str, claim: Value) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "resourceClaims": [claim],
-            "containers": [{"name": "ctr", "image": "registry.example/cuda:none",
-                            "resources": {"claims": [{"name": "gpu"}]}}]
-        }
-    }))
-    .unwrap()
-}
-
 async fn wait_running(e: &Env, pods: &Api<Pod>, name: &str) -> anyhow::Result<Value> {
     e.b.wait(
         STEP,
@@ -152,14 +103,6 @@ async fn wait_running(e: &Env, pods: &Api<Pod>, name: &str) -> anyhow::Result<Va
         },
     )
     .await
-}
-
-fn env_of(result: &Value, key: &str) -> Option<String> {
-    result["env"]
-        .as_array()?
-        .iter()
-        .filter_map(Value::as_str)
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_owned))
 }
 
 fn device_paths(result: &Value) -> Vec<String> {
@@ -197,15 +140,6 @@ async fn allocated(e: &Env, ns: &str, claim: &str) -> anyhow::Result<(String, St
         .and_then(|d| d.attributes?.get("uuid")?.string.clone())
         .ok_or_else(|| anyhow::anyhow!("device {device} has no uuid attribute"))?;
     Ok((device, uuid))
-}
-
-async fn claim_of_pod(pods: &Api<Pod>, pod: &str) -> anyhow::Result<String> {
-    let p = pods.get(pod).await?;
-    p.status
-        .and_then(|s| s.resource_claim_statuses)
-        .and_then(|s| s.into_iter().next())
-        .and_then(|s| s.resource_claim_name)
-        .ok_or_else(|| anyhow::anyhow!("pod {pod} has no generated claim"))
 }
 
 async fn delete_and_wait_gone(e: &Env, pods: &Api<Pod>, names: &[String]) -> anyhow::Result<()> {
@@ -325,21 +259,6 @@ async fn undecodable_claim_fails_alone(e: &mut Env) -> anyhow::Result<()> {
         "CDI specs left: {:?}",
         cdi_specs(e)
     );
-    Ok(())
-}
-
-async fn create_template(
-    client: &kube::Client,
-    ns: &str,
-    name: &str,
-    devices: Value,
-) -> anyhow::Result<()> {
-    let api: Api<k8s_openapi::api::resource::v1::ResourceClaimTemplate> =
-        Api::namespaced(client.clone(), ns);
-    let t = serde_json::from_value(
-        json!({"metadata": {"name": name}, "spec": {"spec": {"devices": devices}}}),
-    )?;
-    api.create(&PostParams::default(), &t).await?;
     Ok(())
 }
 

@@ -8,11 +8,12 @@ mod support;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaimTemplate, ResourceSlice};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use serde_json::{Value, json};
+use k8s_openapi::api::resource::v1::{ResourceClaimTemplate, ResourceSlice};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
 
 use support::driver::{DRIVER, FakeGpus, Plugin};
+use support::scenario::{apply_device_classes, env_of};
 
 const NODE: &str = "node-a";
 const STEP: Duration = Duration::from_secs(90);
@@ -27,27 +28,6 @@ fn pod(name: &str) -> Pod {
         }
     }))
     .expect("pod")
-}
-
-async fn apply_device_classes(client: &kube::Client) {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/deviceclasses.yaml"
-    ))
-    .expect("deviceclasses.yaml");
-    let classes: Api<DeviceClass> = Api::all(client.clone());
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let class: DeviceClass = serde::Deserialize::deserialize(doc).expect("class");
-        let name = class.metadata.name.clone().expect("name");
-        classes
-            .patch(
-                &name,
-                &PatchParams::apply("e2e").force(),
-                &Patch::Apply(&class),
-            )
-            .await
-            .expect("apply class");
-    }
 }
 
 /// `(profile id, placement start)` of GPU 0's GPU instances, each with one compute instance.
@@ -70,14 +50,6 @@ fn gpu0_instances(gpus: &FakeGpus) -> Vec<(u32, u32, usize)> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn env_of(result: &Value, key: &str) -> Option<String> {
-    result["env"]
-        .as_array()?
-        .iter()
-        .filter_map(Value::as_str)
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_owned))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,8 +17,8 @@ use futures::StreamExt;
 use gpu_dra::proto::dra_v1 as v1;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaim, ResourceSlice};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use nvidia_ml::control::{self, Fault, Times};
 use serde_json::{Value, json};
@@ -26,21 +26,14 @@ use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 use support::TestBox;
 use support::driver::{DRIVER, FakeGpus, Plugin};
+use support::scenario::{
+    Env, Step, apply_device_classes, claim_of_pod, create_template, pod, run_steps,
+};
 
 const NODE: &str = "node-a";
 const STEP: Duration = Duration::from_secs(90);
 /// `NVML_ERROR_NOT_SUPPORTED`.
 const NOT_SUPPORTED: u32 = 3;
-
-/// One scenario of the run.
-type Step = fn(&mut Env) -> futures::future::BoxFuture<'_, anyhow::Result<()>>;
-
-struct Env {
-    b: &'static TestBox,
-    client: kube::Client,
-    gpus: FakeGpus,
-    plugin: Plugin,
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_under_faults() {
@@ -63,15 +56,7 @@ async fn start_under_faults() {
             Box::pin(api_server_down_at_start(e))
         }),
     ];
-    for (name, step) in steps {
-        if let Err(err) = step(&mut env).await {
-            panic!(
-                "step '{name}' failed: {err:#}\n--- plugin log ---\n{}\n--- box logs ---\n{}",
-                env.plugin.log_tail(80),
-                env.b.log_tail(30)
-            );
-        }
-    }
+    run_steps(&mut env, &steps).await;
 }
 
 /// A live MIG claim on gpu-0, the plugin restarted with a one-shot NOT_SUPPORTED from
@@ -427,54 +412,6 @@ async fn node_event(
         .map(|ev| ev.note.unwrap_or_default()))
 }
 
-async fn apply_device_classes(client: &kube::Client) {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/deviceclasses.yaml"
-    ))
-    .unwrap();
-    let classes: Api<DeviceClass> = Api::all(client.clone());
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let class: DeviceClass = serde::Deserialize::deserialize(doc).unwrap();
-        let name = class.metadata.name.clone().unwrap();
-        classes
-            .patch(
-                &name,
-                &PatchParams::apply("e2e").force(),
-                &Patch::Apply(&class),
-            )
-            .await
-            .unwrap();
-    }
-}
-
-async fn create_template(
-    client: &kube::Client,
-    ns: &str,
-    name: &str,
-    devices: Value,
-) -> anyhow::Result<()> {
-    let api: Api<k8s_openapi::api::resource::v1::ResourceClaimTemplate> =
-        Api::namespaced(client.clone(), ns);
-    let t = serde_json::from_value(
-        json!({"metadata": {"name": name}, "spec": {"spec": {"devices": devices}}}),
-    )?;
-    api.create(&PostParams::default(), &t).await?;
-    Ok(())
-}
-
-fn pod(name: &str, claim: Value) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "resourceClaims": [claim],
-            "containers": [{"name": "ctr", "image": "registry.example/cuda:none",
-                            "resources": {"claims": [{"name": "gpu"}]}}]
-        }
-    }))
-    .unwrap()
-}
-
 async fn wait_running(e: &Env, pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
     e.b.wait(STEP, &format!("pod {name} Running"), || async {
         e.plugin.check_alive()?;
@@ -483,15 +420,6 @@ async fn wait_running(e: &Env, pods: &Api<Pod>, name: &str) -> anyhow::Result<()
         Ok((phase == "Running").then_some(()))
     })
     .await
-}
-
-async fn claim_of_pod(pods: &Api<Pod>, pod: &str) -> anyhow::Result<String> {
-    let p = pods.get(pod).await?;
-    p.status
-        .and_then(|s| s.resource_claim_statuses)
-        .and_then(|s| s.into_iter().next())
-        .and_then(|s| s.resource_claim_name)
-        .ok_or_else(|| anyhow::anyhow!("pod {pod} has no generated claim"))
 }
 
 async fn delete_and_wait_gone(e: &Env, pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod deploy;
 pub mod driver;
 pub mod examples;
+pub mod scenario;
 pub mod shares;
 
 #[allow(unused_imports)]
