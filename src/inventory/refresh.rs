@@ -54,6 +54,8 @@ pub async fn refresh_inventory(
         next_backoff(&mut backoff, refresh.interval)
     };
     loop {
+        // The re-discovery period (or the withheld-GPU backoff): NVML offers no change
+        // event for MIG shape or GPU presence, so discovery is timed.
         tokio::select! {
             () = &mut shutdown => return,
             () = tokio::time::sleep(delay) => {}

@@ -506,6 +506,7 @@ async fn first_survey(
             }
             Err(err) => tracing::warn!(error = %err, "GPU discovery task failed"),
         }
+        // Backoff before the next GPU discovery attempt (NVML has no readiness event).
         tokio::select! {
             () = shutdown.cancelled() => return None,
             () = tokio::time::sleep(backoff) => {}
@@ -581,6 +582,8 @@ async fn wait_for_driver(
                 status.send_replace(DriverStatus::Searching { error });
             }
         }
+        // Retry period of the driver-root search: the GPU operator may install the driver
+        // after the plugin starts, and there is no event for that.
         tokio::select! {
             () = shutdown.cancelled() => return None,
             () = tokio::time::sleep(DRIVER_RETRY) => {}
