@@ -11,6 +11,7 @@ pub mod deploy;
 pub mod driver;
 pub mod examples;
 pub mod scenario;
+pub mod share_limits;
 pub mod shares;
 
 #[allow(unused_imports)]
