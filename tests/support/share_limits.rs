@@ -123,7 +123,7 @@ pub fn compute_limit(consumed_compute: Option<&str>) -> String {
 /// `18Gi` for 19327352832: the largest binary unit dividing `bytes`, else bytes.
 pub fn binary_bytes(bytes: u64) -> String {
     for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20)] {
-        if bytes >= size && bytes % size == 0 {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
     }
