@@ -20,6 +20,8 @@
 //! from it where COMPAT.md says it hurts: no default time slice injected, support probed
 //! before setting, daemons supervised by the plugin, per-GPU rather than node-wide locking.
 
+pub mod compute_share_plan;
+pub mod compute_share_status;
 pub mod control;
 mod gpu_settings;
 pub mod launcher;
@@ -31,6 +33,7 @@ pub mod memory_limit_status;
 pub(crate) mod memory_limit_tests;
 pub mod mps;
 pub mod policy;
+pub mod share_daemon;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -104,6 +107,9 @@ pub enum SharingError {
     /// A share's GPU memory limit could not be planned, set or cleared.
     #[error(transparent)]
     MemoryLimit(#[from] memory_limit::MemoryLimitError),
+    /// A share's compute limit could not be planned or is not enforceable here.
+    #[error(transparent)]
+    ComputeShare(#[from] compute_share_plan::ComputeShareError),
     /// A policy was given for a claim without GPUs.
     #[error("claim {claim_uid} asks for {policy} but lists no physical GPU")]
     NoGpus {
@@ -148,6 +154,7 @@ pub struct SharingManager {
     mps: MpsSupervisor,
     ledger: Mutex<Ledger>,
     gpu_locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    compute_shares: Option<share_daemon::ComputeShares>,
 }
 
 type GpuGuards = Vec<tokio::sync::OwnedMutexGuard<()>>;
@@ -170,6 +177,7 @@ impl SharingManager {
             mps,
             ledger: Mutex::new(Ledger::new()),
             gpu_locks: Mutex::new(BTreeMap::new()),
+            compute_shares: None,
         }
     }
 
@@ -227,13 +235,16 @@ impl SharingManager {
             self.mps.dirs(claim_uid)?;
         }
         let _guards = self.lock_gpus(&gpus).await;
+        self.share_conflict(&gpus, claim_uid, policy.as_ref())?;
         let actions = {
             let ledger = lock(&self.ledger);
             gpus.iter()
                 .map(|gpu| {
-                    ledger
-                        .check(gpu, claim_uid, policy.as_ref())
-                        .map(|a| (gpu.clone(), a, !ledger.held_by_others(gpu, claim_uid)))
+                    ledger.check(gpu, claim_uid, policy.as_ref()).map(|a| {
+                        let free =
+                            !ledger.held_by_others(gpu, claim_uid) && !self.share_daemon_holds(gpu);
+                        (gpu.clone(), a, free)
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?
         };
