@@ -207,11 +207,13 @@ pub fn apply_command(d: &mut MpsDaemon, line: &str) -> (Option<String>, Option<S
             crate::mps_v3::remove_sockets(d);
             (None, None)
         }
-        v3 @ (["server", ..] | ["namespace", ..]) if d.protocol == 3 => {
-            crate::mps_v3::apply(d, v3).unwrap_or_else(|| {
-                (None, Some(format!("Error: invalid command {}", v3.join(" "))))
-            })
-        }
+        v3 @ (["server", ..] | ["namespace", ..]) if d.protocol == 3 => crate::mps_v3::apply(d, v3)
+            .unwrap_or_else(|| {
+                (
+                    None,
+                    Some(format!("Error: invalid command {}", v3.join(" "))),
+                )
+            }),
         ["get_server_list"] => (None, None),
         ["set_default_active_thread_percentage", p] => match p.parse::<f64>() {
             Ok(v) if (0.0..=100.0).contains(&v) => {

@@ -51,7 +51,10 @@ pub fn driver_version_from_env() -> String {
 pub fn daemon_options(args: &[String], driver_version: &str) -> Result<(u8, bool), String> {
     let (mut protocol, mut multiuser) = (2, false);
     if let Ok(v) = std::env::var("CUDA_MPS_PROTOCOL_VERSION") {
-        protocol = v.trim().parse().map_err(|_| format!("Invalid protocol {v}"))?;
+        protocol = v
+            .trim()
+            .parse()
+            .map_err(|_| format!("Invalid protocol {v}"))?;
     }
     let v3 = driver_has_v3(driver_version);
     let mut it = args.iter();
@@ -61,7 +64,9 @@ pub fn daemon_options(args: &[String], driver_version: &str) -> Result<(u8, bool
                 let value = it.next().ok_or("Option -p needs a value: 2 or 3")?;
                 // The environment variable takes precedence over the flag.
                 if std::env::var_os("CUDA_MPS_PROTOCOL_VERSION").is_none() {
-                    protocol = value.parse().map_err(|_| format!("Invalid protocol {value}"))?;
+                    protocol = value
+                        .parse()
+                        .map_err(|_| format!("Invalid protocol {value}"))?;
                 }
             }
             "-m" | "--multiuser" if v3 => multiuser = true,
@@ -177,7 +182,13 @@ fn namespace(
     let missing = |ns: &str| err(format!("namespace {ns} does not exist on server {server}"));
     match (verb, rest) {
         ("list", []) => Some((
-            Some(srv.namespaces.keys().cloned().collect::<Vec<_>>().join("\n")),
+            Some(
+                srv.namespaces
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
             None,
         )),
         ("create", [ns]) => {
@@ -227,7 +238,10 @@ fn namespace(
             };
             match *key {
                 "active_thread_percentage" => Some((
-                    Some(format!("{:.1}", n.active_thread_percentage.unwrap_or(100.0))),
+                    Some(format!(
+                        "{:.1}",
+                        n.active_thread_percentage.unwrap_or(100.0)
+                    )),
                     None,
                 )),
                 "pinned_memory_limit" => Some((
@@ -237,7 +251,10 @@ fn namespace(
                 other => err(format!("unknown namespace setting {other}")),
             }
         }
-        _ => err(format!("invalid namespace command {verb} {}", rest.join(" "))),
+        _ => err(format!(
+            "invalid namespace command {verb} {}",
+            rest.join(" ")
+        )),
     }
 }
 
@@ -293,18 +310,29 @@ mod tests {
         assert!(dir.path().join("shares/default/control").exists());
         assert!(run(&mut d, "namespace create shares c1").1.is_none());
         assert!(dir.path().join("shares/c1/control").exists());
-        assert!(run(&mut d, "namespace create shares c1").1.unwrap().contains("already exists"));
-        assert!(run(&mut d, "namespace create shares default").1.is_some());
         assert!(
-            run(&mut d, "namespace set shares c1 active_thread_percentage 40")
-                .1
-                .is_none()
-        );
-        assert!(
-            run(&mut d, "namespace set shares c1 active_thread_percentage 140")
+            run(&mut d, "namespace create shares c1")
                 .1
                 .unwrap()
-                .contains("out of range")
+                .contains("already exists")
+        );
+        assert!(run(&mut d, "namespace create shares default").1.is_some());
+        assert!(
+            run(
+                &mut d,
+                "namespace set shares c1 active_thread_percentage 40"
+            )
+            .1
+            .is_none()
+        );
+        assert!(
+            run(
+                &mut d,
+                "namespace set shares c1 active_thread_percentage 140"
+            )
+            .1
+            .unwrap()
+            .contains("out of range")
         );
         assert!(
             run(&mut d, "namespace set shares c1 pinned_memory_limit 18432M")
@@ -321,7 +349,12 @@ mod tests {
                 .unwrap()
                 .contains("namespace c9 does not exist")
         );
-        assert!(run(&mut d, "namespace list nope").1.unwrap().contains("server nope"));
+        assert!(
+            run(&mut d, "namespace list nope")
+                .1
+                .unwrap()
+                .contains("server nope")
+        );
         let ns = &d.servers["shares"].namespaces["c1"];
         assert_eq!(ns.active_thread_percentage, Some(40.0));
         assert_eq!(ns.pinned_memory_limit.as_deref(), Some("18432M"));
