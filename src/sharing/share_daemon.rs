@@ -159,7 +159,7 @@ impl SharingManager {
         gpus: &[String],
         claim_uid: &str,
         policy: Option<&Policy>,
-    ) -> Result<(), SharingError> {
+    ) -> Result<(), Box<Conflict>> {
         let (Some(shares), Some(policy)) = (&self.compute_shares, policy) else {
             return Ok(());
         };
@@ -169,14 +169,14 @@ impl SharingManager {
                 .into_iter()
                 .find(|c| c != claim_uid)
             {
-                return Err(SharingError::Conflict(Box::new(Conflict {
+                return Err(Box::new(Conflict {
                     gpu_uuid: gpu.clone(),
                     claim_uid: claim_uid.to_owned(),
                     requested: policy.to_string(),
                     holder_claim: holder,
                     holder_policy: "GPU shares under the GPU's MPS daemon".to_owned(),
                     rule: "a GPU whose shares run under its MPS daemon takes no other sharing policy until its last share goes",
-                })));
+                }));
             }
         }
         Ok(())
@@ -422,11 +422,9 @@ impl SharingManager {
                 report.stopped.push(gpu);
                 continue;
             }
-            if !alive {
-                if let Err(err) = self.start_share_daemon(&first, &gpu).await {
-                    report.failed.push((gpu, err));
-                    continue;
-                }
+            if !alive && let Err(err) = self.start_share_daemon(&first, &gpu).await {
+                report.failed.push((gpu, err));
+                continue;
             }
             let known: BTreeSet<&str> = live.iter().map(|(_, r)| r.namespace.as_str()).collect();
             let mut failed = None;
