@@ -314,15 +314,19 @@ async fn shares_of_one_gpu_get_their_own_namespaces_on_one_mps_v3_daemon() -> an
     assert_eq!(daemon(&gpus, &gpu).map(|d| d.pid), Some(d.pid));
     pods.delete("tgi-b", &DeleteParams::default()).await?;
     pods.delete("tgi-c", &DeleteParams::default()).await?;
-    b.wait(STEP, "the share daemon stopped", || async {
-        Ok(daemon(&gpus, &gpu).is_none().then_some(()))
-    })
+    b.wait(
+        STEP,
+        "the share daemon stopped and the compute mode back to Default",
+        || async {
+            let mode = gpus.state().gpus[&gpu].compute_mode;
+            Ok(
+                (daemon(&gpus, &gpu).is_none() && mode == nvidia_ml::control::ComputeMode::Default)
+                    .then_some(()),
+            )
+        },
+    )
     .await
     .map_err(|e| e.context(plugin.log_tail(60)))?;
-    assert_eq!(
-        gpus.state().gpus[&gpu].compute_mode,
-        nvidia_ml::control::ComputeMode::Default
-    );
 
     // Bad input: a share on a GPU another claim holds time-sliced, and a share whose
     // GpuConfig asks for a sharing strategy.
@@ -367,6 +371,52 @@ async fn shares_of_one_gpu_get_their_own_namespaces_on_one_mps_v3_daemon() -> an
         "a refused share starts no daemon"
     );
     pods.delete("configured", &DeleteParams::default()).await?;
+
+    // A daemon that takes a namespace limit and keeps another value fails the claim, naming
+    // the GPU and the setting, and the failed prepare leaves no daemon behind; once the
+    // daemon behaves, the kubelet's retry prepares it.
+    use nvidia_ml::control::{ComputeMode, Fault, NO_EFFECT, Times};
+    nvidia_ml::control::inject_fault(
+        &gpus.state_path(),
+        Fault {
+            function: "nvidia-cuda-mps-control namespace set".into(),
+            gpu_uuid: None,
+            error: NO_EFFECT,
+            times: Times::Always,
+        },
+    )?;
+    let (_, ignored) = share(
+        &client,
+        at,
+        "ignored",
+        Some(json!({"memory": "8Gi", "compute": "25"})),
+        None,
+    )
+    .await?;
+    prepare_failure(
+        b,
+        &client,
+        (&ns, "ignored"),
+        &[&gpu, "active_thread_percentage", "wanted 25"],
+    )
+    .await?;
+    b.wait(STEP, "the failed prepare rolled back", || async {
+        let mode = gpus.state().gpus[&gpu].compute_mode;
+        Ok((daemon(&gpus, &gpu).is_none() && mode == ComputeMode::Default).then_some(()))
+    })
+    .await?;
+    nvidia_ml::control::clear_faults(&gpus.state_path())?;
+    running(b, &plugin, &pods, "ignored").await?;
+    let d = daemon(&gpus, &gpu).expect("the daemon");
+    assert_eq!(
+        namespace(&d, &uid(&ignored)),
+        Some((25.0, Some("8192M".into())))
+    );
+    pods.delete("ignored", &DeleteParams::default()).await?;
+    b.wait(STEP, "the share daemon stopped", || async {
+        Ok(daemon(&gpus, &gpu).is_none().then_some(()))
+    })
+    .await?;
     Ok(())
 }
 

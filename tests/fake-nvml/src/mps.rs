@@ -131,6 +131,17 @@ pub fn take_start_fault(store: &StateStore, env: &MpsEnv) -> Option<String> {
         })
 }
 
+/// The fault name's command part of a client line: its first word, or for the MPS v3
+/// module-verb commands its first two (`namespace set`, `server create`).
+pub fn fault_word(line: &str) -> String {
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some(m @ ("namespace" | "server")), Some(verb)) => format!("{m} {verb}"),
+        (Some(first), _) => first.to_owned(),
+        (None, _) => String::new(),
+    }
+}
+
 /// Whether process `pid` exists and is not a zombie (`/proc/<pid>/stat`). Daemon records of
 /// processes that no longer exist (killed with their process group) count as not running.
 pub fn process_alive(pid: u32) -> bool {
@@ -301,8 +312,8 @@ pub fn client(
                 Some(d) if d.running => d.visible_devices.clone(),
                 _ => return None,
             };
-            let word = line.split_whitespace().next().unwrap_or_default();
-            let fault = s.take_fault_visible(&command_fault(word), visible.as_deref());
+            let word = fault_word(&line);
+            let fault = s.take_fault_visible(&command_fault(&word), visible.as_deref());
             let d = s.mps_daemons.get_mut(&env.pipe_dir)?;
             Some(match fault {
                 // Answered as if taken (same output), but the daemon keeps its state: a
