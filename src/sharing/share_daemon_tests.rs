@@ -76,3 +76,82 @@ fn the_daemon_starts_with_protocol_three_in_multi_user_mode() {
     assert_eq!(args, ["-d", "-p", "3", "-m"]);
     assert_eq!(dirs.pipe, dir.path().join("mps-shares/GPU-1/pipe"));
 }
+
+/// Compute mode and time slice that take every setting (no hardware).
+struct NoHardware;
+
+impl crate::sharing::ComputeControl for NoHardware {
+    fn set_compute_mode(
+        &self,
+        _gpu_uuid: &str,
+        _mode: ComputeMode,
+    ) -> Result<(), crate::sharing::ControlError> {
+        Ok(())
+    }
+    fn compute_mode(&self, _gpu_uuid: &str) -> Result<ComputeMode, crate::sharing::ControlError> {
+        Ok(ComputeMode::Default)
+    }
+}
+
+impl crate::sharing::TimeSliceControl for NoHardware {
+    fn set_time_slice<'a>(
+        &'a self,
+        _gpu_uuid: &'a str,
+        _interval: crate::sharing::TimeSlice,
+    ) -> futures::future::BoxFuture<'a, Result<(), crate::sharing::ControlError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn time_slice<'a>(
+        &'a self,
+        _gpu_uuid: &'a str,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<crate::sharing::TimeSliceState, crate::sharing::ControlError>,
+    > {
+        Box::pin(async {
+            Ok(crate::sharing::TimeSliceState::Supported(
+                crate::sharing::TimeSlice::Default,
+            ))
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_policy_claim_is_refused_on_a_gpu_whose_shares_run_under_its_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let hw = std::sync::Arc::new(NoHardware);
+    let manager = SharingManager::new(hw.clone(), hw, shares(dir.path(), false).mps)
+        .with_compute_shares(ComputeShareSettings {
+            root_dir: dir.path().join("mps-shares"),
+            driver_version: "615.71.09".into(),
+            allow_scheduling_only: false,
+        });
+    std::fs::create_dir_all(dir.path().join("mps-shares/GPU-1/pipe/shares/uid-share")).unwrap();
+    let gpus = ["GPU-1".to_owned()];
+    let err = manager
+        .apply(&gpus, "uid-ts", Some(Policy::Exclusive))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, SharingError::Conflict(_))
+            && text.contains("GPU-1")
+            && text.contains("uid-share"),
+        "{text}"
+    );
+    // Another GPU, or a claim without a policy, is not refused.
+    let other = ["GPU-2".to_owned()];
+    assert!(
+        manager
+            .apply(
+                &other,
+                "uid-ts",
+                Some(Policy::TimeSlicing {
+                    interval: crate::sharing::TimeSlice::Default
+                })
+            )
+            .await
+            .is_ok()
+    );
+    assert!(manager.apply(&gpus, "uid-plain", None).await.is_ok());
+}
