@@ -287,6 +287,23 @@ async fn shares_of_one_gpu_get_their_own_namespaces_on_one_mps_v3_daemon() -> an
         (sets, creates)
     );
 
+    // The daemon dies while the plugin is down: the next plugin starts it afresh with the
+    // live claims' namespaces and limits (their clients must reconnect).
+    plugin.kill();
+    let pid = rustix::process::Pid::from_raw(d.pid as i32).expect("a daemon pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL)?;
+    plugin.restart(&gpus)?;
+    ready(b, &plugin).await?;
+    let d = b
+        .wait(STEP, "the share daemon started afresh", || async {
+            Ok(daemon(&gpus, &gpu).filter(|n| n.pid != d.pid && namespace(n, &uid(&c)).is_some()))
+        })
+        .await
+        .map_err(|e| e.context(plugin.log_tail(60)))?;
+    assert_eq!((d.protocol, d.multiuser), (3, true));
+    assert_eq!(namespace(&d, &uid(&a)), Some((40.0, Some("18432M".into()))));
+    assert_eq!(namespace(&d, &uid(&c)), Some((30.0, Some("12288M".into()))));
+
     // A third share joins the running daemon.
     let (_, e) = share(
         &client,
