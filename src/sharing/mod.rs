@@ -7,7 +7,8 @@
 //! changes when one GPU fails. Submodules: [`control`] (NVML compute mode and
 //! `nvidia-smi compute-policy` seams), `gpu_settings` (each setting set, read back, and
 //! stale ones reset), [`policy`] (the pure conflict ledger), [`mps`] (MPS control daemon
-//! supervisor).
+//! supervisor), [`share_daemon`] with [`compute_share_plan`] (the compute of GPU shares:
+//! one MPS v3 daemon per shared GPU, a namespace per share claim).
 //!
 //! Must not: write the checkpoint or CDI files (the prepare state machine does; it gets
 //! [`ClaimEdits`] as data and rebuilds this module's state with [`SharingManager::restore`]),
