@@ -3,8 +3,8 @@
 //! `memory` and `compute`, the allocations (`consumedCapacity`, same device) are read
 //! back, and so is the hard memory limit each pod's cgroup got, as the fake GPU recorded
 //! it. The seed scenarios of examples/shares/ first (`make demo` runs the same), then bad
-//! input: amounts above the GPU, off the step, compute above 100, two shares of one GPU
-//! with different sharing strategies, and a share on a node whose driver cannot limit
+//! input: amounts above the GPU, off the step, compute above 100, a share carrying a sharing
+//! strategy (refused: shares run under the GPU's MPS daemon), and a share on a node whose driver cannot limit
 //! memory. Last, every pod goes and every limit must go with it.
 
 mod support;
@@ -153,6 +153,8 @@ async fn shares_scenarios_and_bad_input() {
         // kernel's dmem.max line of the GPU's region says so.
         assert_eq!(hard_limit(a), 18 * GI, "{a:?}");
         assert!(dmem_max(a).contains(&format!(" {}", 18 * GI)), "{a:?}");
+        // Compute: the claim's MPS v3 namespace on the GPU's share daemon holds 40%.
+        assert_eq!(a.compute_limit, Some(40.0), "{a:?}");
     }
     assert_ne!(tgi[0].share_id, tgi[1].share_id);
     assert_ne!(tgi[0].claim, tgi[1].claim);
@@ -177,6 +179,7 @@ async fn shares_scenarios_and_bad_input() {
     for a in &ollama {
         assert_eq!((bytes(a, "memory"), bytes(a, "compute")), (20 * GI, 30));
         assert_eq!(hard_limit(a), 20 * GI, "{a:?}");
+        assert_eq!(a.compute_limit, Some(30.0), "{a:?}");
     }
 
     // Profiles as share sizes: dev 1/8, prod 1/4, training the whole GPU (no amounts).
@@ -194,8 +197,12 @@ async fn shares_scenarios_and_bad_input() {
     );
     assert_eq!(hard_limit(dev), 10 * GI);
     assert_eq!(hard_limit(prod), 20 * GI);
+    assert_eq!(
+        (dev.compute_limit, prod.compute_limit),
+        (Some(12.0), Some(25.0))
+    );
     assert!(
-        trainer.limits.is_empty(),
+        trainer.limits.is_empty() && trainer.compute_limit.is_none(),
         "no limit on a whole GPU: {trainer:?}"
     );
     let others = all
@@ -217,6 +224,7 @@ async fn shares_scenarios_and_bad_input() {
         // misc backend: the driver holds the limit; the kernel's dmem files stay empty.
         assert_eq!(hard_limit(a), L40S_MIB / 4 * MI, "{a:?}");
         assert_eq!(dmem_max(a), "", "{a:?}");
+        assert_eq!(a.compute_limit, Some(25.0), "{a:?}");
     }
 
     bad_input(&b, &mut nodes).await;
@@ -365,9 +373,9 @@ async fn bad_input(b: &TestBox, nodes: &mut ShareNodes) {
         "the limit is the rounded amount"
     );
 
-    // Two shares of one GPU with different time slices: the scheduler allows both (it
-    // accounts amounts, not strategies); the plugin refuses the second at prepare with an
-    // error naming the GPU and the claim that holds it, and the first keeps running.
+    // A share carrying a sharing strategy (a time slice): on an MPS v3 node every share of
+    // a GPU runs under the GPU's MPS daemon, so the plugin refuses it at prepare naming the
+    // GPU and the field; the GPU's other shares keep running and its time slice is kept.
     let h = nodes.gpus["node-h"].state();
     let mut free: Vec<&String> = h.gpus.keys().collect();
     free.sort();
@@ -384,24 +392,23 @@ async fn bad_input(b: &TestBox, nodes: &mut ShareNodes) {
         .expect("a free H100")
         .clone();
     let on_target = format!("device.attributes['gpu.gpu-dra.dev'].uuid == '{target}'");
-    for (name, interval) in [("slice-short", "Short"), ("slice-long", "Long")] {
-        let extra = json!({
-            "selector": on_target,
-            "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": interval}},
-        });
-        apply_docs(
-            b,
-            &claim_and_pod(&ns, name, json!({"memory": "4Gi", "compute": "10"}), extra),
-        )
-        .await;
-        if name == "slice-short" {
-            wait_running(b, &ns, name, 1, STEP)
-                .await
-                .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
-        }
-    }
-    let allocs = share_allocations(b, &[ns.as_str()]).await.unwrap();
-    let holder = pods(&allocs, &format!("{ns}/slice-short"))[0].clone();
+    apply_docs(
+        b,
+        &claim_and_pod(&ns, "plain-share", json!({"memory": "4Gi", "compute": "10"}), json!({"selector": on_target})),
+    )
+    .await;
+    wait_running(b, &ns, "plain-share", 1, STEP)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
+    let extra = json!({
+        "selector": on_target,
+        "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}},
+    });
+    apply_docs(
+        b,
+        &claim_and_pod(&ns, "slice-long", json!({"memory": "4Gi", "compute": "10"}), extra),
+    )
+    .await;
     let events: Api<Event> = Api::namespaced(b.client().await, &ns);
     let event = b
         .wait(
@@ -422,20 +429,20 @@ async fn bad_input(b: &TestBox, nodes: &mut ShareNodes) {
     let message = event.message.unwrap_or_default();
     eprintln!("slice-long: {message}");
     assert!(message.contains(&target), "names the GPU: {message}");
-    assert!(
-        message.contains(&holder.claim_uid),
-        "names the holder: {message}"
-    );
-    let allocs = share_allocations(b, &[ns.as_str()]).await.unwrap();
+    assert!(message.contains("sharing"), "names the field: {message}");
+    let mut allocs = share_allocations(b, &[ns.as_str()]).await.unwrap();
+    nodes.attach_limits(&mut allocs);
     let refused = pods(&allocs, &format!("{ns}/slice-long"))[0];
-    assert_eq!(refused.device, holder.device, "scheduled onto the same GPU");
+    let neighbour = pods(&allocs, &format!("{ns}/plain-share"))[0];
+    assert_eq!(refused.device, neighbour.device, "scheduled onto the same GPU");
     assert_ne!(refused.phase, "Running");
-    let holder_now = pods(&allocs, &format!("{ns}/slice-short"))[0];
-    assert_eq!(holder_now.phase, "Running", "the holder is unaffected");
+    assert!(refused.limits.is_empty() && refused.compute_limit.is_none(), "{refused:?}");
+    assert_eq!(neighbour.phase, "Running", "the neighbour is unaffected");
+    assert_eq!(neighbour.compute_limit, Some(10.0), "{neighbour:?}");
     assert_eq!(
         nodes.gpus["node-h"].state().gpus[&target].timeslice,
-        1,
-        "the GPU keeps the holder's time slice Short"
+        h.gpus[&target].timeslice,
+        "the refused share changed no time slice"
     );
 
     old_driver(b, nodes, &ns).await;

@@ -9,10 +9,9 @@
 //! Must not: hold product logic.
 //!
 //! Compute: the scheduler's `consumedCapacity.compute` is shown as allocated; what the GPU
-//! enforces for it would be the claim's MPS limit as the fake's MPS control daemon
-//! recorded it. No such per-claim record exists yet, so the column says the share's
-//! compute is not enforced on this node. A recorded compute limit plugs in at
-//! [`compute_limit`].
+//! enforces for it is the active thread percentage of the claim's MPS v3 namespace (named
+//! after the claim UID on the share daemon's server `shares`), as the fake's MPS control
+//! daemon recorded it ([`recorded_compute`], [`compute_limit`]).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -108,15 +107,30 @@ pub struct MemoryCondition {
     pub message: String,
 }
 
-/// The compute column of a share: the enforced compute limit as the fake GPU recorded it,
-/// or why there is none. Today no per-claim compute limit is recorded (MPS per-claim
-/// limits are not applied to shares), so a share of the SMs is not enforced on this node;
-/// a claim consuming 100% has the SMs to itself and needs no limit.
-pub fn compute_limit(consumed_compute: Option<&str>) -> String {
-    match consumed_compute {
-        None => "-".to_owned(),
-        Some("100") => "whole GPU".to_owned(),
-        Some(_) => "not enforced on this node".to_owned(),
+/// Name of the MPS v3 server of a share daemon that holds the claims' namespaces.
+pub const SHARE_SERVER: &str = "shares";
+
+/// The active thread percentage (percent of the SMs) of claim `claim_uid`'s namespace on
+/// a running share daemon of `state`, as the fake MPS control daemon recorded it.
+pub fn recorded_compute(state: &State, claim_uid: &str) -> Option<f64> {
+    state
+        .mps_daemons
+        .values()
+        .filter(|d| d.running)
+        .filter_map(|d| d.servers.get(SHARE_SERVER))
+        .filter_map(|server| server.namespaces.get(claim_uid))
+        .find_map(|ns| ns.active_thread_percentage)
+}
+
+/// The compute column of a share: the enforced active thread percentage as the fake GPU
+/// recorded it (`40%`), or why there is none: a claim consuming 100% with no namespace has
+/// the SMs to itself; a share without one is not enforced on this node (scheduling-only).
+pub fn compute_limit(consumed_compute: Option<&str>, recorded: Option<f64>) -> String {
+    match (consumed_compute, recorded) {
+        (_, Some(pct)) => format!("{pct}%"),
+        (None, None) => "-".to_owned(),
+        (Some("100"), None) => "whole GPU".to_owned(),
+        (Some(_), None) => "not enforced on this node".to_owned(),
     }
 }
 

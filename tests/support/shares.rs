@@ -24,7 +24,7 @@ use super::cluster::TestBox;
 use super::driver::{FakeGpus, Plugin};
 use super::examples::{PodReport, apply_file, pod_reports};
 use super::share_limits::{
-    MemoryCondition, RecordedLimit, binary_bytes, compute_limit, recorded_limits,
+    MemoryCondition, RecordedLimit, binary_bytes, compute_limit, recorded_compute, recorded_limits,
     register_dmem_regions,
 };
 
@@ -109,7 +109,9 @@ impl ShareNodes {
     pub fn attach_limits(&self, allocations: &mut [ShareAllocation]) {
         for a in allocations {
             if let Some(gpus) = self.gpus.get(&a.node) {
-                a.limits = recorded_limits(&gpus.state(), &a.pod_uid);
+                let state = gpus.state();
+                a.limits = recorded_limits(&state, &a.pod_uid);
+                a.compute_limit = recorded_compute(&state, &a.claim_uid);
             }
         }
     }
@@ -144,6 +146,9 @@ pub struct ShareAllocation {
     /// ([`ShareNodes::attach_limits`]; empty for a whole GPU, an unprepared or a
     /// scheduling-only share).
     pub limits: Vec<RecordedLimit>,
+    /// Active thread percentage of the claim's MPS namespace as the node's fake MPS control
+    /// daemon recorded it ([`ShareNodes::attach_limits`]; `None` without one).
+    pub compute_limit: Option<f64>,
 }
 
 /// Allocations of every pod in `namespaces`, by `namespace/pod`, sorted.
@@ -388,7 +393,10 @@ pub fn render_shares(s: &ShareScenarios) -> String {
                     .join(","),
             ),
         };
-        let compute = compute_limit(a.consumed.get("compute").map(String::as_str));
+        let compute = compute_limit(
+            a.consumed.get("compute").map(String::as_str),
+            a.compute_limit,
+        );
         line(
             &mut out,
             [
