@@ -67,7 +67,7 @@ async fn two_claims_pack_one_gpu_a_third_waits_and_the_gpu_empties() {
         )
     };
 
-    // Published: GPU 0's counter set and its 25 partitionable devices.
+    // Published: GPU 0's counter set, its 25 placements and its full GPU, all consuming.
     let slices: Api<ResourceSlice> = Api::all(client.clone());
     let lp = ListParams::default().fields(&format!("spec.nodeName={NODE},spec.driver={DRIVER}"));
     b.wait(STEP, "dynamic MIG slices of node-a", || async {
@@ -85,7 +85,7 @@ async fn two_claims_pack_one_gpu_a_third_waits_and_the_gpu_empties() {
             .flat_map(|s| s.spec.devices.iter().flatten())
             .filter(|d| d.consumes_counters.is_some())
             .count();
-        Ok((sets == 1 && consuming == 25).then_some(()))
+        Ok((sets == 1 && consuming == 26).then_some(()))
     })
     .await
     .unwrap_or_else(|e| fail(e));

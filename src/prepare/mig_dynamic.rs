@@ -106,6 +106,34 @@ pub enum DynamicMigError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The full GPU of a dynamic GPU was allocated while GPU instances exist on it.
+    #[error(
+        "device {device} is the full GPU {gpu_uuid}, which needs MIG mode off, but the GPU still holds GPU instances {instances}; MIG mode is left on. Instances made by hand must be deleted (nvidia-smi mig -dci / -dgi), or delete the pod so the claim is allocated elsewhere"
+    )]
+    FullGpuHasInstances {
+        /// DRA device name.
+        device: String,
+        /// Physical GPU UUID.
+        gpu_uuid: String,
+        /// The GPU instances found (id, profile id, memory slices).
+        instances: String,
+    },
+    /// `nvmlDeviceSetMigMode` answered, but the change did not take effect.
+    #[error(
+        "switching MIG mode {mode} on GPU {gpu_uuid} for device {device} did not take effect (activation status: {status}): {advice}"
+    )]
+    MigModeNotChanged {
+        /// DRA device name.
+        device: String,
+        /// Physical GPU UUID.
+        gpu_uuid: String,
+        /// `on` or `off`.
+        mode: &'static str,
+        /// NVML's activation status.
+        status: String,
+        /// What it means and what to do.
+        advice: &'static str,
+    },
     /// The node has dynamic MIG devices in its slices but no NVML MIG control.
     #[error(
         "MIG device {device} is a dynamic MIG placement but this plugin has no NVML MIG control; restart the plugin"

@@ -76,9 +76,21 @@ pub fn choose(
     mode: &DynamicMigMode,
     owned: &[InstanceRecord],
 ) -> BTreeSet<String> {
+    choose_with(inv, mode, owned, &BTreeSet::new())
+}
+
+/// [`choose`], also taking the GPUs whose full GPU a claim holds (`full_gpus`, UUIDs from
+/// [`crate::prepare::mig_full::full_gpu_uuids`]): the driver switched their MIG mode off,
+/// and they stay dynamic.
+pub fn choose_with(
+    inv: &Inventory,
+    mode: &DynamicMigMode,
+    owned: &[InstanceRecord],
+    full_gpus: &BTreeSet<String>,
+) -> BTreeSet<String> {
     inv.gpus
         .iter()
-        .filter(|g| g.mig.enabled && !g.mig_profiles.is_empty())
+        .filter(|g| (g.mig.enabled || full_gpus.contains(&g.uuid)) && !g.mig_profiles.is_empty())
         .filter(|g| match mode {
             DynamicMigMode::Off => false,
             DynamicMigMode::Auto => g
@@ -95,6 +107,16 @@ pub fn choose(
 
 /// Marks the GPUs of `dynamic` in `inv` and lists their foreign GPU instances.
 pub fn annotate(inv: &mut Inventory, dynamic: &BTreeSet<String>, owned: &[InstanceRecord]) {
+    annotate_with(inv, dynamic, owned, &BTreeSet::new());
+}
+
+/// [`annotate`], also marking the GPUs of `full_gpus` (UUIDs) whose full GPU a claim holds.
+pub fn annotate_with(
+    inv: &mut Inventory,
+    dynamic: &BTreeSet<String>,
+    owned: &[InstanceRecord],
+    full_gpus: &BTreeSet<String>,
+) {
     for gpu in &mut inv.gpus {
         if !dynamic.contains(&gpu.uuid) {
             gpu.dynamic_mig = None;
@@ -112,7 +134,10 @@ pub fn annotate(inv: &mut Inventory, dynamic: &BTreeSet<String>, owned: &[Instan
             .collect();
         foreign.sort_by_key(|f| (f.placement.start, f.gi_id));
         foreign.dedup();
-        gpu.dynamic_mig = Some(DynamicMig { foreign });
+        gpu.dynamic_mig = Some(DynamicMig {
+            foreign,
+            full_gpu_in_use: full_gpus.contains(&gpu.uuid),
+        });
     }
 }
 
@@ -144,8 +169,10 @@ impl DynamicMigDiscovery {
 impl Discover for DynamicMigDiscovery {
     fn discover(&self) -> Result<Inventory, DiscoverError> {
         let mut inv = self.inner.discover()?;
-        let owned = owned_records(&self.checkpoint.snapshot());
-        annotate(&mut inv, &self.dynamic, &owned);
+        let snapshot = self.checkpoint.snapshot();
+        let owned = owned_records(&snapshot);
+        let full = super::mig_full::full_gpu_uuids(&snapshot);
+        annotate_with(&mut inv, &self.dynamic, &owned, &full);
         let foreign: Vec<(String, ForeignInstance)> = inv
             .gpus
             .iter()

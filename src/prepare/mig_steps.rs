@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::mig_control::MigControl;
 use super::mig_dynamic::{self, InstanceRecord};
+use super::mig_full::{self, FullGpuRecord};
 use super::plan::{self, DevicePlan};
 use super::{PrepareError, Preparer};
 use crate::claims::ClaimLookup;
@@ -79,6 +80,34 @@ impl<L: ClaimLookup> Preparer<L> {
         Ok(())
     }
 
+    /// Switches MIG mode off on the GPU of every full dynamic GPU in `plans` (`full` in
+    /// plan order, from [`full_records`]).
+    pub(super) async fn leave_mig_modes(
+        &self,
+        plans: &[DevicePlan],
+        full: &[FullGpuRecord],
+    ) -> Result<(), PrepareError> {
+        let ids = plans.iter().filter_map(|p| p.full_of_dynamic.clone());
+        for (rec, ids) in full.iter().zip(ids) {
+            let control = self.mig_control(&rec.device)?;
+            let rec = rec.clone();
+            mig_blocking(move || mig_full::leave_mig(control.as_ref(), &rec, &ids)).await?;
+        }
+        Ok(())
+    }
+
+    /// Switches MIG mode back on for the full-GPU records of a checkpoint entry.
+    pub(super) async fn return_to_mig_modes(
+        &self,
+        records: Vec<FullGpuRecord>,
+    ) -> Result<(), PrepareError> {
+        for rec in records {
+            let control = self.mig_control(&rec.device)?;
+            mig_blocking(move || mig_full::return_to_mig(control.as_ref(), &rec)).await?;
+        }
+        Ok(())
+    }
+
     /// Destroys the dynamic MIG instances of a checkpoint entry, newest first.
     pub(super) async fn destroy_instances(
         &self,
@@ -119,6 +148,19 @@ pub(super) fn instance_records(plans: &[DevicePlan]) -> Vec<InstanceRecord> {
                 ci_id: None,
                 mig_uuid: None,
             })
+        })
+        .collect()
+}
+
+/// The full-GPU records of a claim's full dynamic GPUs, in plan order.
+pub(super) fn full_records(plans: &[DevicePlan]) -> Vec<FullGpuRecord> {
+    plans
+        .iter()
+        .filter(|p| p.full_of_dynamic.is_some())
+        .map(|p| FullGpuRecord {
+            device: p.allocated.device.clone(),
+            gpu_uuid: p.gpu_uuid.clone(),
+            gpu_minor: p.gpu_minor,
         })
         .collect()
 }

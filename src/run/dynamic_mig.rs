@@ -28,7 +28,9 @@ pub(super) async fn setup(
 ) {
     use crate::prepare::{mig_control, mig_select};
     let owned = mig_select::owned_records(&checkpoint.snapshot());
-    let mut chosen = mig_select::choose(&inventory_tx.borrow(), &args.dynamic_mig, &owned);
+    let full = crate::prepare::mig_full::full_gpu_uuids(&checkpoint.snapshot());
+    let mut chosen =
+        mig_select::choose_with(&inventory_tx.borrow(), &args.dynamic_mig, &owned, &full);
     let control = if chosen.is_empty() {
         None
     } else {
@@ -41,7 +43,7 @@ pub(super) async fn setup(
             }
         }
     };
-    inventory_tx.send_modify(|inv| mig_select::annotate(inv, &chosen, &owned));
+    inventory_tx.send_modify(|inv| mig_select::annotate_with(inv, &chosen, &owned, &full));
     let foreign: Vec<String> = inventory_tx
         .borrow()
         .gpus
