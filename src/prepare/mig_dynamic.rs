@@ -69,6 +69,49 @@ pub fn set_records(entry: &mut ClaimEntry, records: &[InstanceRecord]) {
     }
 }
 
+/// Points every dynamic plan of `plans` at the instance that exists at its placement in
+/// `inventory` (a MIG device of the recorded profile there) and returns the instance
+/// records, ids included when found, in plan order. Used when the checkpoint was lost: the
+/// instances of claims the API server still has allocated here are the driver's own.
+pub fn adopt_existing(
+    plans: &mut [super::plan::DevicePlan],
+    inventory: &crate::inventory::Inventory,
+) -> Vec<InstanceRecord> {
+    plans
+        .iter_mut()
+        .filter_map(|p| {
+            let d = p.dynamic.as_ref()?;
+            let found = inventory
+                .gpus
+                .iter()
+                .filter(|g| g.uuid == p.gpu_uuid)
+                .flat_map(|g| &g.mig_devices)
+                .find(|m| {
+                    m.gi_profile_id == d.gi_profile_id
+                        && m.placement == d.placement
+                        && !m.is_partial_compute_instance()
+                });
+            if let Some(m) = found {
+                p.mig = Some(super::plan::MigTarget {
+                    uuid: m.uuid.clone(),
+                    gi_id: m.gi_id,
+                    ci_id: m.ci_id,
+                });
+            }
+            Some(InstanceRecord {
+                device: p.allocated.device.clone(),
+                gpu_uuid: p.gpu_uuid.clone(),
+                gpu_minor: p.gpu_minor,
+                gi_profile_id: d.gi_profile_id,
+                placement: d.placement,
+                gi_id: found.map(|m| m.gi_id),
+                ci_id: found.map(|m| m.ci_id),
+                mig_uuid: found.map(|m| m.uuid.clone()),
+            })
+        })
+        .collect()
+}
+
 /// Why a dynamic MIG device could not be prepared or released. Each names the step, the
 /// device and the GPU.
 #[derive(Debug, Error)]

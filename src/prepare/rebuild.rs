@@ -7,7 +7,15 @@
 //! written after every GPU side effect) and the API server still has it, same UID,
 //! allocated here; its policy comes from its allocation's config, as at prepare. The
 //! normal recovery then re-adopts its MPS daemon and keeps its spec and GPU policy. A spec
-//! of a claim the API server no longer has is an orphan. Must not touch GPUs, daemons or
+//! of a claim the API server no longer has is an orphan. Dynamic MIG instances: an
+//! instance at the placement of a device a live claim has allocated here is the driver's
+//! own ([`adoptable_instances`], so start-up neither reports it as foreign nor keeps the
+//! GPU static); with the claim's spec it is re-recorded in use with its ids; without a
+//! spec (a prepare cut before the spec, so no container can use it) the claim is recorded
+//! `PrepareStarted`, so recovery destroys the instance and the kubelet's retry prepares
+//! it afresh. A full GPU whose MIG mode the driver switched off is not recognisable
+//! without the checkpoint (a Hopper GPU with MIG off looks the same): it is re-recorded
+//! as a plain full GPU. Must not touch GPUs, daemons or
 //! files itself. ResourceClaims have no field selector beyond name and namespace (upstream
 //! `resourceclaim` strategy), so the LIST is paginated and filtered here, keeping only this
 //! node's claims.
@@ -19,6 +27,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
 use super::allocation::allocated_devices;
+use super::mig_dynamic::{self, InstanceRecord};
 use super::plan::plan_claim;
 use super::records;
 use crate::checkpoint::{ClaimEntry, ClaimState};
@@ -85,29 +94,69 @@ pub fn rebuild_entries(
         {
             out.in_use += 1;
         }
-        if !spec_uids.contains(&uid) {
-            continue;
-        }
+        let has_spec = spec_uids.contains(&uid);
         let cref = ClaimRef {
             namespace: claim.namespace().unwrap_or_default(),
             name: claim.name_any(),
             uid: uid.clone(),
         };
         match plan_claim(claim, inventory, driver, node) {
-            Ok(plans) => {
-                out.entries.insert(
-                    uid,
-                    ClaimEntry {
-                        state: ClaimState::PrepareCompleted,
-                        namespace: cref.namespace.clone(),
-                        name: cref.name.clone(),
-                        devices: records(&cref, &plans),
-                        extra: BTreeMap::new(),
-                    },
-                );
+            Ok(mut plans) => {
+                let instances = mig_dynamic::adopt_existing(&mut plans, inventory);
+                let state = if has_spec {
+                    ClaimState::PrepareCompleted
+                } else if instances.iter().any(|r| r.gi_id.is_some()) {
+                    ClaimState::PrepareStarted
+                } else {
+                    continue;
+                };
+                let mut entry = ClaimEntry {
+                    state,
+                    namespace: cref.namespace.clone(),
+                    name: cref.name.clone(),
+                    devices: records(&cref, &plans),
+                    extra: BTreeMap::new(),
+                };
+                mig_dynamic::set_records(&mut entry, &instances);
+                out.entries.insert(uid, entry);
             }
-            Err(err) => out.unplanned.push((uid, err.to_string())),
+            Err(err) if has_spec => out.unplanned.push((uid, err.to_string())),
+            Err(_) => {}
         }
     }
     out
+}
+
+/// The MIG instances of `inventory` standing at the placement of a device that one of the
+/// `live` claims (allocated to `node` for `driver`) has: the driver made them for those
+/// claims. Matched by device name (`gpu-<minor>-mig-<profile>-<GI profile id>-<start>`,
+/// the same for an existing instance and a placement), full-size compute instances only.
+pub fn adoptable_instances(
+    live: &[ResourceClaim],
+    inventory: &Inventory,
+    driver: &str,
+    node: &str,
+) -> Vec<InstanceRecord> {
+    let allocated: BTreeSet<String> = live
+        .iter()
+        .filter_map(|c| allocated_devices(c, driver, node).ok())
+        .flatten()
+        .map(|d| d.device)
+        .collect();
+    inventory
+        .gpus
+        .iter()
+        .flat_map(|g| g.mig_devices.iter().map(move |m| (g, m)))
+        .filter(|(_, m)| !m.is_partial_compute_instance() && allocated.contains(&m.device_name()))
+        .map(|(g, m)| InstanceRecord {
+            device: m.device_name(),
+            gpu_uuid: g.uuid.clone(),
+            gpu_minor: g.minor,
+            gi_profile_id: m.gi_profile_id,
+            placement: m.placement,
+            gi_id: Some(m.gi_id),
+            ci_id: Some(m.ci_id),
+            mig_uuid: Some(m.uuid.clone()),
+        })
+        .collect()
 }

@@ -16,18 +16,38 @@ use crate::inventory::Discover;
 /// GPU instances on them that the driver did not create (log and a Node Event), and
 /// returns the annotating discovery plus the NVML MIG control (`None` when no GPU is
 /// dynamic or NVML cannot be initialised for it: then nothing is marked dynamic).
+///
+/// `live_after_loss`: after a checkpoint loss, the claims the API server has allocated to
+/// this node; instances at their devices' placements count as the driver's own
+/// ([`crate::prepare::rebuild::adoptable_instances`]).
 pub(super) async fn setup(
     args: &PluginArgs,
     discovery: Arc<dyn Discover>,
     inventory_tx: &watch::Sender<crate::inventory::Inventory>,
     checkpoint: &CheckpointWriter,
     nvml_library: &Path,
+    live_after_loss: Option<&[k8s_openapi::api::resource::v1::ResourceClaim]>,
 ) -> (
     Arc<dyn Discover>,
     Option<Arc<dyn crate::prepare::mig_control::MigControl>>,
 ) {
     use crate::prepare::{mig_control, mig_select};
-    let owned = mig_select::owned_records(&checkpoint.snapshot());
+    let mut owned = mig_select::owned_records(&checkpoint.snapshot());
+    if let Some(live) = live_after_loss {
+        let adopted = crate::prepare::rebuild::adoptable_instances(
+            live,
+            &inventory_tx.borrow(),
+            &args.driver_name,
+            &args.node_name,
+        );
+        if !adopted.is_empty() {
+            info!(
+                instances = adopted.len(),
+                "MIG instances of claims allocated here adopted after the checkpoint loss"
+            );
+        }
+        owned.extend(adopted);
+    }
     let full = crate::prepare::mig_full::full_gpu_uuids(&checkpoint.snapshot());
     let mut chosen =
         mig_select::choose_with(&inventory_tx.borrow(), &args.dynamic_mig, &owned, &full);

@@ -166,14 +166,37 @@ impl Rig {
     }
 }
 
-/// A preparer over the fake machine (GPU 0 dynamic). `proc_root` defaults to the fake's.
+/// A preparer over the fake machine (GPUs 0 and 1 dynamic). `proc_root` defaults to the
+/// fake's.
 pub fn make_rig(
     m: &Machine,
     claims: &[ResourceClaim],
     initial: Option<Checkpoint>,
     proc_root: Option<&Path>,
 ) -> Rig {
-    let dir = tempfile::tempdir().expect("tempdir");
+    make_rig_in(
+        m,
+        tempfile::tempdir().expect("tempdir"),
+        claims,
+        initial,
+        proc_root,
+        None,
+    )
+}
+
+/// [`make_rig`] in `dir` (a previous rig's: same CDI root and checkpoint file); `live`:
+/// the claims the API server has allocated here after a checkpoint loss, whose MIG
+/// instances count as the driver's own (as the plugin's start-up does). With `live`, the
+/// GPUs are chosen as `--dynamic-mig=0,1` does (a GPU with an instance of no claim would
+/// stay static under `auto`).
+pub fn make_rig_in(
+    m: &Machine,
+    dir: tempfile::TempDir,
+    claims: &[ResourceClaim],
+    initial: Option<Checkpoint>,
+    proc_root: Option<&Path>,
+    live: Option<&[ResourceClaim]>,
+) -> Rig {
     std::fs::write(dir.path().join("boot_id"), "boot-1\n").expect("boot id");
     let plugin_dir = dir.path().join("plugin");
     std::fs::create_dir_all(&plugin_dir).expect("plugin dir");
@@ -183,9 +206,18 @@ pub fn make_rig(
     let discovery = NvmlDiscovery::new(Some(&m.lib), dir.path().join("sys")).expect("nvml");
     let mut inv = discovery.discover().expect("discover");
     let snapshot = checkpoint.snapshot();
-    let owned = mig_select::owned_records(&snapshot);
+    let mut owned = mig_select::owned_records(&snapshot);
+    if let Some(live) = live {
+        owned.extend(gpu_dra::prepare::rebuild::adoptable_instances(
+            live, &inv, DRIVER, NODE,
+        ));
+    }
     let full = gpu_dra::prepare::mig_full::full_gpu_uuids(&snapshot);
-    let chosen = mig_select::choose_with(&inv, &mig_select::DynamicMigMode::Auto, &owned, &full);
+    let mode = match live {
+        Some(_) => mig_select::DynamicMigMode::Gpus(vec!["0".into(), "1".into()]),
+        None => mig_select::DynamicMigMode::Auto,
+    };
+    let chosen = mig_select::choose_with(&inv, &mode, &owned, &full);
     assert_eq!(
         chosen,
         BTreeSet::from([gpu0_uuid(m), gpu_uuid(m, 1)]),
