@@ -340,3 +340,7 @@ pub fn destroy(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "mig_sharing_tests.rs"]
+mod sharing_tests;

@@ -131,7 +131,7 @@ pub enum PlanError {
     },
     /// MPS was asked for a MIG device.
     #[error(
-        "MPS sharing on MIG device {device} is not supported by this driver version; remove the MPS config from MigDeviceConfig or use a full GPU"
+        "MigDeviceConfig sharing.strategy MPS is refused on MIG device {device}: this driver runs no MPS control daemon on a MIG device (static or dynamic); a MIG device is isolated from the others already, so leave out `sharing`, or ask for a full GPU with a GpuConfig for MPS"
     )]
     MpsOnMig {
         /// Device name.
