@@ -14,6 +14,7 @@ use gpu_dra::inventory::Placement;
 use gpu_dra::prepare::error_chain;
 use gpu_dra::prepare::mig_control::MigControl;
 use gpu_dra::prepare::mig_dynamic::{self, InstanceRecord};
+use gpu_dra::slices::desired::{SliceFeatures, desired_devices};
 use nvidia_ml::control::{self, Fault, Times};
 use rig::*;
 
@@ -111,12 +112,37 @@ async fn a_placement_taken_by_hand_fails_the_claim_and_keeps_the_instance() {
         text.contains(&uuid) && text.contains(&format!("GPU instance {foreign}")),
         "{text}"
     );
+    assert!(
+        text.contains("profile id 14") && text.contains("slices 4..6"),
+        "{text}"
+    );
     assert_eq!(
         instances(m).iter().map(|g| g.0).collect::<Vec<_>>(),
         [foreign]
     );
     assert!(rig.checkpoint().claims.is_empty());
     assert!(rig.spec("uid-b").is_none());
+    // The published devices stop offering what overlaps it (and the full GPU); the rest
+    // stays.
+    let names: Vec<String> = desired_devices(&rig._inventory.borrow(), &SliceFeatures::default())
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    for gone in [
+        B,
+        "gpu-0",
+        "gpu-0-mig-2g20gb-14-4",
+        "gpu-0-mig-1g10gb-19-5",
+        "gpu-0-mig-7g80gb-0-0",
+    ] {
+        assert!(!names.contains(&gone.to_string()), "{gone} still offered");
+    }
+    for kept in [A, "gpu-0-mig-1g10gb-19-6", "gpu-1"] {
+        assert!(
+            names.contains(&kept.to_string()),
+            "{kept} no longer offered"
+        );
+    }
 }
 
 /// Every NVML call on the prepare path of a dynamic MIG device, failing once.

@@ -23,6 +23,12 @@ use super::mig_control::{GpuInstance, MigControl, MigControlError};
 use crate::checkpoint::ClaimEntry;
 use crate::inventory::Placement;
 
+/// Called with the GPU UUID and the GPU instance when a prepare finds a placement taken by
+/// an instance the driver did not create, so the published slices stop offering the
+/// placements it overlaps before the next inventory refresh.
+pub type ForeignReport =
+    std::sync::Arc<dyn Fn(&str, crate::inventory::ForeignInstance) + Send + Sync>;
+
 /// Key of the instance records in [`ClaimEntry::extra`].
 pub const EXTRA_KEY: &str = "dynamicMig";
 

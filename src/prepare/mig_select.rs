@@ -141,6 +141,26 @@ pub fn annotate_with(
     }
 }
 
+/// Adds `instance` to the foreign GPU instances of dynamic GPU `gpu_uuid` in `inv`, so
+/// the placements it overlaps (and the full GPU) are no longer published. Returns false
+/// when it was listed already or the GPU is not dynamic.
+pub fn add_foreign(inv: &mut Inventory, gpu_uuid: &str, instance: ForeignInstance) -> bool {
+    let Some(d) = inv
+        .gpus
+        .iter_mut()
+        .find(|g| g.uuid == gpu_uuid)
+        .and_then(|g| g.dynamic_mig.as_mut())
+    else {
+        return false;
+    };
+    if d.foreign.contains(&instance) {
+        return false;
+    }
+    d.foreign.push(instance);
+    d.foreign.sort_by_key(|f| (f.placement.start, f.gi_id));
+    true
+}
+
 /// Discovery that annotates each inventory for dynamic MIG (see [`annotate`]), reading
 /// the driver's instances from the current checkpoint.
 pub struct DynamicMigDiscovery {

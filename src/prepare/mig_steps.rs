@@ -37,7 +37,27 @@ impl<L: ClaimLookup> Preparer<L> {
                     .map(|d| d.gpu_profile_ids.clone())
                     .unwrap_or_default(),
             );
-            mig_blocking(move || mig_dynamic::check_free(control.as_ref(), &rec, &ids)).await?;
+            let checked =
+                mig_blocking(move || mig_dynamic::check_free(control.as_ref(), &rec, &ids)).await;
+            if let Err(mig_dynamic::DynamicMigError::PlacementTaken {
+                gpu_uuid,
+                gi_id,
+                gi_profile_id,
+                other,
+                ..
+            }) = &checked
+                && let Some(report) = &self.foreign_report
+            {
+                report(
+                    gpu_uuid,
+                    crate::inventory::ForeignInstance {
+                        gi_id: *gi_id,
+                        gi_profile_id: *gi_profile_id,
+                        placement: *other,
+                    },
+                );
+            }
+            checked?;
         }
         Ok(())
     }

@@ -103,6 +103,7 @@ pub struct Preparer<L> {
     claim_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     memory_limits: Option<Arc<MemoryLimiter>>,
     mig: Option<Arc<dyn MigControl>>,
+    foreign_report: Option<mig_dynamic::ForeignReport>,
 }
 
 impl<L: ClaimLookup> Preparer<L> {
@@ -124,12 +125,20 @@ impl<L: ClaimLookup> Preparer<L> {
             claim_locks: Mutex::new(HashMap::new()),
             memory_limits: None,
             mig: None,
+            foreign_report: None,
         }
     }
 
     /// Lets this preparer create and destroy dynamic MIG instances through `control`.
     pub fn with_mig_control(mut self, control: Arc<dyn MigControl>) -> Self {
         self.mig = Some(control);
+        self
+    }
+
+    /// Reports GPU instances the driver did not create found at an allocated placement to
+    /// `report` (the plugin marks them in the published inventory).
+    pub fn with_foreign_report(mut self, report: mig_dynamic::ForeignReport) -> Self {
+        self.foreign_report = Some(report);
         self
     }
 

@@ -106,3 +106,37 @@ pub(super) async fn setup(
     ));
     (wrapped, control)
 }
+
+/// The report of a GPU instance the driver did not create found at an allocated placement
+/// during prepare: marks it foreign in the published inventory (the reconciler then
+/// republishes without the placements it overlaps), logs it and posts the
+/// `UnknownMigInstances` Node Event. The next inventory refresh finds it foreign too.
+pub(super) fn foreign_report(
+    inventory_tx: watch::Sender<crate::inventory::Inventory>,
+) -> crate::prepare::mig_dynamic::ForeignReport {
+    Arc::new(
+        move |gpu_uuid: &str, f: crate::inventory::ForeignInstance| {
+            let added = inventory_tx
+                .send_if_modified(|inv| crate::prepare::mig_select::add_foreign(inv, gpu_uuid, f));
+            if !added {
+                return;
+            }
+            let note = format!(
+                "GPU {gpu_uuid} instance {} (profile id {}, memory slices {}..{}) was created outside this driver on a dynamic MIG GPU: kept, its placements are no longer offered; delete it (nvidia-smi mig -i <gpu> -dci -gi {}, then -dgi -gi {}) when no workload uses it",
+                f.gi_id,
+                f.gi_profile_id,
+                f.placement.start,
+                f.placement.start + f.placement.size,
+                f.gi_id,
+                f.gi_id
+            );
+            tracing::warn!(note = %note, "unknown MIG instance at an allocated placement");
+            crate::events::notify(crate::events::Notice::Node {
+                warning: true,
+                reason: "UnknownMigInstances".into(),
+                action: "PrepareMigDevice".into(),
+                note,
+            });
+        },
+    )
+}

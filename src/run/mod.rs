@@ -387,7 +387,9 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         &inventory_rx.borrow().driver_version,
     )));
     let preparer = match mig_control {
-        Some(control) => preparer.with_mig_control(control),
+        Some(control) => preparer
+            .with_mig_control(control)
+            .with_foreign_report(dynamic_mig::foreign_report(inventory_tx.clone())),
         None => preparer,
     };
     tokio::spawn(crate::sharing::memory_limit_status::report_device_status(

@@ -257,7 +257,14 @@ pub fn make_rig_in(
         sharing,
         checkpoint,
     )
-    .with_mig_control(control.clone());
+    .with_mig_control(control.clone())
+    .with_foreign_report({
+        // As the plugin wires it: the instance is marked foreign in the inventory.
+        let tx = tx.clone();
+        Arc::new(move |gpu: &str, f| {
+            tx.send_if_modified(|inv| mig_select::add_foreign(inv, gpu, f));
+        })
+    });
     Rig {
         dir,
         preparer,
