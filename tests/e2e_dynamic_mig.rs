@@ -310,4 +310,93 @@ async fn two_claims_pack_one_gpu_a_third_waits_and_the_gpu_empties() {
     )
     .await
     .unwrap_or_else(|e| fail(e));
+
+    // The full GPU of dynamic GPU 0: MIG mode off while its pod runs.
+    let gpu0 = topo.gpus[0].uuid.clone();
+    let mig_on = || {
+        let g = &gpus.state().gpus[&gpu0];
+        (g.mig_current, g.mig_pending)
+    };
+    let whole: ResourceClaim = serde_json::from_value(json!({
+        "metadata": {"name": "whole"},
+        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
+            "deviceClassName": "gpu.gpu-dra.dev",
+            "selectors": [{"cel": {"expression":
+                format!("device.attributes['gpu.gpu-dra.dev'].uuid == '{gpu0}'")}}]}}]}}
+    }))
+    .expect("claim");
+    claims
+        .create(&PostParams::default(), &whole)
+        .await
+        .expect("create whole");
+    pods.create(
+        &PostParams::default(),
+        &pod_with(
+            "whole",
+            json!({"name": "gpu", "resourceClaimName": "whole"}),
+        ),
+    )
+    .await
+    .expect("create whole pod");
+    let result = b
+        .wait(STEP, "pod whole Running", || async {
+            let p = pods.get("whole").await?;
+            let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            Ok(running
+                .then(|| b.container_result(NODE, &ns, "whole", "ctr"))
+                .flatten())
+        })
+        .await
+        .unwrap_or_else(|e| fail(e));
+    assert_eq!(
+        env_of(&result, "NVIDIA_VISIBLE_DEVICES").as_deref(),
+        Some(gpu0.as_str()),
+        "{result}"
+    );
+    assert_eq!(mig_on(), (false, false), "MIG mode off for the full GPU");
+    pods.create(&PostParams::default(), &pod("eight"))
+        .await
+        .expect("create eight");
+    b.wait(
+        STEP,
+        "pod eight unschedulable beside the full GPU",
+        || async {
+            let p = pods.get("eight").await?;
+            let unschedulable = p
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable"));
+            Ok(unschedulable.then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| fail(e));
+    pods.delete("whole", &DeleteParams::default())
+        .await
+        .expect("delete whole");
+    claims
+        .delete("whole", &DeleteParams::default())
+        .await
+        .expect("delete whole claim");
+    b.wait(STEP, "MIG mode back on GPU 0", || async {
+        Ok((mig_on() == (true, true)).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| fail(e));
+    b.wait(STEP, "pod eight Running once the full GPU is free", || {
+        running("eight")
+    })
+    .await
+    .unwrap_or_else(|e| fail(e));
+    assert_eq!(gpu0_instances(&gpus).len(), 1);
+    pods.delete("eight", &DeleteParams::default())
+        .await
+        .expect("delete eight");
+    b.wait(STEP, "GPU 0 empty at the end", || async {
+        Ok(gpu0_instances(&gpus).is_empty().then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| fail(e));
 }
