@@ -135,3 +135,56 @@ async fn after_a_lost_checkpoint_live_claims_keep_their_instances_and_foreign_on
         [by_hand]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_lost_checkpoint_a_full_gpu_claim_keeps_mig_mode_off_until_unprepare() {
+    let _serial = serial().await;
+    let m = fresh();
+    let live = [claim("full", "gpu-0")];
+    let first = make_rig(m, &live, None, None);
+    first
+        .preparer
+        .prepare_claim(&cref("full"))
+        .await
+        .expect("prepare the full GPU");
+    assert_eq!(mig_mode(m, 0), (false, false));
+    let spec_path = gpu_dra::cdi::spec_path(&first.cdi_root(), "uid-full");
+    let spec_before = std::fs::read(&spec_path).expect("spec");
+    let Rig { dir, preparer, .. } = first;
+    drop(preparer);
+
+    // The checkpoint is lost; the published slices show gpu-0 as a dynamic full GPU.
+    let rig = make_rig_in(
+        m,
+        dir,
+        &live,
+        Some(Checkpoint::new("boot-1")),
+        None,
+        Some(&live),
+    );
+    let report = rig.preparer.recover_after_loss(Some(&live)).await;
+    assert_eq!(report.rebuilt, ["uid-full"], "{report:?}");
+    assert_eq!(
+        mig_mode(m, 0),
+        (false, false),
+        "MIG mode left off under the pod"
+    );
+    assert_eq!(std::fs::read(&spec_path).expect("spec"), spec_before);
+    let cp = rig.checkpoint();
+    assert_eq!(
+        gpu_dra::prepare::mig_full::records_of(&cp.claims["uid-full"])[0].gpu_uuid,
+        gpu0_uuid(m)
+    );
+    assert!(
+        rig._inventory.borrow().gpus[0]
+            .dynamic_mig
+            .as_ref()
+            .is_some_and(|d| d.full_gpu_in_use),
+        "still dynamic"
+    );
+    rig.preparer
+        .unprepare_claim(&cref("full"))
+        .await
+        .expect("unprepare");
+    assert_eq!(mig_mode(m, 0), (true, true), "MIG mode back on");
+}

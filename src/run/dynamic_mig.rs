@@ -18,8 +18,9 @@ use crate::inventory::Discover;
 /// dynamic or NVML cannot be initialised for it: then nothing is marked dynamic).
 ///
 /// `live_after_loss`: after a checkpoint loss, the claims the API server has allocated to
-/// this node; instances at their devices' placements count as the driver's own
-/// ([`crate::prepare::rebuild::adoptable_instances`]).
+/// this node; instances at the placements of their dynamic devices (as this node's
+/// ResourceSlices, read with `client`, show them) count as the driver's own
+/// ([`crate::prepare::rebuild::adoptable_instances`], `adoptable_full_gpus`).
 pub(super) async fn setup(
     args: &PluginArgs,
     discovery: Arc<dyn Discover>,
@@ -27,28 +28,31 @@ pub(super) async fn setup(
     checkpoint: &CheckpointWriter,
     nvml_library: &Path,
     live_after_loss: Option<&[k8s_openapi::api::resource::v1::ResourceClaim]>,
+    client: &kube::Client,
 ) -> (
     Arc<dyn Discover>,
     Option<Arc<dyn crate::prepare::mig_control::MigControl>>,
 ) {
     use crate::prepare::{mig_control, mig_select};
     let mut owned = mig_select::owned_records(&checkpoint.snapshot());
+    let mut full = crate::prepare::mig_full::full_gpu_uuids(&checkpoint.snapshot());
     if let Some(live) = live_after_loss {
-        let adopted = crate::prepare::rebuild::adoptable_instances(
-            live,
-            &inventory_tx.borrow(),
-            &args.driver_name,
-            &args.node_name,
-        );
-        if !adopted.is_empty() {
+        use crate::prepare::rebuild::{adoptable_full_gpus, adoptable_instances};
+        let partitionable = published_partitionable(client, args).await;
+        let inv = inventory_tx.borrow().clone();
+        let (driver, node) = (&args.driver_name, &args.node_name);
+        let adopted = adoptable_instances(live, &inv, driver, node, &partitionable);
+        let adopted_full = adoptable_full_gpus(live, &inv, driver, node, &partitionable);
+        if !adopted.is_empty() || !adopted_full.is_empty() {
             info!(
                 instances = adopted.len(),
-                "MIG instances of claims allocated here adopted after the checkpoint loss"
+                full_gpus = adopted_full.len(),
+                "dynamic MIG devices of claims allocated here adopted after the checkpoint loss"
             );
         }
         owned.extend(adopted);
+        full.extend(adopted_full);
     }
-    let full = crate::prepare::mig_full::full_gpu_uuids(&checkpoint.snapshot());
     let mut chosen =
         mig_select::choose_with(&inventory_tx.borrow(), &args.dynamic_mig, &owned, &full);
     let control = if chosen.is_empty() {
@@ -105,6 +109,34 @@ pub(super) async fn setup(
         checkpoint.clone(),
     ));
     (wrapped, control)
+}
+
+/// Names of this node's published devices that consume counters (dynamic MIG devices), as
+/// the API server still has them; empty when it cannot be asked (then nothing is adopted
+/// and every instance stays as it is).
+async fn published_partitionable(
+    client: &kube::Client,
+    args: &PluginArgs,
+) -> std::collections::BTreeSet<String> {
+    use k8s_openapi::api::resource::v1::ResourceSlice;
+    let api: kube::Api<ResourceSlice> = kube::Api::all(client.clone());
+    let lp = kube::api::ListParams::default().fields(&format!(
+        "spec.nodeName={},spec.driver={}",
+        args.node_name, args.driver_name
+    ));
+    match api.list(&lp).await {
+        Ok(list) => list
+            .items
+            .iter()
+            .flat_map(|s| s.spec.devices.iter().flatten())
+            .filter(|d| d.consumes_counters.is_some())
+            .map(|d| d.name.clone())
+            .collect(),
+        Err(err) => {
+            tracing::warn!(error = %err, "listing this node's ResourceSlices failed; no dynamic MIG device is adopted after the checkpoint loss");
+            Default::default()
+        }
+    }
 }
 
 /// The report of a GPU instance the driver did not create found at an allocated placement

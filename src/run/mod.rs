@@ -307,6 +307,7 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         &checkpoint,
         &nvml_library,
         live_after_loss.as_ref().and_then(|l| l.as_deref()),
+        &client,
     )
     .await;
 

@@ -207,12 +207,26 @@ pub fn make_rig_in(
     let mut inv = discovery.discover().expect("discover");
     let snapshot = checkpoint.snapshot();
     let mut owned = mig_select::owned_records(&snapshot);
+    let mut full = gpu_dra::prepare::mig_full::full_gpu_uuids(&snapshot);
     if let Some(live) = live {
-        owned.extend(gpu_dra::prepare::rebuild::adoptable_instances(
-            live, &inv, DRIVER, NODE,
+        // What the node published before: every placement and full GPU of GPUs 0 and 1.
+        use gpu_dra::prepare::rebuild::{adoptable_full_gpus, adoptable_instances};
+        let partitionable = published_partitionable(&inv);
+        owned.extend(adoptable_instances(
+            live,
+            &inv,
+            DRIVER,
+            NODE,
+            &partitionable,
+        ));
+        full.extend(adoptable_full_gpus(
+            live,
+            &inv,
+            DRIVER,
+            NODE,
+            &partitionable,
         ));
     }
-    let full = gpu_dra::prepare::mig_full::full_gpu_uuids(&snapshot);
     let mode = match live {
         Some(_) => mig_select::DynamicMigMode::Gpus(vec!["0".into(), "1".into()]),
         None => mig_select::DynamicMigMode::Auto,
@@ -271,6 +285,26 @@ pub fn make_rig_in(
         control,
         _inventory: tx,
     }
+}
+
+/// The device names a node with GPUs 0 and 1 dynamic publishes with `consumesCounters`
+/// (each placement and full GPU of an H100), as its ResourceSlices in the API server show.
+pub fn published_partitionable(inv: &Inventory) -> BTreeSet<String> {
+    let mut dynamic = inv.clone();
+    for gpu in dynamic.gpus.iter_mut().take(2) {
+        gpu.mig.enabled = true;
+        gpu.mig.pending = true;
+        gpu.mig_devices.clear();
+        gpu.dynamic_mig = Some(gpu_dra::inventory::DynamicMig::default());
+    }
+    gpu_dra::slices::desired::desired_devices(
+        &dynamic,
+        &gpu_dra::slices::desired::SliceFeatures::default(),
+    )
+    .into_iter()
+    .filter(|d| d.consumes_counters.is_some())
+    .map(|d| d.name)
+    .collect()
 }
 
 /// The fake `nvidia-smi` of the target directory holding the fake library.
