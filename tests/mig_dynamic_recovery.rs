@@ -75,7 +75,7 @@ async fn after_a_lost_checkpoint_live_claims_keep_their_instances_and_foreign_on
     let cp = rig.checkpoint();
     let entry = &cp.claims["uid-a"];
     assert_eq!(entry.state, ClaimState::PrepareCompleted);
-    assert_eq!(mig_dynamic::records_of(entry), [before.clone()]);
+    assert_eq!(mig_dynamic::records_of(entry), std::slice::from_ref(&before));
     assert_eq!(entry.devices[0].mig_uuid, before.mig_uuid);
     // c: its half-made instance destroyed, nothing recorded; the hand-made one kept.
     assert!(!cp.claims.contains_key("uid-c"));
