@@ -75,7 +75,10 @@ async fn after_a_lost_checkpoint_live_claims_keep_their_instances_and_foreign_on
     let cp = rig.checkpoint();
     let entry = &cp.claims["uid-a"];
     assert_eq!(entry.state, ClaimState::PrepareCompleted);
-    assert_eq!(mig_dynamic::records_of(entry), std::slice::from_ref(&before));
+    assert_eq!(
+        mig_dynamic::records_of(entry),
+        std::slice::from_ref(&before)
+    );
     assert_eq!(entry.devices[0].mig_uuid, before.mig_uuid);
     // c: its half-made instance destroyed, nothing recorded; the hand-made one kept.
     assert!(!cp.claims.contains_key("uid-c"));
@@ -175,12 +178,10 @@ async fn after_a_lost_checkpoint_a_full_gpu_claim_keeps_mig_mode_off_until_unpre
         gpu_dra::prepare::mig_full::records_of(&cp.claims["uid-full"])[0].gpu_uuid,
         gpu0_uuid(m)
     );
+    let inv = rig._inventory.borrow().clone();
     assert!(
-        rig._inventory.borrow().gpus[0]
-            .dynamic_mig
-            .as_ref()
-            .is_some_and(|d| d.full_gpu_in_use),
-        "still dynamic"
+        inv.gpus[0].dynamic_mig.is_some() && !inv.gpus[0].mig.enabled,
+        "still dynamic with MIG mode off"
     );
     rig.preparer
         .unprepare_claim(&cref("full"))

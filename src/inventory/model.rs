@@ -124,10 +124,6 @@ pub struct DynamicMig {
     /// overlapping them is published.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub foreign: Vec<ForeignInstance>,
-    /// MIG mode is off because the driver prepared the full GPU for a claim (Hopper+): the
-    /// GPU stays dynamic and its published devices stay as they are.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub full_gpu_in_use: bool,
 }
 
 /// A GPU instance on a dynamic MIG GPU that the driver does not own.

@@ -118,7 +118,9 @@ pub fn annotate_with(
     full_gpus: &BTreeSet<String>,
 ) {
     for gpu in &mut inv.gpus {
-        if !dynamic.contains(&gpu.uuid) {
+        // Out of MIG mode, a GPU is dynamic only while a claim holds its full GPU.
+        let dynamic_now = gpu.mig.enabled || full_gpus.contains(&gpu.uuid);
+        if !dynamic.contains(&gpu.uuid) || !dynamic_now {
             gpu.dynamic_mig = None;
             continue;
         }
@@ -134,10 +136,7 @@ pub fn annotate_with(
             .collect();
         foreign.sort_by_key(|f| (f.placement.start, f.gi_id));
         foreign.dedup();
-        gpu.dynamic_mig = Some(DynamicMig {
-            foreign,
-            full_gpu_in_use: full_gpus.contains(&gpu.uuid),
-        });
+        gpu.dynamic_mig = Some(DynamicMig { foreign });
     }
 }
 
@@ -271,5 +270,25 @@ mod tests {
         let starts: Vec<u32> = dynamic.foreign.iter().map(|f| f.placement.start).collect();
         assert_eq!(starts, [4, 6]);
         assert!(inv.gpus[2].dynamic_mig.is_none());
+    }
+
+    #[test]
+    fn a_gpu_out_of_mig_mode_stays_dynamic_only_while_a_claim_holds_its_full_gpu() {
+        let mut inv = dgx_h100();
+        inv.gpus[0] = with_mig(h100(0), &[]);
+        inv.gpus[0].mig.enabled = false;
+        inv.gpus[0].mig.pending = false;
+        let uuid = inv.gpus[0].uuid.clone();
+        let full = BTreeSet::from([uuid.clone()]);
+        let mode = DynamicMigMode::Auto;
+        assert!(choose(&inv, &mode, &[]).is_empty(), "MIG off: not dynamic");
+        let chosen = choose_with(&inv, &mode, &[], &full);
+        assert_eq!(chosen, BTreeSet::from([uuid.clone()]));
+        let mut held = inv.clone();
+        annotate_with(&mut held, &chosen, &[], &full);
+        assert!(held.gpus[0].dynamic_mig.is_some());
+        // Released (no record) but MIG mode still off: a plain full GPU.
+        annotate_with(&mut inv, &chosen, &[], &BTreeSet::new());
+        assert!(inv.gpus[0].dynamic_mig.is_none());
     }
 }

@@ -81,13 +81,12 @@ pub fn memory_slice_count(gpu: &Gpu) -> u32 {
         .unwrap_or(0)
 }
 
-/// True when the inventory marks `gpu` as dynamically managed and it has MIG profiles:
-/// in MIG mode, or out of it because the driver prepared its full GPU for a claim.
+/// True when the inventory marks `gpu` as dynamically managed and it has MIG profiles.
+/// The mark stays while MIG mode is off because the driver prepared the full GPU for a
+/// claim ([`crate::prepare::mig_select::annotate_with`] drops it for a GPU out of MIG mode
+/// for any other reason).
 pub fn is_dynamic(gpu: &Gpu) -> bool {
-    gpu.dynamic_mig
-        .as_ref()
-        .is_some_and(|d| gpu.mig.enabled || d.full_gpu_in_use)
-        && !gpu.mig_profiles.is_empty()
+    gpu.dynamic_mig.is_some() && gpu.mig.capable && !gpu.mig_profiles.is_empty()
 }
 
 /// True when `gpu` leaves MIG mode without a GPU reset: Hopper and newer (compute

@@ -257,7 +257,6 @@ fn foreign_instance_blocks_its_placements() {
             gi_profile_id: 14,
             placement: Placement { start: 2, size: 2 },
         }],
-        ..DynamicMig::default()
     });
     let s = slices(&inv);
     assert_valid(&s);
@@ -347,20 +346,18 @@ fn resolve_finds_offered_placements_only() {
 
 #[test]
 fn full_gpu_in_use_keeps_the_published_devices() {
-    // The driver switched MIG mode off for a claim on the full GPU: same devices, same sets.
+    // The driver switched MIG mode off for a claim on the full GPU and the GPU stays
+    // marked dynamic: same devices, same sets.
     let before = slices(&all_dynamic(dgx_h100()));
     let mut inv = all_dynamic(dgx_h100());
     inv.gpus[2].mig.enabled = false;
     inv.gpus[2].mig.pending = false;
-    inv.gpus[2].dynamic_mig = Some(DynamicMig {
-        full_gpu_in_use: true,
-        ..DynamicMig::default()
-    });
     assert_eq!(slices(&inv), before);
-    // MIG off for any other reason: the GPU is no dynamic GPU any more.
-    inv.gpus[2].dynamic_mig = Some(DynamicMig::default());
-    let names: Vec<String> = devices(&slices(&inv)).into_iter().map(|d| d.name).collect();
-    assert!(!names.iter().any(|n| n.starts_with("gpu-2-mig-")));
+    // MIG off for any other reason: the annotation drops the mark, a plain full GPU.
+    inv.gpus[2].dynamic_mig = None;
+    let all = devices(&slices(&inv));
+    assert!(!all.iter().any(|d| d.name.starts_with("gpu-2-mig-")));
+    assert!(device(&all, "gpu-2").consumes_counters.is_none());
 }
 
 #[test]
