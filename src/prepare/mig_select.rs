@@ -5,8 +5,10 @@
 //! choice made once at start (a GPU's management mode never changes under running
 //! workloads), and the annotation of every discovered inventory: a chosen GPU gets
 //! [`DynamicMig`], listing as foreign each existing GPU instance that no checkpoint record
-//! claims ([`DynamicMigDiscovery`] wraps discovery so refreshes keep it). Pure except the
-//! wrapper, which only reads the checkpoint snapshot.
+//! claims ([`DynamicMigDiscovery`] wraps discovery so refreshes keep it). A chosen GPU out
+//! of MIG mode stays dynamic only while a claim holds its full GPU (the driver switched
+//! MIG mode off for it, [`super::mig_full`]); otherwise it is a plain full GPU. Pure
+//! except the wrapper, which only reads the checkpoint snapshot.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

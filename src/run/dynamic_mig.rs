@@ -1,6 +1,10 @@
 //! Start-up of dynamic MIG in the kubelet plugin: the `--dynamic-mig` choice, the
-//! annotating discovery, the NVML MIG control, and the report (log + Node Event, through `crate::events`) of GPU
-//! instances the driver did not create. The decisions are [`crate::prepare::mig_select`]'s.
+//! annotating discovery, the NVML MIG control, and the report (log + Node Event, through
+//! `crate::events`) of GPU instances the driver did not create, at start and when a
+//! prepare finds one at an allocated placement ([`foreign_report`], which also marks it in
+//! the published inventory). After a checkpoint loss it reads this node's ResourceSlices
+//! to tell the dynamic devices of live claims from static ones. The decisions are
+//! [`crate::prepare::mig_select`]'s and [`crate::prepare::rebuild`]'s.
 
 use std::path::Path;
 use std::sync::Arc;
