@@ -3,224 +3,20 @@
 //! faults are injected into the fake's NVML calls, and the GPU's instances are read back
 //! from the fake's state file.
 //!
-//! The fake library reads its topology from the environment at `nvmlInit`, so this binary
-//! sets it once for the whole process and runs its tests one at a time, each on a
-//! freshly power-cycled GPU (state file deleted). Setting the environment is the one
-//! `unsafe` call here.
+//! The rig (fake machine, preparer) is `tests/mig_dynamic/mod.rs`.
 #![allow(unsafe_code)]
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+#[path = "mig_dynamic/mod.rs"]
+mod rig;
 
-use gpu_dra::checkpoint::{Checkpoint, CheckpointStore, CheckpointWriter, ClaimState};
-use gpu_dra::claims::FixedClaims;
-use gpu_dra::inventory::{Discover, Inventory, NvmlDiscovery, Placement};
-use gpu_dra::plugin::ClaimRef;
-use gpu_dra::prepare::mig_control::{MigControl, NvmlMigControl};
+use gpu_dra::checkpoint::ClaimState;
+use gpu_dra::inventory::Placement;
+use gpu_dra::prepare::error_chain;
+use gpu_dra::prepare::mig_control::MigControl;
 use gpu_dra::prepare::mig_dynamic::{self, InstanceRecord};
-use gpu_dra::prepare::mig_select;
-use gpu_dra::prepare::{Preparer, PreparerConfig, error_chain};
-use gpu_dra::sharing::{
-    MpsSettings, MpsSupervisor, NvidiaSmiTimeSlice, NvmlComputeControl, SharingManager,
-};
-use k8s_openapi::api::resource::v1::ResourceClaim;
+use gpu_dra::slices::desired::{SliceFeatures, desired_devices};
 use nvidia_ml::control::{self, Fault, Times};
-use serde_json::{Value, json};
-use tokio::sync::watch;
-
-const DRIVER: &str = "gpu.gpu-dra.dev";
-const NODE: &str = "node-a";
-
-struct Machine {
-    _dir: tempfile::TempDir,
-    topology: PathBuf,
-    state: PathBuf,
-    proc_root: PathBuf,
-    lib: PathBuf,
-}
-
-/// The fake machine of this process: a DGX H100 with GPU 0 in MIG mode, no instances.
-fn machine() -> &'static Machine {
-    static MACHINE: OnceLock<Machine> = OnceLock::new();
-    MACHINE.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let topology = dir.path().join("topology.yaml");
-        std::fs::write(
-            &topology,
-            "seed: dynamic-mig\nnode: dgx-h100\ngpus:\n  - migMode: true\n",
-        )
-        .expect("topology");
-        let proc_root = dir.path().join("proc");
-        std::fs::create_dir_all(&proc_root).expect("proc");
-        // SAFETY: set once, under `serial()`, before any NVML user in this process starts;
-        // nothing else here reads the environment concurrently (the runtimes' workers
-        // are idle while a test sets up).
-        unsafe {
-            std::env::set_var("FAKE_NVML_TOPOLOGY", &topology);
-            std::env::set_var("FAKE_NVML_PROC_ROOT", &proc_root);
-        }
-        let lib = control::find_cdylib().expect("fake libnvidia-ml.so built");
-        // One NVML handle kept for the life of the process, so the library stays loaded
-        // while runtime threads that called into it exit (their thread-local destructors
-        // live in the library).
-        std::mem::forget(NvmlMigControl::new(Some(&lib)).expect("nvml"));
-        Machine {
-            state: control::state_path(&topology),
-            lib,
-            topology,
-            proc_root,
-            _dir: dir,
-        }
-    })
-}
-
-/// One test at a time (they share the fake machine); async so the guard may be held
-/// across awaits.
-async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
-}
-
-fn gpu0_uuid(m: &Machine) -> String {
-    control::load_topology(&m.topology).expect("topology").gpus[0]
-        .uuid
-        .clone()
-}
-
-/// `(gi id, profile id, placement start, compute instance count)` on GPU 0.
-fn instances(m: &Machine) -> Vec<(u32, u32, u32, usize)> {
-    let state = control::read_state(&m.state).expect("state");
-    state
-        .gpus
-        .get(&gpu0_uuid(m))
-        .map(|g| {
-            g.gpu_instances
-                .values()
-                .map(|gi| {
-                    (
-                        gi.id,
-                        gi.profile_id,
-                        gi.placement_start,
-                        gi.compute_instances.len(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn claim(name: &str, device: &str) -> ResourceClaim {
-    serde_json::from_value(json!({
-        "metadata": {"namespace": "ns", "name": name, "uid": format!("uid-{name}")},
-        "spec": {"devices": {"requests": []}},
-        "status": {"allocation": {"devices": {"results": [
-            {"request": "mig", "driver": DRIVER, "pool": NODE, "device": device}
-        ]}}},
-    }))
-    .expect("claim")
-}
-
-fn cref(name: &str) -> ClaimRef {
-    ClaimRef {
-        namespace: "ns".into(),
-        name: name.into(),
-        uid: format!("uid-{name}"),
-    }
-}
-
-struct Rig {
-    dir: tempfile::TempDir,
-    preparer: Preparer<FixedClaims>,
-    control: Arc<NvmlMigControl>,
-    _inventory: watch::Sender<Inventory>,
-}
-
-impl Rig {
-    fn cdi_root(&self) -> PathBuf {
-        self.dir.path().join("cdi")
-    }
-    fn spec(&self, uid: &str) -> Option<Value> {
-        std::fs::read(gpu_dra::cdi::spec_path(&self.cdi_root(), uid))
-            .ok()
-            .map(|b| serde_json::from_slice(&b).expect("spec json"))
-    }
-    fn checkpoint(&self) -> Arc<Checkpoint> {
-        self.preparer.checkpoint().snapshot()
-    }
-}
-
-/// A preparer over the fake machine (GPU 0 dynamic). `proc_root` defaults to the fake's.
-fn make_rig(
-    m: &Machine,
-    claims: &[ResourceClaim],
-    initial: Option<Checkpoint>,
-    proc_root: Option<&Path>,
-) -> Rig {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("boot_id"), "boot-1\n").expect("boot id");
-    let plugin_dir = dir.path().join("plugin");
-    std::fs::create_dir_all(&plugin_dir).expect("plugin dir");
-    let store = CheckpointStore::new(&plugin_dir, &dir.path().join("boot_id"));
-    let initial = initial.unwrap_or_else(|| store.load().expect("load").checkpoint);
-    let (checkpoint, _task) = CheckpointWriter::spawn(store, initial);
-    let discovery = NvmlDiscovery::new(Some(&m.lib), dir.path().join("sys")).expect("nvml");
-    let mut inv = discovery.discover().expect("discover");
-    let owned = mig_select::owned_records(&checkpoint.snapshot());
-    let chosen = mig_select::choose(&inv, &mig_select::DynamicMigMode::Auto, &owned);
-    assert_eq!(chosen, BTreeSet::from([gpu0_uuid(m)]), "GPU 0 is dynamic");
-    mig_select::annotate(&mut inv, &chosen, &owned);
-    let (tx, rx) = watch::channel(inv);
-    let sharing = SharingManager::new(
-        Arc::new(NvmlComputeControl::new(Some(&m.lib)).expect("compute control")),
-        Arc::new(NvidiaSmiTimeSlice::new(
-            dir.path().join("no-nvidia-smi"),
-            Duration::from_secs(5),
-        )),
-        MpsSupervisor::new(MpsSettings {
-            control_path: dir.path().join("no-mps-control"),
-            root_dir: plugin_dir.join("mps"),
-            ready_timeout: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(5),
-            private_shm: None,
-        }),
-    );
-    let mut fixed = FixedClaims::new();
-    for c in claims {
-        fixed.insert(c.clone());
-    }
-    let control = Arc::new(NvmlMigControl::new(Some(&m.lib)).expect("mig control"));
-    let preparer = Preparer::new(
-        PreparerConfig {
-            driver_name: DRIVER.into(),
-            node_name: NODE.into(),
-            cdi_root: dir.path().join("cdi"),
-            proc_root: proc_root.unwrap_or(&m.proc_root).to_path_buf(),
-        },
-        fixed,
-        rx,
-        sharing,
-        checkpoint,
-    )
-    .with_mig_control(control.clone());
-    Rig {
-        dir,
-        preparer,
-        control,
-        _inventory: tx,
-    }
-}
-
-/// Power-cycles the fake machine and returns it.
-fn fresh() -> &'static Machine {
-    let m = machine();
-    let _ = std::fs::remove_file(&m.state);
-    m
-}
-
-const A: &str = "gpu-0-mig-3g40gb-9-0";
-const B: &str = "gpu-0-mig-3g40gb-9-4";
+use rig::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_claims_pack_one_gpu_and_unprepare_empties_it() {
@@ -316,12 +112,37 @@ async fn a_placement_taken_by_hand_fails_the_claim_and_keeps_the_instance() {
         text.contains(&uuid) && text.contains(&format!("GPU instance {foreign}")),
         "{text}"
     );
+    assert!(
+        text.contains("profile id 14") && text.contains("slices 4..6"),
+        "{text}"
+    );
     assert_eq!(
         instances(m).iter().map(|g| g.0).collect::<Vec<_>>(),
         [foreign]
     );
     assert!(rig.checkpoint().claims.is_empty());
     assert!(rig.spec("uid-b").is_none());
+    // The published devices stop offering what overlaps it (and the full GPU); the rest
+    // stays.
+    let names: Vec<String> = desired_devices(&rig._inventory.borrow(), &SliceFeatures::default())
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    for gone in [
+        B,
+        "gpu-0",
+        "gpu-0-mig-2g20gb-14-4",
+        "gpu-0-mig-1g10gb-19-5",
+        "gpu-0-mig-7g80gb-0-0",
+    ] {
+        assert!(!names.contains(&gone.to_string()), "{gone} still offered");
+    }
+    for kept in [A, "gpu-0-mig-1g10gb-19-6", "gpu-1"] {
+        assert!(
+            names.contains(&kept.to_string()),
+            "{kept} no longer offered"
+        );
+    }
 }
 
 /// Every NVML call on the prepare path of a dynamic MIG device, failing once.
@@ -510,24 +331,6 @@ async fn recovery_destroys_half_done_instances_adopts_completed_and_keeps_unknow
         instances(m).iter().map(|g| g.0).collect::<Vec<_>>(),
         [by_hand]
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_full_gpu_of_a_dynamic_gpu_is_refused_without_touching_it() {
-    let _serial = serial().await;
-    let m = fresh();
-    let rig = make_rig(m, &[claim("full", "gpu-0")], None, None);
-    let text = error_chain(
-        &rig.preparer
-            .prepare_claim(&cref("full"))
-            .await
-            .expect_err("full GPU"),
-    );
-    assert!(text.contains("full GPU of a dynamic MIG GPU"), "{text}");
-    assert!(instances(m).is_empty());
-    let state = control::read_state(&m.state).expect("state");
-    assert!(state.gpus[&gpu0_uuid(m)].mig_current, "MIG mode unchanged");
-    assert!(rig.checkpoint().claims.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,8 @@
 //! the blocking pool); [`NvmlMigControl`] implements it over nvml-wrapper plus the raw
 //! symbols of [`crate::nvml_raw`] (`nvmlDeviceCreateGpuInstanceWithPlacement`,
 //! `nvmlGpuInstanceCreateComputeInstance`, `nvmlComputeInstanceDestroy`,
-//! `nvmlGpuInstanceDestroy`, ...). It decides nothing: which instance to create or destroy
+//! `nvmlGpuInstanceDestroy`, ...) and nvml-wrapper's `nvmlDeviceGetMigMode` /
+//! `nvmlDeviceSetMigMode` for the full GPU of a dynamic GPU. It decides nothing: which instance to create or destroy
 //! is the caller's, and every error names the NVML function and the GPU.
 
 use nvml_wrapper::Nvml;
@@ -112,6 +113,25 @@ pub trait MigControl: Send + Sync {
     ) -> Result<(), MigControlError>;
     /// Destroys GPU instance `gi_id` (it must have no compute instance left).
     fn destroy_gpu_instance(&self, gpu_uuid: &str, gi_id: u32) -> Result<(), MigControlError>;
+    /// The current and pending MIG mode (`nvmlDeviceGetMigMode`), true = enabled.
+    fn mig_mode(&self, gpu_uuid: &str) -> Result<MigMode, MigControlError>;
+    /// Asks for MIG mode on (`true`) or off (`nvmlDeviceSetMigMode`); returns its activation
+    /// status: `Ok(())` when the mode is in effect, else NVML's reason (`ResetRequired`:
+    /// the change waits for a GPU reset; `InUse`: the GPU is not idle).
+    fn set_mig_mode(
+        &self,
+        gpu_uuid: &str,
+        enabled: bool,
+    ) -> Result<Result<(), NvmlError>, MigControlError>;
+}
+
+/// MIG mode of a GPU as NVML reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigMode {
+    /// In effect now.
+    pub current: bool,
+    /// In effect after the next activation (a GPU reset where one is needed).
+    pub pending: bool,
 }
 
 /// [`MigControl`] over NVML.
@@ -272,5 +292,28 @@ impl MigControl for NvmlMigControl {
         let dev = self.device(gpu_uuid)?;
         nvml_raw::destroy_gpu_instance(&dev, gi_id)
             .map_err(|e| nvml("nvmlGpuInstanceDestroy", gpu_uuid, e))
+    }
+
+    fn mig_mode(&self, gpu_uuid: &str) -> Result<MigMode, MigControlError> {
+        let dev = self.device(gpu_uuid)?;
+        let mode = dev
+            .mig_mode()
+            .map_err(|e| nvml("nvmlDeviceGetMigMode", gpu_uuid, e))?;
+        Ok(MigMode {
+            current: mode.current == 1,
+            pending: mode.pending == 1,
+        })
+    }
+
+    fn set_mig_mode(
+        &self,
+        gpu_uuid: &str,
+        enabled: bool,
+    ) -> Result<Result<(), NvmlError>, MigControlError> {
+        let dev = self.device(gpu_uuid)?;
+        let status = dev
+            .set_mig_mode(enabled)
+            .map_err(|e| nvml("nvmlDeviceSetMigMode", gpu_uuid, e))?;
+        Ok(nvml_wrapper::error::nvml_try(status))
     }
 }

@@ -23,6 +23,12 @@ use super::mig_control::{GpuInstance, MigControl, MigControlError};
 use crate::checkpoint::ClaimEntry;
 use crate::inventory::Placement;
 
+/// Called with the GPU UUID and the GPU instance when a prepare finds a placement taken by
+/// an instance the driver did not create, so the published slices stop offering the
+/// placements it overlaps before the next inventory refresh.
+pub type ForeignReport =
+    std::sync::Arc<dyn Fn(&str, crate::inventory::ForeignInstance) + Send + Sync>;
+
 /// Key of the instance records in [`ClaimEntry::extra`].
 pub const EXTRA_KEY: &str = "dynamicMig";
 
@@ -69,6 +75,49 @@ pub fn set_records(entry: &mut ClaimEntry, records: &[InstanceRecord]) {
     }
 }
 
+/// Points every dynamic plan of `plans` at the instance that exists at its placement in
+/// `inventory` (a MIG device of the recorded profile there) and returns the instance
+/// records, ids included when found, in plan order. Used when the checkpoint was lost: the
+/// instances of claims the API server still has allocated here are the driver's own.
+pub fn adopt_existing(
+    plans: &mut [super::plan::DevicePlan],
+    inventory: &crate::inventory::Inventory,
+) -> Vec<InstanceRecord> {
+    plans
+        .iter_mut()
+        .filter_map(|p| {
+            let d = p.dynamic.as_ref()?;
+            let found = inventory
+                .gpus
+                .iter()
+                .filter(|g| g.uuid == p.gpu_uuid)
+                .flat_map(|g| &g.mig_devices)
+                .find(|m| {
+                    m.gi_profile_id == d.gi_profile_id
+                        && m.placement == d.placement
+                        && !m.is_partial_compute_instance()
+                });
+            if let Some(m) = found {
+                p.mig = Some(super::plan::MigTarget {
+                    uuid: m.uuid.clone(),
+                    gi_id: m.gi_id,
+                    ci_id: m.ci_id,
+                });
+            }
+            Some(InstanceRecord {
+                device: p.allocated.device.clone(),
+                gpu_uuid: p.gpu_uuid.clone(),
+                gpu_minor: p.gpu_minor,
+                gi_profile_id: d.gi_profile_id,
+                placement: d.placement,
+                gi_id: found.map(|m| m.gi_id),
+                ci_id: found.map(|m| m.ci_id),
+                mig_uuid: found.map(|m| m.uuid.clone()),
+            })
+        })
+        .collect()
+}
+
 /// Why a dynamic MIG device could not be prepared or released. Each names the step, the
 /// device and the GPU.
 #[derive(Debug, Error)]
@@ -105,6 +154,34 @@ pub enum DynamicMigError {
         /// The cause.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The full GPU of a dynamic GPU was allocated while GPU instances exist on it.
+    #[error(
+        "device {device} is the full GPU {gpu_uuid}, which needs MIG mode off, but the GPU still holds GPU instances {instances}; MIG mode is left on. Instances made by hand must be deleted (nvidia-smi mig -dci / -dgi), or delete the pod so the claim is allocated elsewhere"
+    )]
+    FullGpuHasInstances {
+        /// DRA device name.
+        device: String,
+        /// Physical GPU UUID.
+        gpu_uuid: String,
+        /// The GPU instances found (id, profile id, memory slices).
+        instances: String,
+    },
+    /// `nvmlDeviceSetMigMode` answered, but the change did not take effect.
+    #[error(
+        "switching MIG mode {mode} on GPU {gpu_uuid} for device {device} did not take effect (activation status: {status}): {advice}"
+    )]
+    MigModeNotChanged {
+        /// DRA device name.
+        device: String,
+        /// Physical GPU UUID.
+        gpu_uuid: String,
+        /// `on` or `off`.
+        mode: &'static str,
+        /// NVML's activation status.
+        status: String,
+        /// What it means and what to do.
+        advice: &'static str,
     },
     /// The node has dynamic MIG devices in its slices but no NVML MIG control.
     #[error(
@@ -269,3 +346,7 @@ pub fn destroy(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "mig_sharing_tests.rs"]
+mod sharing_tests;

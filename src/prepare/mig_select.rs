@@ -5,8 +5,10 @@
 //! choice made once at start (a GPU's management mode never changes under running
 //! workloads), and the annotation of every discovered inventory: a chosen GPU gets
 //! [`DynamicMig`], listing as foreign each existing GPU instance that no checkpoint record
-//! claims ([`DynamicMigDiscovery`] wraps discovery so refreshes keep it). Pure except the
-//! wrapper, which only reads the checkpoint snapshot.
+//! claims ([`DynamicMigDiscovery`] wraps discovery so refreshes keep it). A chosen GPU out
+//! of MIG mode stays dynamic only while a claim holds its full GPU (the driver switched
+//! MIG mode off for it, [`super::mig_full`]); otherwise it is a plain full GPU. Pure
+//! except the wrapper, which only reads the checkpoint snapshot.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -76,9 +78,21 @@ pub fn choose(
     mode: &DynamicMigMode,
     owned: &[InstanceRecord],
 ) -> BTreeSet<String> {
+    choose_with(inv, mode, owned, &BTreeSet::new())
+}
+
+/// [`choose`], also taking the GPUs whose full GPU a claim holds (`full_gpus`, UUIDs from
+/// [`crate::prepare::mig_full::full_gpu_uuids`]): the driver switched their MIG mode off,
+/// and they stay dynamic.
+pub fn choose_with(
+    inv: &Inventory,
+    mode: &DynamicMigMode,
+    owned: &[InstanceRecord],
+    full_gpus: &BTreeSet<String>,
+) -> BTreeSet<String> {
     inv.gpus
         .iter()
-        .filter(|g| g.mig.enabled && !g.mig_profiles.is_empty())
+        .filter(|g| (g.mig.enabled || full_gpus.contains(&g.uuid)) && !g.mig_profiles.is_empty())
         .filter(|g| match mode {
             DynamicMigMode::Off => false,
             DynamicMigMode::Auto => g
@@ -95,8 +109,20 @@ pub fn choose(
 
 /// Marks the GPUs of `dynamic` in `inv` and lists their foreign GPU instances.
 pub fn annotate(inv: &mut Inventory, dynamic: &BTreeSet<String>, owned: &[InstanceRecord]) {
+    annotate_with(inv, dynamic, owned, &BTreeSet::new());
+}
+
+/// [`annotate`], also marking the GPUs of `full_gpus` (UUIDs) whose full GPU a claim holds.
+pub fn annotate_with(
+    inv: &mut Inventory,
+    dynamic: &BTreeSet<String>,
+    owned: &[InstanceRecord],
+    full_gpus: &BTreeSet<String>,
+) {
     for gpu in &mut inv.gpus {
-        if !dynamic.contains(&gpu.uuid) {
+        // Out of MIG mode, a GPU is dynamic only while a claim holds its full GPU.
+        let dynamic_now = gpu.mig.enabled || full_gpus.contains(&gpu.uuid);
+        if !dynamic.contains(&gpu.uuid) || !dynamic_now {
             gpu.dynamic_mig = None;
             continue;
         }
@@ -114,6 +140,26 @@ pub fn annotate(inv: &mut Inventory, dynamic: &BTreeSet<String>, owned: &[Instan
         foreign.dedup();
         gpu.dynamic_mig = Some(DynamicMig { foreign });
     }
+}
+
+/// Adds `instance` to the foreign GPU instances of dynamic GPU `gpu_uuid` in `inv`, so
+/// the placements it overlaps (and the full GPU) are no longer published. Returns false
+/// when it was listed already or the GPU is not dynamic.
+pub fn add_foreign(inv: &mut Inventory, gpu_uuid: &str, instance: ForeignInstance) -> bool {
+    let Some(d) = inv
+        .gpus
+        .iter_mut()
+        .find(|g| g.uuid == gpu_uuid)
+        .and_then(|g| g.dynamic_mig.as_mut())
+    else {
+        return false;
+    };
+    if d.foreign.contains(&instance) {
+        return false;
+    }
+    d.foreign.push(instance);
+    d.foreign.sort_by_key(|f| (f.placement.start, f.gi_id));
+    true
 }
 
 /// Discovery that annotates each inventory for dynamic MIG (see [`annotate`]), reading
@@ -144,8 +190,10 @@ impl DynamicMigDiscovery {
 impl Discover for DynamicMigDiscovery {
     fn discover(&self) -> Result<Inventory, DiscoverError> {
         let mut inv = self.inner.discover()?;
-        let owned = owned_records(&self.checkpoint.snapshot());
-        annotate(&mut inv, &self.dynamic, &owned);
+        let snapshot = self.checkpoint.snapshot();
+        let owned = owned_records(&snapshot);
+        let full = super::mig_full::full_gpu_uuids(&snapshot);
+        annotate_with(&mut inv, &self.dynamic, &owned, &full);
         let foreign: Vec<(String, ForeignInstance)> = inv
             .gpus
             .iter()
@@ -224,5 +272,25 @@ mod tests {
         let starts: Vec<u32> = dynamic.foreign.iter().map(|f| f.placement.start).collect();
         assert_eq!(starts, [4, 6]);
         assert!(inv.gpus[2].dynamic_mig.is_none());
+    }
+
+    #[test]
+    fn a_gpu_out_of_mig_mode_stays_dynamic_only_while_a_claim_holds_its_full_gpu() {
+        let mut inv = dgx_h100();
+        inv.gpus[0] = with_mig(h100(0), &[]);
+        inv.gpus[0].mig.enabled = false;
+        inv.gpus[0].mig.pending = false;
+        let uuid = inv.gpus[0].uuid.clone();
+        let full = BTreeSet::from([uuid.clone()]);
+        let mode = DynamicMigMode::Auto;
+        assert!(choose(&inv, &mode, &[]).is_empty(), "MIG off: not dynamic");
+        let chosen = choose_with(&inv, &mode, &[], &full);
+        assert_eq!(chosen, BTreeSet::from([uuid.clone()]));
+        let mut held = inv.clone();
+        annotate_with(&mut held, &chosen, &[], &full);
+        assert!(held.gpus[0].dynamic_mig.is_some());
+        // Released (no record) but MIG mode still off: a plain full GPU.
+        annotate_with(&mut inv, &chosen, &[], &BTreeSet::new());
+        assert!(inv.gpus[0].dynamic_mig.is_none());
     }
 }

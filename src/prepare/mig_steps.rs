@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::mig_control::MigControl;
 use super::mig_dynamic::{self, InstanceRecord};
+use super::mig_full::{self, FullGpuRecord};
 use super::plan::{self, DevicePlan};
 use super::{PrepareError, Preparer};
 use crate::claims::ClaimLookup;
@@ -36,7 +37,27 @@ impl<L: ClaimLookup> Preparer<L> {
                     .map(|d| d.gpu_profile_ids.clone())
                     .unwrap_or_default(),
             );
-            mig_blocking(move || mig_dynamic::check_free(control.as_ref(), &rec, &ids)).await?;
+            let checked =
+                mig_blocking(move || mig_dynamic::check_free(control.as_ref(), &rec, &ids)).await;
+            if let Err(mig_dynamic::DynamicMigError::PlacementTaken {
+                gpu_uuid,
+                gi_id,
+                gi_profile_id,
+                other,
+                ..
+            }) = &checked
+                && let Some(report) = &self.foreign_report
+            {
+                report(
+                    gpu_uuid,
+                    crate::inventory::ForeignInstance {
+                        gi_id: *gi_id,
+                        gi_profile_id: *gi_profile_id,
+                        placement: *other,
+                    },
+                );
+            }
+            checked?;
         }
         Ok(())
     }
@@ -75,6 +96,34 @@ impl<L: ClaimLookup> Preparer<L> {
                     ci_id,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Switches MIG mode off on the GPU of every full dynamic GPU in `plans` (`full` in
+    /// plan order, from [`full_records`]).
+    pub(super) async fn leave_mig_modes(
+        &self,
+        plans: &[DevicePlan],
+        full: &[FullGpuRecord],
+    ) -> Result<(), PrepareError> {
+        let ids = plans.iter().filter_map(|p| p.full_of_dynamic.clone());
+        for (rec, ids) in full.iter().zip(ids) {
+            let control = self.mig_control(&rec.device)?;
+            let rec = rec.clone();
+            mig_blocking(move || mig_full::leave_mig(control.as_ref(), &rec, &ids)).await?;
+        }
+        Ok(())
+    }
+
+    /// Switches MIG mode back on for the full-GPU records of a checkpoint entry.
+    pub(super) async fn return_to_mig_modes(
+        &self,
+        records: Vec<FullGpuRecord>,
+    ) -> Result<(), PrepareError> {
+        for rec in records {
+            let control = self.mig_control(&rec.device)?;
+            mig_blocking(move || mig_full::return_to_mig(control.as_ref(), &rec)).await?;
         }
         Ok(())
     }
@@ -119,6 +168,19 @@ pub(super) fn instance_records(plans: &[DevicePlan]) -> Vec<InstanceRecord> {
                 ci_id: None,
                 mig_uuid: None,
             })
+        })
+        .collect()
+}
+
+/// The full-GPU records of a claim's full dynamic GPUs, in plan order.
+pub(super) fn full_records(plans: &[DevicePlan]) -> Vec<FullGpuRecord> {
+    plans
+        .iter()
+        .filter(|p| p.full_of_dynamic.is_some())
+        .map(|p| FullGpuRecord {
+            device: p.allocated.device.clone(),
+            gpu_uuid: p.gpu_uuid.clone(),
+            gpu_minor: p.gpu_minor,
         })
         .collect()
 }

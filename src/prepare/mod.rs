@@ -18,6 +18,7 @@ mod limits_tests;
 mod memory_limit_steps;
 pub mod mig_control;
 pub mod mig_dynamic;
+pub mod mig_full;
 pub mod mig_select;
 mod mig_steps;
 pub mod plan;
@@ -50,7 +51,7 @@ use crate::sharing::memory_limit::{AppliedLimit, MemoryLimitRecord, MemoryLimite
 use crate::sharing::memory_limit_plan::{Decision, DeviceInput};
 use crate::sharing::{ClaimEdits, Policy, SharingError, SharingManager};
 use mig_control::MigControl;
-use mig_steps::{instance_records, name_step};
+use mig_steps::{full_records, instance_records, name_step};
 use plan::{DevicePlan, PlanError, plan_claim, policy_groups};
 
 /// Why one claim could not be prepared or unprepared. The message says what to do.
@@ -104,6 +105,7 @@ pub struct Preparer<L> {
     claim_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     memory_limits: Option<Arc<MemoryLimiter>>,
     mig: Option<Arc<dyn MigControl>>,
+    foreign_report: Option<mig_dynamic::ForeignReport>,
 }
 
 impl<L: ClaimLookup> Preparer<L> {
@@ -125,12 +127,20 @@ impl<L: ClaimLookup> Preparer<L> {
             claim_locks: Mutex::new(HashMap::new()),
             memory_limits: None,
             mig: None,
+            foreign_report: None,
         }
     }
 
     /// Lets this preparer create and destroy dynamic MIG instances through `control`.
     pub fn with_mig_control(mut self, control: Arc<dyn MigControl>) -> Self {
         self.mig = Some(control);
+        self
+    }
+
+    /// Reports GPU instances the driver did not create found at an allocated placement to
+    /// `report` (the plugin marks them in the published inventory).
+    pub fn with_foreign_report(mut self, report: mig_dynamic::ForeignReport) -> Self {
+        self.foreign_report = Some(report);
         self
     }
 
@@ -215,14 +225,17 @@ impl<L: ClaimLookup> Preparer<L> {
             if !instances.is_empty() {
                 self.check_placements_free(&plans, &instances).await?;
             }
+            let full = full_records(&plans);
             let has_side_effects = groups.iter().any(|g| g.policy.is_some())
                 || !limits.is_empty()
                 || !instances.is_empty()
-                || matches!(compute, ComputeDecision::Enforce(_));
+                || matches!(compute, ComputeDecision::Enforce(_))
+                || !full.is_empty();
             if has_side_effects {
                 let mut started =
                     with_limits(entry(claim, ClaimState::PrepareStarted, records(claim, &plans)));
                 mig_dynamic::set_records(&mut started.1, &instances);
+                mig_full::set_records(&mut started.1, &full);
                 self.checkpoint
                     .update(move |cp| {
                         cp.claims.insert(started.0, started.1);
@@ -233,6 +246,7 @@ impl<L: ClaimLookup> Preparer<L> {
             let done = async {
                 self.create_instances(&mut plans, &mut instances, &mut created)
                     .await?;
+                self.leave_mig_modes(&plans, &full).await?;
                 let after_create = |err: PrepareError| name_step(err, &instances);
                 self.apply_limits(&claim.uid, limits)
                     .await
@@ -246,6 +260,7 @@ impl<L: ClaimLookup> Preparer<L> {
                     records(claim, &plans),
                 ));
                 mig_dynamic::set_records(&mut completed, &instances);
+                mig_full::set_records(&mut completed, &full);
                 let answer = answer(&completed);
                 self.checkpoint
                     .update(move |cp| {
@@ -258,8 +273,14 @@ impl<L: ClaimLookup> Preparer<L> {
             match done.await {
                 Ok(answer) => Ok(answer),
                 Err(err) => {
-                    // Nothing of a failed prepare stays: MIG instances it created (newest
-                    // first), policy, MPS daemon, spec, entry.
+                    // Nothing of a failed prepare stays: MIG mode of a full dynamic GPU,
+                    // MIG instances it created (newest first), policy, MPS daemon, spec,
+                    // entry.
+                    if !full.is_empty()
+                        && let Err(undo) = self.return_to_mig_modes(full.clone()).await
+                    {
+                        warn!(claim.uid = %claim.uid, error = %error_chain(&undo), "switching MIG mode back on after a failed prepare failed; retried at the next prepare or unprepare");
+                    }
                     let mut left = Vec::new();
                     if !created.is_empty()
                         && let Some(control) = self.mig.clone()
@@ -407,6 +428,16 @@ impl<L: ClaimLookup> Preparer<L> {
             .unwrap_or_default();
         if !instances.is_empty() {
             self.destroy_instances(instances, by_placement).await?;
+        }
+        let full = self
+            .checkpoint
+            .snapshot()
+            .claims
+            .get(uid)
+            .map(mig_full::records_of)
+            .unwrap_or_default();
+        if !full.is_empty() {
+            self.return_to_mig_modes(full).await?;
         }
         if self.checkpoint.snapshot().claims.contains_key(uid) {
             let uid = uid.to_owned();

@@ -47,6 +47,9 @@ pub struct DevicePlan {
     pub policy: Option<Policy>,
     /// Set for a dynamic MIG placement: the instance to create (then `mig` is filled).
     pub dynamic: Option<DynamicPlan>,
+    /// Set for the full GPU of a dynamic MIG GPU (Hopper+): MIG mode is switched off for
+    /// the claim. The GPU's GPU instance profile ids, to check that no instance is left.
+    pub full_of_dynamic: Option<Vec<u32>>,
 }
 
 /// A dynamic MIG placement to create at prepare.
@@ -128,7 +131,7 @@ pub enum PlanError {
     },
     /// MPS was asked for a MIG device.
     #[error(
-        "MPS sharing on MIG device {device} is not supported by this driver version; remove the MPS config from MigDeviceConfig or use a full GPU"
+        "MigDeviceConfig sharing.strategy MPS is refused on MIG device {device}: this driver runs no MPS control daemon on a MIG device (static or dynamic); a MIG device is isolated from the others already, so leave out `sharing`, or ask for a full GPU with a GpuConfig for MPS"
     )]
     MpsOnMig {
         /// Device name.
@@ -152,9 +155,9 @@ pub enum PlanError {
         /// Request name.
         request: String,
     },
-    /// The full GPU of a dynamic MIG GPU was allocated (from stale slices).
+    /// The full GPU of a dynamic MIG GPU that does not offer it was allocated (stale slices).
     #[error(
-        "device {device} is the full GPU of a dynamic MIG GPU, which this driver does not offer (it would have to leave MIG mode): the ResourceSlices the scheduler used are stale; ask for a MIG profile (device class mig.*, e.g. 7g.80gb for all of it) or run the GPU without dynamic MIG (--dynamic-mig)"
+        "device {device} is the full GPU of a dynamic MIG GPU that is not offered (Ampere needs a GPU reset to leave MIG mode, or the GPU holds instances this driver did not create): the ResourceSlices the scheduler used are stale; ask for a MIG profile (device class mig.*, e.g. 7g.80gb for all of it) or run the GPU without dynamic MIG (--dynamic-mig)"
     )]
     DynamicFullGpu {
         /// Device name.
@@ -246,7 +249,9 @@ pub fn plan_claim(
                 device: device.device.clone(),
             });
         }
-        if mig.is_none() && partitionable::is_dynamic(gpu) {
+        let full_of_dynamic = (mig.is_none() && partitionable::is_dynamic(gpu))
+            .then(|| gpu.mig_profiles.iter().map(|p| p.gi_profile_id).collect());
+        if full_of_dynamic.is_some() && !partitionable::offers_full_gpu(gpu) {
             return Err(PlanError::DynamicFullGpu {
                 device: device.device.clone(),
             });
@@ -258,6 +263,7 @@ pub fn plan_claim(
             mig,
             policy,
             dynamic: None,
+            full_of_dynamic,
         });
     }
     Ok(plans)
@@ -322,6 +328,7 @@ fn plan_dynamic(
                 .map(|p| p.gi_profile_id)
                 .collect(),
         }),
+        full_of_dynamic: None,
     })
 }
 

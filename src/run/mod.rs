@@ -293,8 +293,23 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let checkpoint_for_events = checkpoint.subscribe();
-    let (discovery, mig_control) =
-        dynamic_mig::setup(&args, discovery, &inventory_tx, &checkpoint, &nvml_library).await;
+    // After a checkpoint loss the live claims are read first: dynamic MIG instances of
+    // claims allocated here are the driver's own (neither foreign nor destroyed).
+    let live_after_loss = if loaded.outcome == LoadOutcome::Loaded {
+        None
+    } else {
+        Some(list_node_claims_with_retry(&client, &args).await)
+    };
+    let (discovery, mig_control) = dynamic_mig::setup(
+        &args,
+        discovery,
+        &inventory_tx,
+        &checkpoint,
+        &nvml_library,
+        live_after_loss.as_ref().and_then(|l| l.as_deref()),
+        &client,
+    )
+    .await;
 
     // nvidia-smi and the MPS daemons find the driver's libraries through links under the
     // plugin dir; the plugin itself loaded NVML by path.
@@ -378,7 +393,9 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         &inventory_rx.borrow().driver_version,
     )));
     let preparer = match mig_control {
-        Some(control) => preparer.with_mig_control(control),
+        Some(control) => preparer
+            .with_mig_control(control)
+            .with_foreign_report(dynamic_mig::foreign_report(inventory_tx.clone())),
         None => preparer,
     };
     tokio::spawn(crate::sharing::memory_limit_status::report_device_status(
@@ -386,13 +403,12 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
         args.driver_name.clone(),
         preparer.checkpoint().subscribe(),
     ));
-    let report = if loaded.outcome == LoadOutcome::Loaded {
-        preparer.recover().await
-    } else {
-        let live = list_node_claims_with_retry(&client, &args).await;
+    let report = if let Some(live) = live_after_loss {
         let report = preparer.recover_after_loss(live.as_deref()).await;
         report_rebuild(&report);
         report
+    } else {
+        preparer.recover().await
     };
     crate::events::mps_recovered(&report.mps, &checkpoint_for_events.borrow());
 

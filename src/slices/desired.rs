@@ -242,9 +242,12 @@ pub fn desired_devices_with(
         let taints = taints(gpu, health, features);
         if partitionable::is_dynamic(gpu) {
             if features.partitionable_devices {
-                out.extend(partitionable::devices(gpu, taints, |g, profile| {
-                    dynamic_mig_device(inv, g, profile)
-                }));
+                out.extend(partitionable::devices(
+                    gpu,
+                    taints,
+                    |g| gpu_device(inv, g, None),
+                    |g, profile| dynamic_mig_device(inv, g, profile),
+                ));
             }
         } else if gpu.mig.enabled {
             let mut migs: Vec<&MigDevice> = gpu.mig_devices.iter().collect();

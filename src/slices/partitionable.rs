@@ -7,17 +7,20 @@
 //! of any profile of the GPU, i.e. the full-size profile's) and `memory-slice-<i>` = 1 per
 //! memory slice. A MIG device consumes its profile's figures plus the memory slices
 //! `[start, start+size)`, so two allocations can never overlap in memory slices and the
-//! scheduler cannot oversubscribe engines. NVIDIA's driver also announces the full GPU
-//! (Hopper and newer, which leave MIG mode without a reset) consuming everything; preparing
-//! it means switching MIG mode off under the node, which this driver does not do yet, so
-//! the full GPU of a dynamic MIG GPU is not offered (its 7g profile is). Placements overlapping a GPU
-//! instance the driver does not own ([`crate::inventory::DynamicMig::foreign`]) are not
-//! published.
+//! scheduler cannot oversubscribe engines. On GPUs that leave MIG mode without a reset
+//! (Hopper and newer, compute capability 9.0+; NVIDIA's driver decides the same way) the
+//! full GPU `gpu-<minor>` is published too, consuming every counter of the set, so it never
+//! fits together with any placement; preparing it switches MIG mode off
+//! ([`crate::prepare::mig_full`]). Ampere needs a reset to leave MIG mode: MIG devices only.
+//! Placements overlapping a GPU instance the driver does not own
+//! ([`crate::inventory::DynamicMig::foreign`]) are not published, and neither is the full
+//! GPU then.
 //!
 //! API limits (k8s.io/api v0.37 `resource/v1`, same in 1.36): <= 64 devices per slice when
 //! any consumes counters, <= 8 counter sets per slice, <= 32 counters per set and per
 //! consumption, <= 2 consumptions per device, and a slice carries either devices or
-//! `sharedCounters`. An H100 needs 15 counters and has 25 placements.
+//! `sharedCounters`. An H100 needs 15 counters (the full GPU consumes all 15) and has 25
+//! placements plus the full GPU: 26 devices, 208 for a DGX H100 (4 device slices).
 //! It must not do I/O and does not decide which GPUs are dynamic (the inventory says).
 
 use std::collections::BTreeMap;
@@ -79,8 +82,28 @@ pub fn memory_slice_count(gpu: &Gpu) -> u32 {
 }
 
 /// True when the inventory marks `gpu` as dynamically managed and it has MIG profiles.
+/// The mark stays while MIG mode is off because the driver prepared the full GPU for a
+/// claim ([`crate::prepare::mig_select::annotate_with`] drops it for a GPU out of MIG mode
+/// for any other reason).
 pub fn is_dynamic(gpu: &Gpu) -> bool {
-    gpu.dynamic_mig.is_some() && gpu.mig.enabled && !gpu.mig_profiles.is_empty()
+    gpu.dynamic_mig.is_some() && gpu.mig.capable && !gpu.mig_profiles.is_empty()
+}
+
+/// True when `gpu` leaves MIG mode without a GPU reset: Hopper and newer (compute
+/// capability 9.0+). MIG user guide: on A100/A30 a MIG mode change needs a GPU reset.
+pub fn toggles_mig_without_reset(gpu: &Gpu) -> bool {
+    gpu.cuda_compute_capability.major >= 9
+}
+
+/// True when the full GPU of dynamic `gpu` is published: it toggles MIG mode without a
+/// reset and holds no GPU instance the driver does not own.
+pub fn offers_full_gpu(gpu: &Gpu) -> bool {
+    is_dynamic(gpu)
+        && toggles_mig_without_reset(gpu)
+        && gpu
+            .dynamic_mig
+            .as_ref()
+            .is_some_and(|d| d.foreign.is_empty())
 }
 
 /// The (profile, placement) pairs of `gpu` that may be published: every placement of every
@@ -191,24 +214,41 @@ pub fn placement_consumption(
     }
 }
 
-/// The devices of a dynamic GPU: every offered placement, in profile order.
+/// What the full GPU consumes: every counter of its set.
+pub fn full_gpu_consumption(gpu: &Gpu) -> DeviceCounterConsumption {
+    DeviceCounterConsumption {
+        counter_set: counter_set_name(gpu.minor),
+        counters: full_counters(gpu),
+        ..Default::default()
+    }
+}
+
+/// The devices of a dynamic GPU: the full GPU when offered ([`offers_full_gpu`]), then
+/// every offered placement, in profile order.
 ///
-/// `mig` builds the device body (attributes, capacities) as the static path does; this
-/// sets the name, `consumesCounters` and `taints`.
+/// `full` and `mig` build the device bodies (attributes, capacities) as the static path
+/// does; this sets the MIG names, `consumesCounters` and `taints`.
 pub fn devices(
     gpu: &Gpu,
     taints: Option<Vec<DeviceTaint>>,
+    full: impl Fn(&Gpu) -> Device,
     mig: impl Fn(&Gpu, &MigProfile) -> Device,
 ) -> Vec<Device> {
-    offered_placements(gpu)
+    let whole = offers_full_gpu(gpu).then(|| {
+        let mut d = full(gpu);
+        d.consumes_counters = Some(vec![full_gpu_consumption(gpu)]);
+        d.taints = taints.clone();
+        d
+    });
+    whole
         .into_iter()
-        .map(|(profile, at)| {
+        .chain(offered_placements(gpu).into_iter().map(|(profile, at)| {
             let mut d = mig(gpu, profile);
             d.name = mig_device_name(gpu.minor, &profile.name, profile.gi_profile_id, at.start);
             d.consumes_counters = Some(vec![placement_consumption(gpu, profile, at)]);
             d.taints = taints.clone();
             d
-        })
+        }))
         .collect()
 }
 

@@ -104,8 +104,8 @@ fn dgx_h100_all_dynamic_golden() {
 #[test]
 fn dgx_h100_all_dynamic_shape() {
     let s = slices(&all_dynamic(dgx_h100()));
-    // 8 GPUs x 25 placements = 200 devices: 4 slices of <= 64, then one slice with the 8
-    // counter sets.
+    // 8 GPUs x (full GPU + 25 placements) = 208 devices: 4 slices of <= 64, then one slice
+    // with the 8 counter sets.
     assert_eq!(s.len(), 5);
     assert!(s[..4].iter().all(|x| x.spec.shared_counters.is_none()));
     let sets = s[4].spec.shared_counters.as_ref().expect("counter sets");
@@ -125,11 +125,17 @@ fn dgx_h100_all_dynamic_shape() {
     assert_eq!(figures["memory-slice-7"], "1");
     assert_eq!(set0.counters.len(), 15);
     let all = devices(&s);
-    assert_eq!(all.len(), 200);
-    assert!(
-        all.iter().all(|d| d.name.contains("-mig-")),
-        "no full GPU offered"
+    assert_eq!(all.len(), 208);
+    let full = device(&all, "gpu-0");
+    let consumed = &full.consumes_counters.as_ref().expect("consumes")[0];
+    assert_eq!(consumed.counter_set, "gpu-0-counter-set");
+    assert_eq!(
+        consumed.counters, set0.counters,
+        "the full GPU consumes everything"
     );
+    let attrs = full.attributes.as_ref().expect("attributes");
+    assert_eq!(attrs["type"].string.as_deref(), Some("gpu"));
+    assert_eq!(attrs["uuid"].string.as_deref(), Some(h100(0).uuid.as_str()));
     assert_eq!(memory_slices(device(&all, "gpu-0-mig-7g80gb-0-0")).len(), 8);
     let mig = device(&all, "gpu-0-mig-3g40gb-9-4");
     assert_eq!(
@@ -176,6 +182,11 @@ fn overlapping_placements_never_fit_together() {
         .filter(|d| d.name.starts_with("gpu-0-"))
         .collect();
     assert_eq!(gpu0.len(), 25);
+    let full = device(&all, "gpu-0");
+    assert!(fits(&s, &[full]));
+    for p in &gpu0 {
+        assert!(!fits(&s, &[full, p]), "the full GPU fits beside {}", p.name);
+    }
     for a in &gpu0 {
         for b in &gpu0 {
             if a.name == b.name {
@@ -256,6 +267,11 @@ fn foreign_instance_blocks_its_placements() {
         .collect();
     assert!(!names.contains(&"gpu-0-mig-7g80gb-0-0".to_string()));
     assert!(
+        !names.contains(&"gpu-0".to_string()),
+        "no full GPU beside it"
+    );
+    assert!(devices(&s).iter().any(|d| d.name == "gpu-1"));
+    assert!(
         !names
             .iter()
             .any(|n| n == "gpu-0-mig-3g40gb-9-0" || n == "gpu-0-mig-1g10gb-19-2")
@@ -326,4 +342,47 @@ fn resolve_finds_offered_placements_only() {
         resolve(&dgx_h100(), "gpu-1-mig-3g40gb-9-0").is_none(),
         "static GPU"
     );
+}
+
+#[test]
+fn full_gpu_in_use_keeps_the_published_devices() {
+    // The driver switched MIG mode off for a claim on the full GPU and the GPU stays
+    // marked dynamic: same devices, same sets.
+    let before = slices(&all_dynamic(dgx_h100()));
+    let mut inv = all_dynamic(dgx_h100());
+    inv.gpus[2].mig.enabled = false;
+    inv.gpus[2].mig.pending = false;
+    assert_eq!(slices(&inv), before);
+    // MIG off for any other reason: the annotation drops the mark, a plain full GPU.
+    inv.gpus[2].dynamic_mig = None;
+    let all = devices(&slices(&inv));
+    assert!(!all.iter().any(|d| d.name.starts_with("gpu-2-mig-")));
+    assert!(device(&all, "gpu-2").consumes_counters.is_none());
+}
+
+#[test]
+fn pending_mig_mode_change_taints_every_device_of_a_dynamic_gpu() {
+    let mut inv = all_dynamic(dgx_h100());
+    inv.gpus[1].mig.pending = false; // MIG mode off waits for a GPU reset
+    let s = slices(&inv);
+    assert_valid(&s);
+    let all = devices(&s);
+    let of = |minor: u32| {
+        all.iter()
+            .filter(move |d| {
+                d.name == format!("gpu-{minor}") || d.name.starts_with(&format!("gpu-{minor}-"))
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(1).len(), 26);
+    for d in of(1) {
+        let keys: Vec<&str> = d.taints.iter().flatten().map(|t| t.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [crate::slices::desired::MIG_MODE_PENDING_TAINT],
+            "{}",
+            d.name
+        );
+    }
+    assert!(of(0).iter().all(|d| d.taints.is_none()));
 }

@@ -88,6 +88,22 @@ pub fn inject_xid(state_path: &Path, gpu_uuid: &str, xid: u64) -> Result<u64, Co
     Ok(StateStore::new(state_path, None).update(|s| Engine::push_xid(s, gpu_uuid, xid))?)
 }
 
+/// Let `clients` processes hold GPU `gpu_uuid` open (0: idle), so a MIG mode change
+/// answers activation status `IN_USE`. Returns false when the state has no such GPU (the
+/// machine was not used yet).
+pub fn set_gpu_clients(
+    state_path: &Path,
+    gpu_uuid: &str,
+    clients: u32,
+) -> Result<bool, ControlError> {
+    Ok(StateStore::new(state_path, None).update(|s| {
+        s.gpus
+            .get_mut(gpu_uuid)
+            .map(|g| g.clients = clients)
+            .is_some()
+    })?)
+}
+
 /// Everything the fake remembers: per-GPU compute mode, time slice, MIG mode, GPU and
 /// compute instances (ids, placements, MIG UUIDs), pending faults, XIDs, MPS daemons with
 /// their recorded limits. An empty state if nothing used the machine yet.

@@ -16,7 +16,9 @@
 //! - GPU instance ids are the smallest free id from 1, compute instance ids from 0.
 //! - MIG mode changes apply at once (current = pending), as on an idle GPU; with
 //!   `migModeRequiresReset` in the topology they stay pending (activation status
-//!   `RESET_REQUIRED`) until [`Engine::reset_gpu`] (`nvidia-smi -r`).
+//!   `RESET_REQUIRED`) until [`Engine::reset_gpu`] (`nvidia-smi -r`). While processes
+//!   hold the GPU (`clients`), a change cannot activate: activation status `IN_USE`, mode
+//!   and pending mode unchanged ("the caller is expected to idle the device and retry").
 
 use std::collections::BTreeMap;
 
@@ -131,6 +133,7 @@ pub fn reconcile(topo: &Topology, state: &mut State) -> Result<(), String> {
                 mig_current: spec.mig_mode,
                 mig_pending: spec.mig_mode,
                 gpu_instances: BTreeMap::new(),
+                clients: 0,
             },
         );
         let mut engine = Engine { topo, state };
@@ -232,8 +235,9 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Set MIG mode (0/1); returns the activation status (`SUCCESS`, or `RESET_REQUIRED`
-    /// when the topology says the change waits for a GPU reset).
+    /// Set MIG mode (0/1); returns the activation status (`SUCCESS`, `IN_USE` while
+    /// processes hold the GPU, or `RESET_REQUIRED` when the topology says the change waits
+    /// for a GPU reset).
     pub fn set_mig_mode(&mut self, gpu: u32, mode: u32) -> Result<Code, Code> {
         let spec = self.spec(gpu)?;
         if !spec.model.mig_capable() {
@@ -248,6 +252,9 @@ impl Engine<'_> {
         let g = self.gpu_mut(gpu)?;
         if !enable && !g.gpu_instances.is_empty() {
             return Err(IN_USE);
+        }
+        if g.clients > 0 && g.mig_current != enable {
+            return Ok(IN_USE);
         }
         g.mig_pending = enable;
         if needs_reset && g.mig_current != enable {
@@ -763,6 +770,25 @@ mod tests {
             e.destroy_compute_instance(0, gi, 0).unwrap();
             e.destroy_compute_instance(0, gi, 1).unwrap();
             e.destroy_gpu_instance(0, gi).unwrap();
+        });
+    }
+
+    #[test]
+    fn mig_mode_change_on_a_busy_gpu_does_not_activate() {
+        let t = topo("H100-SXM5-80GB");
+        let mut s = initial_state(&t).unwrap();
+        with(&t, &mut s, |e| {
+            e.gpu_mut(0).unwrap().clients = 1;
+            assert_eq!(e.set_mig_mode(0, 0), Ok(IN_USE));
+            let g = e.gpu(0).unwrap();
+            assert_eq!((g.mig_current, g.mig_pending), (true, true));
+            // Asking for the mode already in effect is no change.
+            assert_eq!(e.set_mig_mode(0, 1), Ok(SUCCESS));
+            e.gpu_mut(0).unwrap().clients = 0;
+            assert_eq!(e.set_mig_mode(0, 0), Ok(SUCCESS));
+            let g = e.gpu(0).unwrap();
+            assert_eq!((g.mig_current, g.mig_pending), (false, false));
+            assert_eq!(e.set_mig_mode(0, 1), Ok(SUCCESS));
         });
     }
 

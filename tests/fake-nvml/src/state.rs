@@ -102,6 +102,15 @@ pub struct GpuState {
     pub mig_pending: bool,
     /// GPU instances by id.
     pub gpu_instances: BTreeMap<u32, GpuInstanceState>,
+    /// Processes holding the GPU open (a CUDA context outside any MIG device), set by
+    /// tests: while there are any, a MIG mode change cannot take effect (activation
+    /// status `IN_USE`, NVML reference for `nvmlDeviceSetMigMode`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clients: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// How many times an injected fault fires.

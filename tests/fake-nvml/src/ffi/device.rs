@@ -233,7 +233,9 @@ pub unsafe extern "C" fn nvmlDeviceGetMigMode(
     })
 }
 
-/// `nvmlDeviceSetMigMode`: applies at once; activation status `SUCCESS`.
+/// `nvmlDeviceSetMigMode`: applies at once (activation status `SUCCESS`), unless processes
+/// hold the GPU (`IN_USE`) or the topology says the change waits for a reset
+/// (`RESET_REQUIRED`); see [`engine::Engine::set_mig_mode`].
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceSetMigMode(
     device: nvmlDevice_t,
