@@ -356,6 +356,7 @@ impl Plugin {
         std::fs::create_dir_all(&cdi_root)?;
         let proc_root = proc_root()?;
 
+        keep_nvml_loaded(&tools.lib)?;
         let _enter = rt.enter();
         let discovery = NvmlDiscovery::new(Some(&tools.lib), dir.path().join("no-sysfs"))
             .context("NVML discovery through the fake library")?;
@@ -458,6 +459,18 @@ impl Plugin {
                 .context("plugin server task")?
         })
     }
+}
+
+/// Keeps the fake NVML mapped for the life of the process: runtime threads that called
+/// into it run its thread-local destructors when they exit, which may be after the
+/// plugin's own handles have unloaded the library (a crash at exit otherwise).
+fn keep_nvml_loaded(lib: &Path) -> anyhow::Result<()> {
+    static PINNED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if PINNED.get().is_none() {
+        std::mem::forget(NvmlComputeControl::new(Some(lib)).context("loading NVML")?);
+        let _ = PINNED.set(());
+    }
+    Ok(())
 }
 
 /// The memory limiter of `--cgroup-root root`, over the fake's NVML memory-limit calls;
