@@ -4,9 +4,10 @@
 //! what each pod got (devices, CDI ids, environment, compute policy, MPS limits). Then
 //! the consumable-share scenarios of examples/shares/ on three more nodes whose plugins
 //! publish shares (node-s and node-g: one L40S each, node-h: 8 x H100), with each pod's
-//! share as the scheduler allocated it. Then examples/mig-dynamic.yaml on node-d (dgx-h100,
-//! GPU 0 under dynamic MIG), each pod with the MIG UUID it got and the GPU instance
-//! created for it. Keeps running until Ctrl-C so `kubectl` can look around.
+//! share as the scheduler allocated it and the memory limit its GPU holds for the pod.
+//! Then examples/mig-dynamic.yaml on node-d (dgx-h100, GPU 0 under dynamic MIG), each pod
+//! with the MIG UUID it got and the GPU instance created for it. Keeps running until
+//! Ctrl-C so `kubectl` can look around.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -33,11 +34,11 @@ async fn main() -> anyhow::Result<()> {
         "plugins started on node-a (8 x H100, 2 in MIG mode) and node-b (1 x L40S); applying examples/ ..."
     );
     // Shares first: the whole-GPU examples would otherwise take the share nodes' GPUs.
-    let _shares = ShareNodes::start(&b)?;
+    let share_nodes = ShareNodes::start(&b)?;
     println!(
-        "share plugins started on node-s (L40S, --consumable-shares=memory), node-h (8 x H100, memory), node-g (L40S, 4 shares); applying examples/shares/ ..."
+        "share plugins started on node-s (L40S, --consumable-shares=memory), node-h (8 x H100, memory), node-g (L40S, 4 shares), all on r615 drivers that limit memory per pod; applying examples/shares/ ..."
     );
-    let shares = run_share_scenarios(&b, Duration::from_secs(180)).await?;
+    let shares = run_share_scenarios(&b, &share_nodes, Duration::from_secs(180)).await?;
     println!("\n{}", render_shares(&shares));
     let reports = run_examples(&b, Duration::from_secs(180)).await?;
     let gpus = BTreeMap::from([("node-a".to_string(), &dgx), ("node-b".to_string(), &l40s)]);

@@ -1,24 +1,28 @@
 //! Consumable GPU shares end to end on the box (KEP-5075 consumable capacity): plugins
-//! publish shareable GPUs, the real scheduler packs claims by `memory` and `compute`, and
-//! the allocations (`consumedCapacity`, same device) are read back. The seed scenarios of
-//! examples/shares/ first (`make demo` runs the same), then bad input: amounts above the
-//! GPU, off the step, compute above 100, and two shares of one GPU with different sharing
-//! strategies.
+//! publish shareable GPUs of fake r615 drivers, the real scheduler packs claims by
+//! `memory` and `compute`, the allocations (`consumedCapacity`, same device) are read
+//! back, and so is the hard memory limit each pod's cgroup got, as the fake GPU recorded
+//! it. The seed scenarios of examples/shares/ first (`make demo` runs the same), then bad
+//! input: amounts above the GPU, off the step, compute above 100, two shares of one GPU
+//! with different sharing strategies, and a share on a node whose driver cannot limit
+//! memory. Last, every pod goes and every limit must go with it.
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Event;
-use kube::api::{Api, ListParams};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::json;
 
 use support::TestBox;
 use support::examples::apply_file;
+use support::share_limits::limit_count;
 use support::shares::{
-    ShareAllocation, ShareNodes, render_shares, run_share_scenarios, share_allocations,
-    wait_running, wait_unschedulable,
+    SHARE_NAMESPACES, ShareAllocation, ShareNodes, render_shares, run_share_scenarios,
+    share_allocations, wait_running, wait_unschedulable,
 };
 
 const STEP: Duration = Duration::from_secs(120);
@@ -41,6 +45,81 @@ fn pods<'a>(all: &'a [ShareAllocation], prefix: &str) -> Vec<&'a ShareAllocation
     all.iter().filter(|a| a.pod.starts_with(prefix)).collect()
 }
 
+/// The one hard limit the pod's cgroup holds, asserted equal to its soft limit (the
+/// plugin sets both to the share) and on the GPU the container sees.
+fn hard_limit(a: &ShareAllocation) -> u64 {
+    let [limit] = a.limits.as_slice() else {
+        panic!("{}: one limit on its pod cgroup: {a:#?}", a.pod);
+    };
+    assert_eq!(limit.soft, limit.hard, "{a:?}");
+    assert_eq!(Some(&limit.gpu_uuid), a.visible.as_ref(), "{a:?}");
+    let condition = a
+        .memory_condition
+        .as_ref()
+        .expect("device condition written");
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("True", "HardLimitSet"),
+        "{a:?}"
+    );
+    limit.hard
+}
+
+/// The `dmem.max` file of the cgroup the pod's limit is on.
+fn dmem_max(a: &ShareAllocation) -> String {
+    std::fs::read_to_string(std::path::Path::new(&a.limits[0].cgroup).join("dmem.max"))
+        .unwrap_or_else(|e| panic!("{}: dmem.max: {e}", a.pod))
+}
+
+/// The claims of the pods in `ns` whose names start with `prefix`.
+async fn claims_of_pods(b: &TestBox, ns: &str, prefix: &str) -> Vec<ResourceClaim> {
+    let client = b.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let claims: Api<ResourceClaim> = Api::namespaced(client, ns);
+    let mut out = Vec::new();
+    for pod in pods.list(&ListParams::default()).await.unwrap().items {
+        if !pod
+            .metadata
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with(prefix)
+        {
+            continue;
+        }
+        // A claim named in the pod spec, or one generated from a template.
+        let named = pod
+            .spec
+            .and_then(|s| s.resource_claims)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.resource_claim_name);
+        let generated = pod
+            .status
+            .and_then(|s| s.resource_claim_statuses)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.resource_claim_name);
+        for name in named.chain(generated) {
+            out.push(claims.get(&name).await.unwrap());
+        }
+    }
+    out
+}
+
+/// Asserts the claims of `prefix` pods in `ns` exist and are not allocated.
+async fn assert_unallocated(b: &TestBox, ns: &str, prefix: &str) {
+    let claims = claims_of_pods(b, ns, prefix).await;
+    assert!(!claims.is_empty(), "{ns}/{prefix}: a claim exists");
+    for c in claims {
+        let allocation = c.status.and_then(|s| s.allocation);
+        assert!(
+            allocation.is_none(),
+            "{ns}/{prefix}: unallocated: {allocation:?}"
+        );
+    }
+}
+
 fn one_device(allocs: &[&ShareAllocation]) -> String {
     let devices: BTreeSet<&str> = allocs.iter().map(|a| a.device.as_str()).collect();
     assert_eq!(devices.len(), 1, "one GPU for all: {allocs:#?}");
@@ -49,9 +128,10 @@ fn one_device(allocs: &[&ShareAllocation]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shares_scenarios_and_bad_input() {
-    let b = TestBox::start(&["node-s", "node-h", "node-g"]).unwrap();
-    let nodes = ShareNodes::start(&b).unwrap();
-    let s = run_share_scenarios(&b, STEP)
+    // node-o's plugin starts later (bad input): an old driver, limits required.
+    let b = TestBox::start(&["node-s", "node-h", "node-g", "node-o"]).unwrap();
+    let mut nodes = ShareNodes::start(&b).unwrap();
+    let s = run_share_scenarios(&b, &nodes, STEP)
         .await
         .unwrap_or_else(|err| panic!("{err:#}\n{}", nodes.log_tail(30)));
     eprintln!("{}", render_shares(&s));
@@ -69,6 +149,10 @@ async fn shares_scenarios_and_bad_input() {
         assert_eq!(bytes(a, "compute"), 40, "{a:?}");
         assert!(a.share_id.is_some(), "{a:?}");
         assert!(a.visible.as_deref().is_some_and(|v| v.starts_with("GPU-")));
+        // Enforced: the GPU holds 18Gi for the pod's cgroup, and (dmem backend) the
+        // kernel's dmem.max line of the GPU's region says so.
+        assert_eq!(hard_limit(a), 18 * GI, "{a:?}");
+        assert!(dmem_max(a).contains(&format!(" {}", 18 * GI)), "{a:?}");
     }
     assert_ne!(tgi[0].share_id, tgi[1].share_id);
     assert_ne!(tgi[0].claim, tgi[1].claim);
@@ -83,6 +167,8 @@ async fn shares_scenarios_and_bad_input() {
         (third[0].phase.as_str(), third[0].node.as_str()),
         ("Pending", "")
     );
+    assert!(third[0].limits.is_empty());
+    assert_unallocated(&b, "tgi-shares", "tgi-qwen").await;
 
     // Ollama: three replicas, each its own claim with a 20Gi budget, packed on one H100.
     let ollama = pods(all, "ollama-shares/ollama");
@@ -90,6 +176,7 @@ async fn shares_scenarios_and_bad_input() {
     assert!(one_device(&ollama).starts_with("node-h/gpu-"));
     for a in &ollama {
         assert_eq!((bytes(a, "memory"), bytes(a, "compute")), (20 * GI, 30));
+        assert_eq!(hard_limit(a), 20 * GI, "{a:?}");
     }
 
     // Profiles as share sizes: dev 1/8, prod 1/4, training the whole GPU (no amounts).
@@ -104,6 +191,12 @@ async fn shares_scenarios_and_bad_input() {
         (bytes(trainer, "memory"), bytes(trainer, "compute")),
         (H100_MIB * MI, 100),
         "a claim without amounts keeps the whole GPU"
+    );
+    assert_eq!(hard_limit(dev), 10 * GI);
+    assert_eq!(hard_limit(prod), 20 * GI);
+    assert!(
+        trainer.limits.is_empty(),
+        "no limit on a whole GPU: {trainer:?}"
     );
     let others = all
         .iter()
@@ -121,9 +214,54 @@ async fn shares_scenarios_and_bad_input() {
             (L40S_MIB / 4 * MI, 25, 1),
             "{a:?}"
         );
+        // misc backend: the driver holds the limit; the kernel's dmem files stay empty.
+        assert_eq!(hard_limit(a), L40S_MIB / 4 * MI, "{a:?}");
+        assert_eq!(dmem_max(a), "", "{a:?}");
     }
 
-    bad_input(&b, &nodes).await;
+    bad_input(&b, &mut nodes).await;
+    limits_go_with_the_pods(&b, &nodes).await;
+}
+
+/// Every namespace goes: each pod's limit is cleared at unprepare and its cgroup removed;
+/// no GPU of any node holds a limit afterwards.
+async fn limits_go_with_the_pods(b: &TestBox, nodes: &ShareNodes) {
+    let client = b.client().await;
+    let mut namespaces: Vec<String> = SHARE_NAMESPACES.iter().map(ToString::to_string).collect();
+    let all: Api<Namespace> = Api::all(client.clone());
+    for ns in all.list(&ListParams::default()).await.unwrap().items {
+        let name = ns.metadata.name.unwrap_or_default();
+        if name.starts_with("shares-bad") {
+            namespaces.push(name);
+        }
+    }
+    let names: Vec<&str> = namespaces.iter().map(String::as_str).collect();
+    let mut before = share_allocations(b, &names).await.unwrap();
+    nodes.attach_limits(&mut before);
+    let cgroups: Vec<String> = before
+        .iter()
+        .flat_map(|a| a.limits.iter().map(|l| l.cgroup.clone()))
+        .collect();
+    let held: usize = nodes.gpus.values().map(|g| limit_count(&g.state())).sum();
+    assert_eq!(held, cgroups.len(), "every limit belongs to a running pod");
+    assert!(held >= 11, "{held} limits before the pods go");
+    for ns in &namespaces {
+        all.delete(ns, &DeleteParams::default()).await.unwrap();
+    }
+    b.wait(
+        STEP * 2,
+        "every limit cleared and every pod cgroup gone",
+        || async {
+            let held: usize = nodes.gpus.values().map(|g| limit_count(&g.state())).sum();
+            let left = cgroups
+                .iter()
+                .filter(|c| std::path::Path::new(c).exists())
+                .count();
+            Ok((held == 0 && left == 0).then_some(()))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
 }
 
 /// A pod using a claim of its own with `capacity` requests (and optional `config`).
@@ -136,8 +274,10 @@ fn claim_and_pod(
     let mut exactly = json!({
         "deviceClassName": "gpu.gpu-dra.dev",
         "selectors": [{"cel": {"expression": "device.allowMultipleAllocations"}}],
-        "capacity": {"requests": requests},
     });
+    if requests.as_object().is_some_and(|r| !r.is_empty()) {
+        exactly["capacity"] = json!({"requests": requests});
+    }
     if let Some(sel) = extra.get("selector") {
         exactly["selectors"]
             .as_array_mut()
@@ -181,7 +321,7 @@ async fn apply_docs(b: &TestBox, yaml: &str) {
         .unwrap_or_else(|e| panic!("{e:#}\n{yaml}"));
 }
 
-async fn bad_input(b: &TestBox, nodes: &ShareNodes) {
+async fn bad_input(b: &TestBox, nodes: &mut ShareNodes) {
     let ns = b.create_namespace("shares-bad").await;
 
     // Above every GPU's memory, and compute above 100: the API server accepts the claims
@@ -198,6 +338,7 @@ async fn bad_input(b: &TestBox, nodes: &ShareNodes) {
         eprintln!("{name}: {reason}: {message}");
         assert_eq!(reason, "Unschedulable", "{name}: {message}");
         assert!(message.contains("claim"), "{name}: {message}");
+        assert_unallocated(b, &ns, name).await;
     }
 
     // Off the 1Mi step: the scheduler rounds the amount up to the next step.
@@ -214,9 +355,15 @@ async fn bad_input(b: &TestBox, nodes: &ShareNodes) {
     wait_running(b, &ns, "off-step", 1, STEP)
         .await
         .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
-    let allocs = share_allocations(b, &[ns.as_str()]).await.unwrap();
+    let mut allocs = share_allocations(b, &[ns.as_str()]).await.unwrap();
+    nodes.attach_limits(&mut allocs);
     let off = pods(&allocs, &format!("{ns}/off-step"))[0];
     assert_eq!(bytes(off, "memory"), 10 * GI + MI, "{off:?}");
+    assert_eq!(
+        hard_limit(off),
+        10 * GI + MI,
+        "the limit is the rounded amount"
+    );
 
     // Two shares of one GPU with different time slices: the scheduler allows both (it
     // accounts amounts, not strategies); the plugin refuses the second at prepare with an
@@ -290,6 +437,89 @@ async fn bad_input(b: &TestBox, nodes: &ShareNodes) {
         1,
         "the GPU keeps the holder's time slice Short"
     );
+
+    old_driver(b, nodes, &ns).await;
+}
+
+/// A node whose driver (570) cannot limit memory per cgroup, with limits required: a share
+/// claim fails at prepare with an error naming the GPU and the driver to upgrade to; a
+/// whole-GPU claim on the same node prepared before and one prepared after run.
+async fn old_driver(b: &TestBox, nodes: &mut ShareNodes, ns: &str) {
+    nodes.add(b, "node-o", "dgx-h100", "memory", false).unwrap();
+    // The state file appears with the plugin's first NVML call; the topology is there now.
+    let topology = nvidia_ml::control::load_topology(&nodes.gpus["node-o"].topology()).unwrap();
+    let gpus: Vec<String> = topology.gpus.into_iter().map(|g| g.uuid).collect();
+    let on = |uuid: &str| {
+        let selector = format!("device.attributes['gpu.gpu-dra.dev'].uuid == '{uuid}'");
+        json!({ "selector": selector })
+    };
+    let (whole_before, share, whole_after) = (&gpus[0], &gpus[1], &gpus[2]);
+    apply_docs(
+        b,
+        &claim_and_pod(ns, "old-whole", json!({}), on(whole_before)),
+    )
+    .await;
+    wait_running(b, ns, "old-whole", 1, STEP)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
+    apply_docs(
+        b,
+        &claim_and_pod(
+            ns,
+            "old-share",
+            json!({"memory": "8Gi", "compute": "20"}),
+            on(share),
+        ),
+    )
+    .await;
+    let events: Api<Event> = Api::namespaced(b.client().await, ns);
+    let event = b
+        .wait(
+            STEP,
+            "FailedPrepareDynamicResources on old-share",
+            || async {
+                let lp = ListParams::default().fields("involvedObject.name=old-share");
+                Ok(events
+                    .list(&lp)
+                    .await?
+                    .items
+                    .into_iter()
+                    .find(|e| e.reason.as_deref() == Some("FailedPrepareDynamicResources")))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
+    let message = event.message.unwrap_or_default();
+    eprintln!("old-share: {message}");
+    assert!(message.contains(share.as_str()), "names the GPU: {message}");
+    assert!(message.contains("r615"), "says what to upgrade: {message}");
+    apply_docs(
+        b,
+        &claim_and_pod(ns, "old-whole-2", json!({}), on(whole_after)),
+    )
+    .await;
+    wait_running(b, ns, "old-whole-2", 1, STEP)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
+
+    // The share's claim stays allocated and reserved for its pod, which does not start;
+    // the node holds no limit and no prepared state for it; the whole GPUs run.
+    let allocs = share_allocations(b, &[ns]).await.unwrap();
+    let failed = pods(&allocs, &format!("{ns}/old-share"))[0];
+    assert_eq!(failed.node, "node-o", "{failed:?}");
+    assert_eq!(bytes(failed, "memory"), 8 * GI, "allocated: {failed:?}");
+    assert_eq!(failed.phase, "Pending", "{failed:?}");
+    assert!(failed.visible.is_none(), "not prepared: {failed:?}");
+    assert!(failed.memory_condition.is_none(), "{failed:?}");
+    assert_eq!(limit_count(&nodes.gpus["node-o"].state()), 0);
+    for (pod, gpu) in [("old-whole", whole_before), ("old-whole-2", whole_after)] {
+        let a = pods(&allocs, &format!("{ns}/{pod}"))[0];
+        assert_eq!(
+            (a.phase.as_str(), a.visible.as_deref()),
+            ("Running", Some(gpu.as_str())),
+            "{a:?}"
+        );
+    }
 }
 
 /// `gpu-dra inventory --slices --consumable-shares` prints the shareable slices an admin

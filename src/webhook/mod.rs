@@ -8,10 +8,13 @@
 //! the plugin can never disagree about what is valid; so is the rule that two entries of
 //! one object may not configure one request differently ([`crate::config::conflicts`]).
 //! Repeated JSON keys are found in the raw review body ([`server`]) before it is decoded.
+//! New claims asking for a share amount no GPU can give (`compute` above 100) are denied
+//! naming the field ([`capacity`]).
 //!
 //! Follows Kubernetes dynamic admission control (ValidatingWebhookConfiguration,
 //! `admission.k8s.io/v1` AdmissionReview) and KEP-4381 for where opaque config lives.
 
+pub mod capacity;
 pub mod conflicts;
 pub mod review;
 pub mod server;

@@ -120,9 +120,24 @@ pub fn config_errors(kind: ReviewedKind, object: &Value, driver: &str) -> Vec<Fi
     errors
 }
 
+/// Impossible share amounts ([`super::capacity`]) in the device requests of a claim or
+/// template; none for a DeviceClass.
+fn share_amount_errors(kind: ReviewedKind, object: &Value, driver: &str) -> Vec<FieldError> {
+    let keys: &[&str] = match kind {
+        ReviewedKind::ResourceClaim => &["spec", "devices"],
+        ReviewedKind::ResourceClaimTemplate => &["spec", "spec", "devices"],
+        ReviewedKind::DeviceClass => return Vec::new(),
+    };
+    keys.iter()
+        .try_fold(object, |v, key| v.get(key))
+        .map(|devices| super::capacity::capacity_errors(devices, &keys.join("."), driver))
+        .unwrap_or_default()
+}
+
 /// Judges one admission request for `driver`: allows everything that is not a
 /// claim, template or class of `resource.k8s.io`, DELETEs and subresource writes; denies
-/// objects with invalid opaque config for `driver`, naming every field error, and objects
+/// objects with invalid opaque config for `driver`, naming every field error, new claims
+/// and templates asking `driver`'s classes for `compute` above 100, and objects
 /// where two of `driver`'s entries configure one request differently
 /// ([`super::conflicts`]).
 pub fn review(req: &AdmissionRequest<DynamicObject>, driver: &str) -> AdmissionResponse {
@@ -150,6 +165,11 @@ pub fn review_with_duplicates(
         return response;
     };
     let mut errors = config_errors(kind, &object.data, driver);
+    // Claim and template specs are immutable: amounts are judged when they are created, so
+    // an update of an object admitted before this check is never refused for them.
+    if req.operation == Operation::Create {
+        errors.extend(share_amount_errors(kind, &object.data, driver));
+    }
     if let Some(entries) = config_entries(kind, &object.data) {
         let list_path = kind.config_keys().join(".");
         errors.extend(super::conflicts::duplicate_errors(
@@ -298,6 +318,33 @@ mod tests {
             details.causes[0].field,
             "spec.devices.config[0].opaque.parameters.sharing.mpsConfig.defaultActiveThreadPercentage"
         );
+    }
+
+    #[test]
+    fn a_share_above_the_whole_gpu_is_denied_at_create_only() {
+        let mut object = claim("v1", vec![]);
+        object["spec"]["devices"]["requests"][0]["exactly"]["capacity"] =
+            json!({"requests": {"memory": "4Gi", "compute": "150"}});
+        let resp = create("ResourceClaim", object.clone());
+        let message = denial(&resp);
+        assert!(
+            message.starts_with(
+                "spec.devices.requests[0].exactly.capacity.requests.compute: 150 is above 100"
+            ),
+            "{message}"
+        );
+        // An object admitted before (specs are immutable): metadata updates still pass.
+        let update = review(
+            &request(
+                "v1",
+                "ResourceClaim",
+                "UPDATE",
+                Some(object.clone()),
+                Some(object),
+            ),
+            DRIVER,
+        );
+        assert!(update.allowed, "{update:?}");
     }
 
     #[test]
