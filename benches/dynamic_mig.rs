@@ -14,11 +14,10 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use serde_json::json;
 
 use gpu_dra::claims::FixedClaims;
@@ -191,9 +190,8 @@ fn check_instances(
     claim: &v1::Claim,
 ) -> anyhow::Result<()> {
     let topo = nvidia_ml::control::load_topology(&harness::topology_path()?)?;
-    let state_path = std::env::var_os("FAKE_NVML_STATE").context("FAKE_NVML_STATE not set")?;
     let instances = || -> anyhow::Result<Vec<usize>> {
-        let state = nvidia_ml::control::read_state(Path::new(&state_path))?;
+        let state = harness::fake_state()?;
         Ok(state
             .gpus
             .get(&topo.gpus[0].uuid)

@@ -175,8 +175,7 @@ fn run() -> anyhow::Result<()> {
 /// Fails unless the fake GPU holds the 8 GiB hard limit of each claim's pod cgroup: the
 /// figures are of enforced shares, not of a path that skipped the limit.
 fn check_limits(gpu_uuid: &str, root: &Path, claims: &[&v1::Claim]) -> anyhow::Result<()> {
-    let state_path = std::env::var_os("FAKE_NVML_STATE").context("FAKE_NVML_STATE not set")?;
-    let state = nvidia_ml::control::read_state(Path::new(&state_path))?;
+    let state = harness::fake_state()?;
     let limits = state
         .memory_limits
         .get(gpu_uuid)

@@ -166,6 +166,12 @@ pub fn topology_path() -> anyhow::Result<PathBuf> {
         .context("FAKE_NVML_TOPOLOGY not set")
 }
 
+/// The fake GPUs' state now (instances, memory limits, MPS daemons) in the child.
+pub fn fake_state() -> anyhow::Result<nvidia_ml::control::State> {
+    let path = std::env::var_os("FAKE_NVML_STATE").context("FAKE_NVML_STATE not set")?;
+    nvidia_ml::control::read_state(Path::new(&path)).context("reading the fake GPUs' state")
+}
+
 /// A temp dir on /dev/shm when it exists (kept off the disk), else in the temp dir.
 pub fn scratch_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
     let shm = Path::new("/dev/shm");
