@@ -12,6 +12,7 @@
 //! successfully.
 
 pub mod allocation;
+mod compute_share_steps;
 #[cfg(test)]
 mod limits_tests;
 mod memory_limit_steps;
@@ -44,6 +45,7 @@ use crate::claims::{ClaimError, ClaimLookup};
 use crate::devnodes::{self, DevNodeError, ProcDevices};
 use crate::inventory::Inventory;
 use crate::plugin::{ClaimRef, NodeDriver, PreparedDevice};
+use crate::sharing::compute_share_plan::ComputeDecision;
 use crate::sharing::memory_limit::{AppliedLimit, MemoryLimitRecord, MemoryLimiter};
 use crate::sharing::memory_limit_plan::{Decision, DeviceInput};
 use crate::sharing::{ClaimEdits, Policy, SharingError, SharingManager};
@@ -192,6 +194,7 @@ impl<L: ClaimLookup> Preparer<L> {
                 &self.config.node_name,
             )?;
             let decision = self.memory_decision(&object, &plans)?;
+            let compute = self.compute_decision(&object, &plans)?;
             let groups = policy_groups(&plans)?;
             let limits = self.locate_limits(&claim.uid, &decision)?;
             let limit_record = MemoryLimitRecord::for_decision(&decision, limits.clone());
@@ -205,6 +208,7 @@ impl<L: ClaimLookup> Preparer<L> {
                         record.to_value(),
                     );
                 }
+                compute_share_steps::record_into(&compute, &mut entry);
                 (uid, entry)
             };
             let mut instances = instance_records(&plans);
@@ -213,7 +217,8 @@ impl<L: ClaimLookup> Preparer<L> {
             }
             let has_side_effects = groups.iter().any(|g| g.policy.is_some())
                 || !limits.is_empty()
-                || !instances.is_empty();
+                || !instances.is_empty()
+                || matches!(compute, ComputeDecision::Enforce(_));
             if has_side_effects {
                 let mut started =
                     with_limits(entry(claim, ClaimState::PrepareStarted, records(claim, &plans)));
@@ -232,7 +237,7 @@ impl<L: ClaimLookup> Preparer<L> {
                 self.apply_limits(&claim.uid, limits)
                     .await
                     .map_err(after_create)?;
-                self.apply(claim, &plans, groups)
+                self.apply(claim, &plans, groups, &compute)
                     .await
                     .map_err(after_create)?;
                 let (uid, mut completed) = with_limits(entry(
@@ -299,6 +304,7 @@ impl<L: ClaimLookup> Preparer<L> {
         claim: &ClaimRef,
         plans: &[DevicePlan],
         groups: Vec<plan::PolicyGroup>,
+        compute: &ComputeDecision,
     ) -> Result<(), PrepareError> {
         let mut edits = ClaimEdits::default();
         for group in groups {
@@ -310,6 +316,9 @@ impl<L: ClaimLookup> Preparer<L> {
             edits.env.extend(more.env);
             edits.mounts.extend(more.mounts);
         }
+        let more = self.apply_compute_share(claim, compute).await?;
+        edits.env.extend(more.env);
+        edits.mounts.extend(more.mounts);
         let spec = self.cdi_spec(&claim.uid, plans, edits)?;
         let (root, uid) = (self.config.cdi_root.clone(), claim.uid.clone());
         blocking(move || cdi::write_spec(&root, &uid, &spec)).await?;
@@ -385,6 +394,7 @@ impl<L: ClaimLookup> Preparer<L> {
     /// without ids (a prepare cut short by a crash: start-up recovery only).
     async fn release_with(&self, uid: &str, by_placement: bool) -> Result<(), PrepareError> {
         self.clear_limits(uid).await?;
+        self.release_compute_share(uid).await?;
         self.sharing.release(uid).await.map_err(Box::new)?;
         let (root, owned_uid) = (self.config.cdi_root.clone(), uid.to_owned());
         blocking(move || cdi::remove_spec(&root, &owned_uid)).await?;

@@ -103,6 +103,7 @@ impl<L: ClaimLookup> Preparer<L> {
         let uids: Vec<String> = rebuilt.entries.keys().cloned().collect();
         let mut rebuilt = rebuilt;
         self.rebuild_limit_records(live, &mut rebuilt.entries);
+        self.rebuild_compute_records(live, &mut rebuilt.entries);
         if !rebuilt.entries.is_empty() {
             let entries = rebuilt.entries;
             let recorded = self
@@ -164,6 +165,7 @@ impl<L: ClaimLookup> Preparer<L> {
             }
         }
         report.mps = self.sharing.recover_mps().await;
+        self.recover_compute_shares().await;
 
         let completed: BTreeSet<&String> = report.kept.iter().chain(keep).collect();
         match cdi::list_specs(&self.config.cdi_root) {

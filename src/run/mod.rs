@@ -339,7 +339,12 @@ pub async fn kubelet_plugin(args: PluginArgs) -> anyhow::Result<()> {
             },
         })
         .with_tool_env(tool_env),
-    );
+    )
+    .with_compute_shares(crate::sharing::share_daemon::ComputeShareSettings {
+        root_dir: plugin_dir.join("mps-shares"),
+        driver_version: inventory_rx.borrow().driver_version.clone(),
+        allow_scheduling_only: args.allow_scheduling_only_shares,
+    });
     let (claims, pod_watch) = ClaimSource::new(client.clone(), &args.node_name);
     tokio::spawn(pod_watch.run());
     metrics_tx.send_replace(Some(crate::metrics::Sources {

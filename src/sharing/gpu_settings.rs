@@ -193,6 +193,18 @@ impl SharingManager {
         }
     }
 
+    /// Sets `mode` on `gpu` and reads it back (the shared share daemon's EXCLUSIVE_PROCESS).
+    pub(super) async fn set_compute_mode_checked(
+        &self,
+        claim_uid: &str,
+        gpu: &str,
+        mode: ComputeMode,
+    ) -> Result<(), SharingError> {
+        self.set_compute_mode_verified(claim_uid, gpu, mode)
+            .await
+            .map_err(|f| f.err)
+    }
+
     async fn set_compute_mode_verified(
         &self,
         claim_uid: &str,

@@ -29,46 +29,31 @@ use crate::checkpoint::{Checkpoint, ClaimEntry, ClaimState};
 /// Condition type of a device's memory-limit enforcement.
 pub const CONDITION_TYPE: &str = "GPUMemoryLimitEnforced";
 
-/// The server-side apply body of `entry`'s device status, `None` when the claim has no
-/// memory share record. `now`: RFC 3339 time for `lastTransitionTime`.
+/// The server-side apply body of `entry`'s device status (memory and compute share
+/// conditions), `None` when the claim has neither share record. `now`: RFC 3339 time for `lastTransitionTime`.
 pub fn device_status_apply(driver: &str, entry: &ClaimEntry, now: &str) -> Option<Value> {
-    let record = MemoryLimitRecord::from_extra(&entry.extra)?;
+    let record = MemoryLimitRecord::from_extra(&entry.extra);
     let devices: Vec<Value> = entry
         .devices
         .iter()
         .filter_map(|d| {
-            let (status, reason, message) = match &record.scheduling_only {
-                Some(why) => (
-                    "False",
-                    "SchedulingOnly",
-                    format!("the memory share is not enforced on this node: {why}"),
-                ),
-                None => {
-                    let limit = record.applied.iter().find(|a| a.device == d.device)?;
-                    (
-                        "True",
-                        "HardLimitSet",
-                        format!(
-                            "hard limit {} bytes on GPU {} for pod {} (cgroup {})",
-                            limit.hard_bytes,
-                            limit.gpu_uuid,
-                            limit.pod,
-                            limit.cgroup.display()
-                        ),
-                    )
-                }
-            };
+            let mut conditions: Vec<Value> = record
+                .as_ref()
+                .and_then(|r| memory_condition(r, &d.device, now))
+                .into_iter()
+                .collect();
+            // The compute share's condition goes in the same apply (one field manager).
+            conditions.extend(super::compute_share_status::condition(
+                entry, &d.device, now,
+            ));
+            if conditions.is_empty() {
+                return None;
+            }
             let mut device = json!({
                 "driver": driver,
                 "pool": d.pool,
                 "device": d.device,
-                "conditions": [{
-                    "type": CONDITION_TYPE,
-                    "status": status,
-                    "reason": reason,
-                    "message": message,
-                    "lastTransitionTime": now,
-                }],
+                "conditions": conditions,
             });
             if let Some(share) = &d.share_id {
                 device["shareID"] = json!(share);
@@ -84,6 +69,37 @@ pub fn device_status_apply(driver: &str, entry: &ClaimEntry, now: &str) -> Optio
             "status": {"devices": devices},
         })
     })
+}
+
+fn memory_condition(record: &MemoryLimitRecord, device: &str, now: &str) -> Option<Value> {
+    let (status, reason, message) = match &record.scheduling_only {
+        Some(why) => (
+            "False",
+            "SchedulingOnly",
+            format!("the memory share is not enforced on this node: {why}"),
+        ),
+        None => {
+            let limit = record.applied.iter().find(|a| a.device == device)?;
+            (
+                "True",
+                "HardLimitSet",
+                format!(
+                    "hard limit {} bytes on GPU {} for pod {} (cgroup {})",
+                    limit.hard_bytes,
+                    limit.gpu_uuid,
+                    limit.pod,
+                    limit.cgroup.display()
+                ),
+            )
+        }
+    };
+    Some(json!({
+        "type": CONDITION_TYPE,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now,
+    }))
 }
 
 /// Follows `checkpoint` and applies the device status of every completed claim with a

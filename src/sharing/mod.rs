@@ -7,7 +7,8 @@
 //! changes when one GPU fails. Submodules: [`control`] (NVML compute mode and
 //! `nvidia-smi compute-policy` seams), `gpu_settings` (each setting set, read back, and
 //! stale ones reset), [`policy`] (the pure conflict ledger), [`mps`] (MPS control daemon
-//! supervisor).
+//! supervisor), [`share_daemon`] with [`compute_share_plan`] (the compute of GPU shares:
+//! one MPS v3 daemon per shared GPU, a namespace per share claim).
 //!
 //! Must not: write the checkpoint or CDI files (the prepare state machine does; it gets
 //! [`ClaimEdits`] as data and rebuilds this module's state with [`SharingManager::restore`]),
@@ -20,6 +21,8 @@
 //! from it where COMPAT.md says it hurts: no default time slice injected, support probed
 //! before setting, daemons supervised by the plugin, per-GPU rather than node-wide locking.
 
+pub mod compute_share_plan;
+pub mod compute_share_status;
 pub mod control;
 mod gpu_settings;
 pub mod launcher;
@@ -31,6 +34,7 @@ pub mod memory_limit_status;
 pub(crate) mod memory_limit_tests;
 pub mod mps;
 pub mod policy;
+pub mod share_daemon;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -104,6 +108,9 @@ pub enum SharingError {
     /// A share's GPU memory limit could not be planned, set or cleared.
     #[error(transparent)]
     MemoryLimit(#[from] memory_limit::MemoryLimitError),
+    /// A share's compute limit could not be planned or is not enforceable here.
+    #[error(transparent)]
+    ComputeShare(#[from] compute_share_plan::ComputeShareError),
     /// A policy was given for a claim without GPUs.
     #[error("claim {claim_uid} asks for {policy} but lists no physical GPU")]
     NoGpus {
@@ -148,6 +155,7 @@ pub struct SharingManager {
     mps: MpsSupervisor,
     ledger: Mutex<Ledger>,
     gpu_locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    compute_shares: Option<share_daemon::ComputeShares>,
 }
 
 type GpuGuards = Vec<tokio::sync::OwnedMutexGuard<()>>;
@@ -170,6 +178,7 @@ impl SharingManager {
             mps,
             ledger: Mutex::new(Ledger::new()),
             gpu_locks: Mutex::new(BTreeMap::new()),
+            compute_shares: None,
         }
     }
 
@@ -227,13 +236,16 @@ impl SharingManager {
             self.mps.dirs(claim_uid)?;
         }
         let _guards = self.lock_gpus(&gpus).await;
+        self.share_conflict(&gpus, claim_uid, policy.as_ref())?;
         let actions = {
             let ledger = lock(&self.ledger);
             gpus.iter()
                 .map(|gpu| {
-                    ledger
-                        .check(gpu, claim_uid, policy.as_ref())
-                        .map(|a| (gpu.clone(), a, !ledger.held_by_others(gpu, claim_uid)))
+                    ledger.check(gpu, claim_uid, policy.as_ref()).map(|a| {
+                        let free =
+                            !ledger.held_by_others(gpu, claim_uid) && !self.share_daemon_holds(gpu);
+                        (gpu.clone(), a, free)
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?
         };

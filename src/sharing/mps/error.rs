@@ -142,3 +142,25 @@ pub enum MpsError {
         log_dir: PathBuf,
     },
 }
+
+impl MpsError {
+    /// The same error naming `label` (e.g. `<claim> (MPS daemon of GPU <uuid>)`) where it
+    /// named the daemon's key, for daemons that serve several claims.
+    #[must_use]
+    pub fn for_claim(mut self, label: String) -> Self {
+        match &mut self {
+            Self::InvalidClaimUid { claim_uid }
+            | Self::UnknownDevice { claim_uid, .. }
+            | Self::InvalidLimit { claim_uid, .. }
+            | Self::Io { claim_uid, .. }
+            | Self::Spawn { claim_uid, .. }
+            | Self::CommandFailed { claim_uid, .. }
+            | Self::LimitNotApplied { claim_uid, .. }
+            | Self::UnparsableAnswer { claim_uid, .. }
+            | Self::Signal { claim_uid, .. }
+            | Self::StillRunning { claim_uid, .. }
+            | Self::NotReady { claim_uid, .. } => *claim_uid = label,
+        }
+        self
+    }
+}

@@ -35,6 +35,7 @@ pub mod processes;
 pub(crate) mod test_support;
 #[cfg(test)]
 mod tests;
+pub mod v3;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -127,6 +128,7 @@ pub struct MpsSupervisor {
     launcher: MpsLauncher,
     tool_env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     procs: ProcScanner,
+    daemon_args: Vec<String>,
 }
 
 fn valid_claim_uid(claim_uid: &str) -> bool {
@@ -146,7 +148,53 @@ impl MpsSupervisor {
             settings,
             launcher: MpsLauncher::Direct,
             tool_env: Vec::new(),
+            daemon_args: Vec::new(),
         }
+    }
+
+    /// The same supervisor (binary, launcher, timeouts, shm, tool environment) over another
+    /// root directory, starting its daemons with `-d` followed by `daemon_args` (e.g.
+    /// `-p 3 -m`). Keys of the new supervisor name its daemons' directories under `root_dir`.
+    pub fn with_root(&self, root_dir: PathBuf, daemon_args: Vec<String>) -> Self {
+        let mut settings = self.settings.clone();
+        settings.root_dir = root_dir;
+        Self {
+            procs: ProcScanner::new(&settings.control_path),
+            settings,
+            launcher: self.launcher.clone(),
+            tool_env: self.tool_env.clone(),
+            daemon_args,
+        }
+    }
+
+    /// The root directory of this supervisor's daemons.
+    pub fn root_dir(&self) -> &std::path::Path {
+        &self.settings.root_dir
+    }
+
+    /// Whether a private `/dev/shm` is given to daemons and their clients.
+    pub fn private_shm(&self) -> bool {
+        self.settings.private_shm.is_some()
+    }
+
+    /// Sends one control command to the daemon of `key`; returns what it printed.
+    ///
+    /// Errors: [`MpsError::InvalidClaimUid`], [`MpsError::Spawn`],
+    /// [`MpsError::CommandFailed`] (the daemon refused, or none answers).
+    pub async fn command(&self, key: &str, command: &str) -> Result<String, MpsError> {
+        let dirs = self.dirs(key)?;
+        self.send(key, &dirs, command).await
+    }
+
+    /// Whether the daemon of `key` has its control pipe and answers `probe`.
+    pub async fn answers(&self, key: &str, probe: &str) -> bool {
+        let Ok(dirs) = self.dirs(key) else {
+            return false;
+        };
+        tokio::fs::try_exists(dirs.pipe.join(CONTROL_PIPE))
+            .await
+            .unwrap_or(false)
+            && self.send(key, &dirs, probe).await.is_ok()
     }
 
     /// Runs the control binary (daemon launch and commands) with these environment
@@ -228,7 +276,30 @@ impl MpsSupervisor {
     fn unwrapped_launch_command(&self, dirs: &ClaimDirs) -> (PathBuf, Vec<String>) {
         let control = self.settings.control_path.display().to_string();
         match &self.settings.private_shm {
-            None => (self.settings.control_path.clone(), vec!["-d".to_owned()]),
+            None => {
+                let mut args = vec!["-d".to_owned()];
+                args.extend(self.daemon_args.iter().cloned());
+                (self.settings.control_path.clone(), args)
+            }
+            Some(shm) if !self.daemon_args.is_empty() => {
+                let mut args: Vec<String> = [
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    &shm.shell_path.display().to_string(),
+                    "-c",
+                    r#"mount --bind "$1" /dev/shm && c="$2" && shift 2 && exec "$c" -d "$@""#,
+                    "mps-launch",
+                    &dirs.shm.display().to_string(),
+                    &control,
+                ]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
+                args.extend(self.daemon_args.iter().cloned());
+                (shm.unshare_path.clone(), args)
+            }
             Some(shm) => (
                 shm.unshare_path.clone(),
                 vec![

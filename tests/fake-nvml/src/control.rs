@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use crate::engine::Engine;
 pub use crate::state::{
     ComputeInstanceState, ComputeMode, Fault, GpuInstanceState, GpuState, MemoryLimit, MpsDaemon,
-    NO_EFFECT, State, Times, XidEvent,
+    MpsNamespace, MpsServer, NO_EFFECT, State, Times, XidEvent,
 };
 use crate::store::{StateStore, StoreError};
 pub use crate::topology::{MemoryLimitBackend, Topology, TopologyError};

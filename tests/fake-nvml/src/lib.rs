@@ -14,6 +14,7 @@ pub mod ids;
 pub mod machine;
 pub mod memory_limits;
 pub mod mps;
+pub mod mps_v3;
 pub mod presets;
 pub mod procfs;
 pub mod smi;

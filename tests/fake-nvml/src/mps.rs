@@ -12,6 +12,8 @@
 //! `get_default_device_pinned_mem_limit DEV`, `quit`; server-level commands (`ps`,
 //! `get_server_list`, `set_active_thread_percentage PID P`, ...) are recorded only.
 //! Each accepted command is also logged as `Cmd:<line>` in `<log dir>/control.log`.
+//! A daemon started with `-p 3` (drivers with MPS v3) also takes the `server` and
+//! `namespace` commands of [`crate::mps_v3`].
 //!
 //! The daemon process writes `<pipe dir>/control` (a plain-file stand-in for the real
 //! named pipe), `<pipe dir>/nvidia-cuda-mps-control.pid` and `<log dir>/control.log`, and
@@ -55,6 +57,17 @@ impl MpsEnv {
 /// Record a daemon for `env` with process id `pid`; `Err` with the real tool's message if
 /// one is already running on that pipe directory.
 pub fn record_start(store: &StateStore, env: &MpsEnv, pid: u32) -> Result<(), String> {
+    record_start_with(store, env, pid, (2, false))
+}
+
+/// [`record_start`] of a daemon with (protocol, multi-user) from
+/// [`crate::mps_v3::daemon_options`].
+pub fn record_start_with(
+    store: &StateStore,
+    env: &MpsEnv,
+    pid: u32,
+    (protocol, multiuser): (u8, bool),
+) -> Result<(), String> {
     let r = store
         .update(|s| {
             if s.mps_daemons
@@ -74,6 +87,9 @@ pub fn record_start(store: &StateStore, env: &MpsEnv, pid: u32) -> Result<(), St
                     default_active_thread_percentage: None,
                     default_device_pinned_mem_limits: Default::default(),
                     commands: Vec::new(),
+                    protocol,
+                    multiuser,
+                    servers: Default::default(),
                 },
             );
             Ok(())
@@ -113,6 +129,17 @@ pub fn take_start_fault(store: &StateStore, env: &MpsEnv) -> Option<String> {
         .map(|code| {
             format!("nvidia-cuda-mps-control: cannot start the MPS control daemon (error {code})")
         })
+}
+
+/// The fault name's command part of a client line: its first word, or for the MPS v3
+/// module-verb commands its first two (`namespace set`, `server create`).
+pub fn fault_word(line: &str) -> String {
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some(m @ ("namespace" | "server")), Some(verb)) => format!("{m} {verb}"),
+        (Some(first), _) => first.to_owned(),
+        (None, _) => String::new(),
+    }
 }
 
 /// Whether process `pid` exists and is not a zombie (`/proc/<pid>/stat`). Daemon records of
@@ -188,8 +215,16 @@ pub fn apply_command(d: &mut MpsDaemon, line: &str) -> (Option<String>, Option<S
     match words.as_slice() {
         ["quit"] | ["quit", "-t", _] => {
             d.running = false;
+            crate::mps_v3::remove_sockets(d);
             (None, None)
         }
+        v3 @ (["server", ..] | ["namespace", ..]) if d.protocol == 3 => crate::mps_v3::apply(d, v3)
+            .unwrap_or_else(|| {
+                (
+                    None,
+                    Some(format!("Error: invalid command {}", v3.join(" "))),
+                )
+            }),
         ["get_server_list"] => (None, None),
         ["set_default_active_thread_percentage", p] => match p.parse::<f64>() {
             Ok(v) if (0.0..=100.0).contains(&v) => {
@@ -277,8 +312,8 @@ pub fn client(
                 Some(d) if d.running => d.visible_devices.clone(),
                 _ => return None,
             };
-            let word = line.split_whitespace().next().unwrap_or_default();
-            let fault = s.take_fault_visible(&command_fault(word), visible.as_deref());
+            let word = fault_word(&line);
+            let fault = s.take_fault_visible(&command_fault(&word), visible.as_deref());
             let d = s.mps_daemons.get_mut(&env.pipe_dir)?;
             Some(match fault {
                 // Answered as if taken (same output), but the daemon keeps its state: a

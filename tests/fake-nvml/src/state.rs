@@ -172,6 +172,40 @@ pub struct MpsDaemon {
     pub default_device_pinned_mem_limits: BTreeMap<String, String>,
     /// Every command line received, in order.
     pub commands: Vec<String>,
+    /// Control protocol of the daemon: 2 (legacy, the default) or 3 (`-p 3`, MPS v3).
+    #[serde(default = "protocol_two")]
+    pub protocol: u8,
+    /// Started with `-m` (multi-user mode).
+    #[serde(default)]
+    pub multiuser: bool,
+    /// MPS v3 named servers (`server create`), by name, with their namespaces.
+    #[serde(default)]
+    pub servers: BTreeMap<String, MpsServer>,
+}
+
+fn protocol_two() -> u8 {
+    2
+}
+
+/// One MPS v3 named server of a control daemon, and its namespaces.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MpsServer {
+    /// `allowed_devices` given at `server create` (GPU UUIDs, comma-separated).
+    pub allowed_devices: Option<String>,
+    /// Namespaces by name (`namespace create`); the implicit `default` one is not listed.
+    pub namespaces: BTreeMap<String, MpsNamespace>,
+}
+
+/// The limits of one MPS v3 namespace, as `namespace set` left them ("what the GPU
+/// recorded" for a claim).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MpsNamespace {
+    /// `active_thread_percentage` (percent of the SMs a client of the namespace may use).
+    pub active_thread_percentage: Option<f64>,
+    /// `pinned_memory_limit` as given (`18432M`).
+    pub pinned_memory_limit: Option<String>,
 }
 
 /// The whole persisted state (`<topology>.state.json`).

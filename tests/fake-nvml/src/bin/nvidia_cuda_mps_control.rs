@@ -30,7 +30,17 @@ fn main() {
         ),
         Some("-f") => {
             let pid = std::process::id();
-            match mps::record_start(&store, &env, pid) {
+            let options = match nvidia_ml::mps_v3::daemon_options(
+                &args[1..],
+                &nvidia_ml::mps_v3::driver_version_from_env(),
+            ) {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(1);
+                }
+            };
+            match mps::record_start_with(&store, &env, pid, options) {
                 Ok(()) => {
                     mps::daemon_loop(&store, &env, pid, MAX_LIFE);
                     0
@@ -41,9 +51,9 @@ fn main() {
                 }
             }
         }
-        Some("-d") => start_background(&store, &env),
+        Some("-d") => start_background(&store, &env, &args[1..]),
         Some("-h") | Some("--help") => {
-            println!("Usage: nvidia-cuda-mps-control [-d | -f]");
+            println!("Usage: nvidia-cuda-mps-control [-d | -f] [-p 2|3] [-m]");
             0
         }
         Some(other) => {
@@ -54,7 +64,14 @@ fn main() {
     std::process::exit(code);
 }
 
-fn start_background(store: &nvidia_ml::store::StateStore, env: &MpsEnv) -> i32 {
+fn start_background(store: &nvidia_ml::store::StateStore, env: &MpsEnv, options: &[String]) -> i32 {
+    // Options are checked before forking, as the real tool does.
+    if let Err(e) =
+        nvidia_ml::mps_v3::daemon_options(options, &nvidia_ml::mps_v3::driver_version_from_env())
+    {
+        eprintln!("{e}");
+        return 1;
+    }
     if let Some(message) = mps::take_start_fault(store, env) {
         eprintln!("{message}");
         return 1;
@@ -76,6 +93,7 @@ fn start_background(store: &nvidia_ml::store::StateStore, env: &MpsEnv) -> i32 {
     };
     let child = Command::new(exe)
         .arg("-f")
+        .args(options)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
