@@ -176,6 +176,7 @@ fn run() -> anyhow::Result<()> {
 /// figures are of enforced shares, not of a path that skipped the limit.
 fn check_limits(gpu_uuid: &str, root: &Path, claims: &[&v1::Claim]) -> anyhow::Result<()> {
     let state = harness::fake_state()?;
+    let daemons = state.mps_daemons.values().filter(|d| d.running).count();
     let limits = state
         .memory_limits
         .get(gpu_uuid)
@@ -195,5 +196,10 @@ fn check_limits(gpu_uuid: &str, root: &Path, claims: &[&v1::Claim]) -> anyhow::R
             );
         }
     }
+    // One MPS control daemon for the GPU's shares, when the preparer enforces compute.
+    if daemons > 1 {
+        anyhow::bail!("{daemons} MPS control daemons run for two shares of one GPU");
+    }
+    eprintln!("   MPS control daemons running for the two shares: {daemons}");
     Ok(())
 }

@@ -33,8 +33,9 @@ use gpu_dra::claims::FixedClaims;
 use gpu_dra::inventory::{Discover, Inventory, NvmlDiscovery};
 use gpu_dra::plugin::{PluginServer, PluginServerConfig};
 use gpu_dra::prepare::{Preparer, PreparerConfig};
+use gpu_dra::sharing::share_daemon::ComputeShareSettings;
 use gpu_dra::sharing::{
-    MpsSettings, MpsSupervisor, NvidiaSmiTimeSlice, NvmlComputeControl, SharingManager,
+    MpsLauncher, MpsSettings, MpsSupervisor, NvidiaSmiTimeSlice, NvmlComputeControl, SharingManager,
 };
 
 /// The driver name the benches run under.
@@ -389,6 +390,8 @@ impl Plugin {
             None
         };
         let (_inventory_tx, inventory_rx) = watch::channel(inventory.clone());
+        // As `kubelet-plugin` with its flag defaults: MPS daemons under `setsid`
+        // (`--mps-launcher session`), compute of GPU shares through one MPS daemon per GPU.
         let sharing = SharingManager::new(
             Arc::new(NvmlComputeControl::new(Some(&tools.lib)).context("NVML compute control")?),
             Arc::new(NvidiaSmiTimeSlice::new(&tools.smi, TOOL_TIMEOUT)),
@@ -398,8 +401,16 @@ impl Plugin {
                 ready_timeout: TOOL_TIMEOUT,
                 command_timeout: TOOL_TIMEOUT,
                 private_shm: None,
+            })
+            .with_launcher(MpsLauncher::Session {
+                setsid_path: "setsid".into(),
             }),
-        );
+        )
+        .with_compute_shares(ComputeShareSettings {
+            root_dir: plugin_dir.join("mps-shares"),
+            driver_version: inventory.driver_version.clone(),
+            allow_scheduling_only: false,
+        });
         let mut preparer = Preparer::new(
             PreparerConfig {
                 driver_name: DRIVER.into(),
