@@ -5,10 +5,11 @@
 //!
 //! Each round prepares a first share on the GPU (no other share holds it), then a second
 //! one joining it, then unprepares the joining one and the first. What a prepare does for
-//! a share is whatever the product's preparer does for consumed capacity: today the pod
-//! cgroup's GPU memory limit set through NVML and read back (plus checkpoint and CDI
-//! spec); where the preparer also enforces consumed compute through a per-GPU MPS control
-//! daemon, "first on a GPU" includes starting that daemon and "joining" its running one.
+//! a share is whatever the product's preparer does for consumed capacity: the pod
+//! cgroup's GPU memory limit set through NVML and read back, and the claim's MPS v3
+//! namespace (consumed compute and memory) on the GPU's one share daemon, plus checkpoint
+//! and CDI spec: "first on a GPU" includes starting that daemon, "joining" uses the
+//! running one, and the GPU's last unprepare stops it.
 //!
 //! The pods' cgroups live in a scratch cgroup v2 tree (`--cgroup-root`): the root lists
 //! the dmem controller and the GPU's dmem region, and each pod directory
