@@ -16,10 +16,11 @@ test: rig tools debs image-check
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
 
-# Warm-plugin latency benchmark (benches/prepare.rs); needs the fake NVML's cdylib and tools.
+# Warm-plugin latency benchmarks (benches/: prepare, dynamic_mig, shares; see
+# benches/README.md for their knobs); need the fake NVML's cdylib and tools.
 bench:
 	$(CARGO) build -p fake-nvml
-	$(CARGO) bench --bench prepare
+	$(CARGO) bench --bench prepare --bench dynamic_mig --bench shares
 
 # Kill campaign at 1,000 kill points (tests/e2e_chaos.rs); prints the seed and the counts
 # (kill points, pods, violations). GPU_DRA_CHAOS_SEED picks another seed.

@@ -5,7 +5,9 @@
 //! the consumable-share scenarios of examples/shares/ on three more nodes whose plugins
 //! publish shares (node-s and node-g: one L40S each, node-h: 8 x H100), with each pod's
 //! share as the scheduler allocated it and the memory limit its GPU holds for the pod.
-//! Keeps running until Ctrl-C so `kubectl` can look around.
+//! Then examples/mig-dynamic.yaml on node-d (dgx-h100, GPU 0 under dynamic MIG), each pod
+//! with the MIG UUID it got and the GPU instance created for it. Keeps running until
+//! Ctrl-C so `kubectl` can look around.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -23,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "gpu-dra demo: starting the box (etcd, kube-apiserver, controller-manager, scheduler, node agent)..."
     );
-    let b = TestBox::start(&["node-a", "node-b", "node-s", "node-h", "node-g"])?;
+    let b = TestBox::start(&["node-a", "node-b", "node-s", "node-h", "node-g", "node-d"])?;
     let dgx = FakeGpus::new("dgx-h100-static-mig")?;
     let l40s = FakeGpus::new("l40s-single")?;
     let _plugin_a = Plugin::start(&b, "node-a", &dgx)?;
@@ -41,6 +43,16 @@ async fn main() -> anyhow::Result<()> {
     let reports = run_examples(&b, Duration::from_secs(180)).await?;
     let gpus = BTreeMap::from([("node-a".to_string(), &dgx), ("node-b".to_string(), &l40s)]);
     println!("\n{}", render(&reports, &gpus));
+    // After the static examples, so their whole-GPU claims stay on node-a and node-b.
+    let dynamic = support::dynamic_mig::DynamicMigNode::start(&b)?;
+    println!(
+        "plugin started on node-d (8 x H100, GPU 0 under dynamic MIG); applying examples/mig-dynamic.yaml ..."
+    );
+    let mig = support::dynamic_mig::run_dynamic_mig_example(&b, Duration::from_secs(180)).await?;
+    println!(
+        "\n{}",
+        support::dynamic_mig::render_dynamic_mig(&mig, &dynamic)
+    );
     println!("plugin logs: {}/plugin-<node>.log", b.state_dir().display());
     println!("\nexport KUBECONFIG={}", b.kubeconfig().display());
     println!("kubectl get resourceslices,resourceclaims -A; kubectl get pods -A -o wide");

@@ -256,6 +256,11 @@ pub struct InventoryArgs {
     /// says which MIG devices are in use, as the plugin weighs them at start.
     #[arg(long, env = "GPU_DRA_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
     pub kubelet_root: PathBuf,
+    /// Which GPUs in MIG mode to show as dynamic MIG, as `kubelet-plugin --dynamic-mig`
+    /// chooses them (`auto`, `off`, or GPU minors / UUIDs); their placements are listed
+    /// with what holds each, and `--slices` prints their partitionable devices.
+    #[arg(long, env = "GPU_DRA_DYNAMIC_MIG", default_value = "auto", value_parser = crate::prepare::mig_select::parse_mode)]
+    pub dynamic_mig: crate::prepare::mig_select::DynamicMigMode,
     /// Path of libnvidia-ml.so to load instead of the system's libnvidia-ml.so.1.
     #[arg(long, env = "GPU_DRA_NVML_LIB_PATH")]
     pub nvml_lib_path: Option<PathBuf>,

@@ -161,3 +161,58 @@ async fn seed_scenarios_with_resource_claims() {
     .await
     .unwrap_or_else(|err| panic!("{err:#}\n--- plugin node-b ---\n{}", plugin_b.log_tail(40)));
 }
+
+/// examples/mig-dynamic.yaml (seed 004's MIG claims by profile) on a dynamic MIG node:
+/// both pods get a MIG device of their profile, created at prepare on the one MIG-mode GPU,
+/// and the GPU is empty again once they go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mig_claims_by_profile_on_a_dynamic_mig_node() {
+    use support::dynamic_mig::{
+        DynamicMigNode, NAMESPACE, NODE, instances, render_dynamic_mig, run_dynamic_mig_example,
+    };
+    let b = TestBox::start(&[NODE]).unwrap();
+    let node = DynamicMigNode::start(&b).unwrap();
+    let reports = run_dynamic_mig_example(&b, STEP)
+        .await
+        .unwrap_or_else(|err| {
+            panic!(
+                "{err:#}\n--- plugin ---\n{}\n--- box ---\n{}",
+                node.plugin.log_tail(40),
+                b.log_tail(20)
+            )
+        });
+    eprintln!("{}", render_dynamic_mig(&reports, &node));
+    let made = instances(&node.gpus);
+    // (GI profile id, placement size) of each instance: 1g.10gb is 19 / 1 slice, 3g.40gb 9 / 4.
+    let mut shapes: Vec<(u32, u32)> = made.iter().map(|i| (i.2, i.4)).collect();
+    shapes.sort();
+    assert_eq!(shapes, [(9, 4), (19, 1)], "{made:?}");
+    assert_eq!(
+        made[0].0, made[1].0,
+        "both on the one MIG-mode GPU: {made:?}"
+    );
+    for (pod, profile) in [("small-model", 19), ("large-model", 9)] {
+        let report = reports
+            .iter()
+            .find(|r| r.pod == format!("{NAMESPACE}/{pod}"))
+            .unwrap_or_else(|| panic!("{pod} missing from {reports:?}"));
+        let mig = report.env("NVIDIA_VISIBLE_DEVICES").unwrap_or_default();
+        let behind = made.iter().find(|i| i.5.contains(&mig));
+        assert_eq!(
+            behind.map(|i| i.2),
+            Some(profile),
+            "{pod} sees {mig:?}, instances {made:?}"
+        );
+    }
+
+    let client = b.client().await;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, NAMESPACE);
+    for pod in ["small-model", "large-model"] {
+        pods.delete(pod, &Default::default()).await.unwrap();
+    }
+    b.wait(STEP, "the GPU without instances", || async {
+        Ok(instances(&node.gpus).is_empty().then_some(()))
+    })
+    .await
+    .unwrap_or_else(|err| panic!("{err:#}\n--- plugin ---\n{}", node.plugin.log_tail(40)));
+}

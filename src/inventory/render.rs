@@ -1,5 +1,6 @@
-//! Printouts for the `inventory` subcommand: a text table, the inventory as YAML, and
-//! ResourceSlices as multi-document YAML (exactly what the plugin would apply).
+//! Printouts for the `inventory` subcommand: a text table, the placements of dynamic MIG
+//! GPUs ([`super::placements`]), the inventory as YAML, and ResourceSlices as
+//! multi-document YAML (exactly what the plugin would apply).
 //!
 //! Pure string building; the caller writes to stdout. It must not discover or publish.
 
@@ -8,6 +9,7 @@ use std::fmt::Write as _;
 use k8s_openapi::api::resource::v1::ResourceSlice;
 
 use super::model::Inventory;
+use super::placements::{Creator, KnownInstance, PlacementUse, placement_rows};
 
 /// Errors of YAML rendering.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,85 @@ pub fn render_inventory(inv: &Inventory) -> String {
     out
 }
 
+/// Per dynamic MIG GPU (those `--dynamic-mig` manages), every MIG placement with the
+/// device name the plugin publishes for it, its memory slices and memory, and what holds
+/// it: `free`, `in use` by an existing GPU instance (the driver's, with its claim from
+/// `known`, or `foreign`), or covered by one (`overlaps`; `not offered` when that one is
+/// foreign). Empty when no GPU is dynamic.
+pub fn render_placements(inv: &Inventory, known: &[KnownInstance]) -> String {
+    let mut out = String::new();
+    for gpu in &inv.gpus {
+        let Some(rows) = placement_rows(gpu, known) else {
+            continue;
+        };
+        let mut instances: Vec<(u32, bool)> = rows
+            .iter()
+            .filter_map(|r| match &r.usage {
+                PlacementUse::InUse { gi_id, creator } => {
+                    Some((*gi_id, *creator == Creator::Foreign))
+                }
+                _ => None,
+            })
+            .collect();
+        instances.sort_unstable();
+        instances.dedup();
+        let foreign = instances.iter().filter(|(_, f)| *f).count();
+        let _ = writeln!(
+            out,
+            "\nDynamic MIG placements of {} ({}): {} GPU instances, {} by this driver, {} foreign",
+            gpu.device_name(),
+            gpu.uuid,
+            instances.len(),
+            instances.len() - foreign,
+            foreign
+        );
+        let _ = writeln!(
+            out,
+            "  {:<26} {:<12} {:>5} {:>4} {:>10}  STATE",
+            "DEVICE", "PROFILE", "START", "SIZE", "MEMORY"
+        );
+        for r in rows {
+            let _ = writeln!(
+                out,
+                "  {:<26} {:<12} {:>5} {:>4} {:>10}  {}",
+                r.device,
+                r.profile,
+                r.placement.start,
+                r.placement.size,
+                mib(r.memory_bytes),
+                usage_text(&r.usage)
+            );
+        }
+    }
+    out
+}
+
+fn usage_text(usage: &PlacementUse) -> String {
+    match usage {
+        PlacementUse::Free => "free".to_owned(),
+        PlacementUse::InUse {
+            gi_id,
+            creator: Creator::Driver { claim },
+        } if !claim.is_empty() => format!("in use: GPU instance {gi_id}, driver, claim {claim}"),
+        PlacementUse::InUse {
+            gi_id,
+            creator: Creator::Driver { .. },
+        } => format!("in use: GPU instance {gi_id}, driver"),
+        PlacementUse::InUse {
+            gi_id,
+            creator: Creator::Foreign,
+        } => format!("in use: GPU instance {gi_id}, foreign (not created by this driver)"),
+        PlacementUse::Overlaps {
+            gi_id,
+            creator: Creator::Driver { .. },
+        } => format!("overlaps GPU instance {gi_id} (driver)"),
+        PlacementUse::Overlaps {
+            gi_id,
+            creator: Creator::Foreign,
+        } => format!("not offered: overlaps foreign GPU instance {gi_id}"),
+    }
+}
+
 /// The inventory as one YAML document (field names as in [`Inventory`]).
 pub fn render_inventory_yaml(inv: &Inventory) -> Result<String, RenderError> {
     serde_yaml::to_string(inv).map_err(|source| RenderError::Yaml {
@@ -165,6 +246,23 @@ mod tests {
         let expected =
             std::fs::read_to_string(&path).expect("golden file (UPDATE_GOLDEN=1 creates it)");
         pretty_assertions::assert_eq!(expected, text);
+    }
+
+    #[test]
+    fn placements_are_listed_for_dynamic_gpus_only() {
+        let mut inv = dgx_h100();
+        assert_eq!(render_placements(&inv, &[]), "");
+        inv.gpus[1].dynamic_mig = Some(crate::inventory::DynamicMig {
+            foreign: Vec::new(),
+        });
+        let text = render_placements(&inv, &[]);
+        assert!(text.contains("Dynamic MIG placements of gpu-1 ("), "{text}");
+        assert!(!text.contains("gpu-2"), "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.contains("gpu-1-mig-3g40gb-9-0 "))
+            .expect("3g.40gb at 0");
+        assert!(line.contains("in use: GPU instance"), "{line}");
     }
 
     #[test]

@@ -10,7 +10,9 @@ use tracing::info;
 use super::{SYSFS_ROOT, kube_client, shutdown_on_signal};
 use crate::cli::{ClearUnhealthyArgs, InventoryArgs, WebhookArgs};
 use crate::driver_root::{self, Overrides};
-use crate::inventory::{Discover, NvmlDiscovery, render_inventory, render_slices};
+use crate::inventory::{
+    Discover, NvmlDiscovery, render_inventory, render_placements, render_slices,
+};
 use crate::slices::desired::{SliceFeatures, desired_slices};
 
 /// `gpu-dra clear-unhealthy`: asks the running plugin to clear a GPU's unhealthy verdict
@@ -64,20 +66,24 @@ pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
         .join("plugins")
         .join(&args.driver_name)
         .join(crate::checkpoint::CHECKPOINT_FILE_NAME);
-    let in_use = match std::fs::read(&checkpoint).map_err(|e| e.to_string()) {
+    let recorded = match std::fs::read(&checkpoint).map_err(|e| e.to_string()) {
         Ok(bytes) => match crate::checkpoint::model::decode(&bytes) {
-            Ok(cp) => super::withheld::in_use_of(&cp),
+            Ok(cp) => Some(cp),
             Err(reason) => {
                 eprintln!(
                     "checkpoint {} unusable ({reason}): MIG devices in use unknown",
                     checkpoint.display()
                 );
-                crate::inventory::InUse::default()
+                None
             }
         },
         // No plugin ran here (or not as this user): nothing known to be in use.
-        Err(_) => crate::inventory::InUse::default(),
+        Err(_) => None,
     };
+    let in_use = recorded
+        .as_ref()
+        .map(super::withheld::in_use_of)
+        .unwrap_or_default();
     let resolved = crate::inventory::resolve(None, survey, &in_use);
     for u in &resolved.holdback.withheld {
         eprintln!(
@@ -85,7 +91,9 @@ pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
             u.minor, u.uuid, u.reason
         );
     }
-    let inventory = resolved.inventory;
+    let mut inventory = resolved.inventory;
+    // As the plugin chooses and marks its dynamic MIG GPUs at start.
+    let known = dynamic_mig_instances(&mut inventory, &args.dynamic_mig, recorded.as_ref());
     if args.slices {
         let node = args.node_name.as_deref().unwrap_or_default();
         let slices = desired_slices(
@@ -105,8 +113,39 @@ pub async fn inventory(args: InventoryArgs) -> anyhow::Result<()> {
         );
     } else {
         print!("{}", render_inventory(&inventory));
+        print!("{}", render_placements(&inventory, &known));
     }
     Ok(())
+}
+
+/// Marks the GPUs `mode` puts under dynamic MIG in `inv` (as the plugin does at start,
+/// from the instances `checkpoint` records) and returns those recorded instances with
+/// their claims.
+fn dynamic_mig_instances(
+    inv: &mut crate::inventory::Inventory,
+    mode: &crate::prepare::mig_select::DynamicMigMode,
+    checkpoint: Option<&crate::checkpoint::Checkpoint>,
+) -> Vec<crate::inventory::placements::KnownInstance> {
+    use crate::prepare::{mig_dynamic, mig_select};
+    let empty = crate::checkpoint::Checkpoint::new("");
+    let checkpoint = checkpoint.unwrap_or(&empty);
+    let owned = mig_select::owned_records(checkpoint);
+    let chosen = mig_select::choose(inv, mode, &owned);
+    mig_select::annotate(inv, &chosen, &owned);
+    checkpoint
+        .claims
+        .values()
+        .flat_map(|entry| {
+            mig_dynamic::records_of(entry).into_iter().map(move |r| {
+                crate::inventory::placements::KnownInstance {
+                    gpu_uuid: r.gpu_uuid,
+                    gi_profile_id: r.gi_profile_id,
+                    start: r.placement.start,
+                    claim: format!("{}/{}", entry.namespace, entry.name),
+                }
+            })
+        })
+        .collect()
 }
 
 /// `gpu-dra webhook`: serves the validating admission webhook until SIGTERM/SIGINT.

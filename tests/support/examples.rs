@@ -63,7 +63,8 @@ pub async fn apply_file(
     Ok(applied)
 }
 
-/// The example files, sorted, from `examples/`.
+/// The example files, sorted, from `examples/`, without the dynamic MIG ones (their
+/// claims need a dynamic MIG node: `super::dynamic_mig` applies them).
 pub fn example_files() -> Vec<std::path::PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -71,6 +72,7 @@ pub fn example_files() -> Vec<std::path::PathBuf> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| !super::dynamic_mig::is_dynamic_mig_example(p))
         .collect();
     files.sort();
     files

@@ -9,6 +9,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod deploy;
 pub mod driver;
+pub mod dynamic_mig;
 pub mod examples;
 pub mod scenario;
 pub mod share_limits;
