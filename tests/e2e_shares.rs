@@ -394,7 +394,12 @@ async fn bad_input(b: &TestBox, nodes: &mut ShareNodes) {
     let on_target = format!("device.attributes['gpu.gpu-dra.dev'].uuid == '{target}'");
     apply_docs(
         b,
-        &claim_and_pod(&ns, "plain-share", json!({"memory": "4Gi", "compute": "10"}), json!({"selector": on_target})),
+        &claim_and_pod(
+            &ns,
+            "plain-share",
+            json!({"memory": "4Gi", "compute": "10"}),
+            json!({"selector": on_target}),
+        ),
     )
     .await;
     wait_running(b, &ns, "plain-share", 1, STEP)
@@ -406,7 +411,12 @@ async fn bad_input(b: &TestBox, nodes: &mut ShareNodes) {
     });
     apply_docs(
         b,
-        &claim_and_pod(&ns, "slice-long", json!({"memory": "4Gi", "compute": "10"}), extra),
+        &claim_and_pod(
+            &ns,
+            "slice-long",
+            json!({"memory": "4Gi", "compute": "10"}),
+            extra,
+        ),
     )
     .await;
     let events: Api<Event> = Api::namespaced(b.client().await, &ns);
@@ -434,9 +444,15 @@ async fn bad_input(b: &TestBox, nodes: &mut ShareNodes) {
     nodes.attach_limits(&mut allocs);
     let refused = pods(&allocs, &format!("{ns}/slice-long"))[0];
     let neighbour = pods(&allocs, &format!("{ns}/plain-share"))[0];
-    assert_eq!(refused.device, neighbour.device, "scheduled onto the same GPU");
+    assert_eq!(
+        refused.device, neighbour.device,
+        "scheduled onto the same GPU"
+    );
     assert_ne!(refused.phase, "Running");
-    assert!(refused.limits.is_empty() && refused.compute_limit.is_none(), "{refused:?}");
+    assert!(
+        refused.limits.is_empty() && refused.compute_limit.is_none(),
+        "{refused:?}"
+    );
     assert_eq!(neighbour.phase, "Running", "the neighbour is unaffected");
     assert_eq!(neighbour.compute_limit, Some(10.0), "{neighbour:?}");
     assert_eq!(
