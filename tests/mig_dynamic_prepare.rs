@@ -15,7 +15,7 @@ use gpu_dra::prepare::error_chain;
 use gpu_dra::prepare::mig_control::MigControl;
 use gpu_dra::prepare::mig_dynamic::{self, InstanceRecord};
 use gpu_dra::slices::desired::{SliceFeatures, desired_devices};
-use nvidia_ml::control::{self, Fault, Times};
+use nvidia_ml::control;
 use rig::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,16 +23,8 @@ async fn two_claims_pack_one_gpu_and_unprepare_empties_it() {
     let _serial = serial().await;
     let m = fresh();
     let rig = make_rig(m, &[claim("a", A), claim("b", B)], None, None);
-    let a = rig
-        .preparer
-        .prepare_claim(&cref("a"))
-        .await
-        .expect("prepare a");
-    let b = rig
-        .preparer
-        .prepare_claim(&cref("b"))
-        .await
-        .expect("prepare b");
+    let a = rig.prepare("a", "prepare a").await;
+    let b = rig.prepare("b", "prepare b").await;
     assert_eq!(a[0].device_name, A);
     assert_eq!(
         b[0].cdi_device_ids,
@@ -73,19 +65,13 @@ async fn two_claims_pack_one_gpu_and_unprepare_empties_it() {
     );
 
     // Prepare is idempotent: same answer, no new instance.
-    let again = rig.preparer.prepare_claim(&cref("a")).await.expect("again");
+    let again = rig.prepare("a", "again").await;
     assert_eq!(again, a);
     assert_eq!(instances(m).len(), 2);
 
-    rig.preparer
-        .unprepare_claim(&cref("a"))
-        .await
-        .expect("unprepare a");
+    rig.unprepare("a", "unprepare a").await;
     assert_eq!(instances(m).len(), 1);
-    rig.preparer
-        .unprepare_claim(&cref("b"))
-        .await
-        .expect("unprepare b");
+    rig.unprepare("b", "unprepare b").await;
     assert!(instances(m).is_empty(), "GPU back to empty");
     assert!(rig.spec("uid-a").is_none() && rig.spec("uid-b").is_none());
     assert!(rig.checkpoint().claims.is_empty());
@@ -102,12 +88,7 @@ async fn a_placement_taken_by_hand_fails_the_claim_and_keeps_the_instance() {
         .control
         .create_gpu_instance(&uuid, 14, Placement { start: 4, size: 2 })
         .expect("hand-made instance");
-    let err = rig
-        .preparer
-        .prepare_claim(&cref("b"))
-        .await
-        .expect_err("taken");
-    let text = error_chain(&err);
+    let text = rig.prepare_err("b", "taken").await;
     assert!(
         text.contains(&uuid) && text.contains(&format!("GPU instance {foreign}")),
         "{text}"
@@ -116,10 +97,7 @@ async fn a_placement_taken_by_hand_fails_the_claim_and_keeps_the_instance() {
         text.contains("profile id 14") && text.contains("slices 4..6"),
         "{text}"
     );
-    assert_eq!(
-        instances(m).iter().map(|g| g.0).collect::<Vec<_>>(),
-        [foreign]
-    );
+    assert_eq!(instance_ids(m), [foreign]);
     assert!(rig.checkpoint().claims.is_empty());
     assert!(rig.spec("uid-b").is_none());
     // The published devices stop offering what overlaps it (and the full GPU); the rest
@@ -169,17 +147,12 @@ async fn a_fault_on_any_nvml_call_of_prepare_leaves_nothing_behind() {
     let uuid = gpu0_uuid(m);
     for function in PATH_CALLS {
         let rig = make_rig(m, &[claim("b", B)], None, None);
-        control::inject_fault(
-            &m.state,
-            Fault {
-                function: (*function).into(),
-                // The handle lookup runs before NVML knows the GPU: match any GPU.
-                gpu_uuid: (*function != "nvmlDeviceGetHandleByUUID").then(|| uuid.clone()),
-                error: 999,
-                times: Times::Once,
-            },
-        )
-        .expect("inject");
+        // The handle lookup runs before NVML knows the GPU: match any GPU.
+        fail_once(
+            m,
+            function,
+            (*function != "nvmlDeviceGetHandleByUUID").then(|| uuid.clone()),
+        );
         let err = rig.preparer.prepare_claim(&cref("b")).await;
         let state = control::read_state(&m.state).expect("state");
         assert!(state.faults.is_empty(), "{function}: the fault fired");
@@ -203,11 +176,8 @@ async fn a_fault_on_any_nvml_call_of_prepare_leaves_nothing_behind() {
         );
         assert!(rig.spec("uid-b").is_none(), "{function}: spec left");
         // The kubelet's retry succeeds.
-        rig.preparer.prepare_claim(&cref("b")).await.expect("retry");
-        rig.preparer
-            .unprepare_claim(&cref("b"))
-            .await
-            .expect("unprepare");
+        rig.prepare("b", "retry").await;
+        rig.unprepare("b", "unprepare").await;
         assert!(instances(m).is_empty());
     }
 }
@@ -220,12 +190,7 @@ async fn a_cdi_or_capability_failure_after_create_destroys_the_instance() {
     // CDI write: the CDI root is a regular file.
     let rig = make_rig(m, &[claim("b", B)], None, None);
     std::fs::write(rig.cdi_root(), "not a directory").expect("block cdi root");
-    let text = error_chain(
-        &rig.preparer
-            .prepare_claim(&cref("b"))
-            .await
-            .expect_err("cdi"),
-    );
+    let text = rig.prepare_err("b", "cdi").await;
     assert!(
         text.contains("writing the CDI spec") && text.contains(&uuid),
         "{text}"
@@ -239,24 +204,16 @@ async fn a_cdi_or_capability_failure_after_create_destroys_the_instance() {
             .all(|e| e.state == ClaimState::PrepareStarted)
     );
     std::fs::remove_file(rig.cdi_root()).expect("unblock");
-    rig.preparer.prepare_claim(&cref("b")).await.expect("retry");
+    rig.prepare("b", "retry").await;
     assert_eq!(instances(m).len(), 1);
-    rig.preparer
-        .unprepare_claim(&cref("b"))
-        .await
-        .expect("unprepare");
+    rig.unprepare("b", "unprepare").await;
     assert!(instances(m).is_empty());
 
     // Capability lookup: a /proc without the MIG capability files.
     let bare = tempfile::tempdir().expect("bare proc");
     std::fs::copy(m.proc_root.join("devices"), bare.path().join("devices")).expect("devices");
     let rig = make_rig(m, &[claim("b", B)], None, Some(bare.path()));
-    let text = error_chain(
-        &rig.preparer
-            .prepare_claim(&cref("b"))
-            .await
-            .expect_err("caps"),
-    );
+    let text = rig.prepare_err("b", "caps").await;
     assert!(
         text.contains("MIG capability") && text.contains(&uuid),
         "{text}"
@@ -272,11 +229,7 @@ async fn recovery_destroys_half_done_instances_adopts_completed_and_keeps_unknow
     let uuid = gpu0_uuid(m);
     // A completed claim on 3g@0, prepared normally.
     let first = make_rig(m, &[claim("a", A)], None, None);
-    first
-        .preparer
-        .prepare_claim(&cref("a"))
-        .await
-        .expect("prepare a");
+    first.prepare("a", "prepare a").await;
     let completed = first.checkpoint().as_ref().clone();
     // A prepare cut short by a crash: 1g@4 recorded PrepareStarted, instance created, ids
     // never recorded.
@@ -322,15 +275,8 @@ async fn recovery_destroys_half_done_instances_adopts_completed_and_keeps_unknow
     assert!(left.contains(&(19, 6)), "unknown instance kept");
     assert!(instances(m).iter().any(|g| g.0 == by_hand));
     // The adopted claim unprepares normally; the unknown instance stays.
-    restarted
-        .preparer
-        .unprepare_claim(&cref("a"))
-        .await
-        .expect("unprepare a");
-    assert_eq!(
-        instances(m).iter().map(|g| g.0).collect::<Vec<_>>(),
-        [by_hand]
-    );
+    restarted.unprepare("a", "unprepare a").await;
+    assert_eq!(instance_ids(m), [by_hand]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,23 +289,9 @@ async fn an_instance_the_rollback_cannot_destroy_is_kept_on_record_and_destroyed
         "nvmlGpuInstanceCreateComputeInstance",
         "nvmlGpuInstanceDestroy",
     ] {
-        control::inject_fault(
-            &m.state,
-            Fault {
-                function: function.into(),
-                gpu_uuid: Some(uuid.clone()),
-                error: 999,
-                times: Times::Once,
-            },
-        )
-        .expect("inject");
+        fail_once(m, function, Some(uuid.clone()));
     }
-    let text = error_chain(
-        &rig.preparer
-            .prepare_claim(&cref("b"))
-            .await
-            .expect_err("ci"),
-    );
+    let text = rig.prepare_err("b", "ci").await;
     assert!(text.contains("creating the compute instance"), "{text}");
     let left = instances(m);
     assert_eq!(
@@ -372,13 +304,10 @@ async fn an_instance_the_rollback_cannot_destroy_is_kept_on_record_and_destroyed
     assert_eq!(entry.state, ClaimState::PrepareStarted);
     assert_eq!(mig_dynamic::records_of(entry)[0].gi_id, Some(left[0].0));
     // The kubelet's retry destroys it first, then prepares normally.
-    rig.preparer.prepare_claim(&cref("b")).await.expect("retry");
+    rig.prepare("b", "retry").await;
     let now = instances(m);
     assert_eq!(now.len(), 1);
     assert_eq!(now[0].3, 1, "with its compute instance");
-    rig.preparer
-        .unprepare_claim(&cref("b"))
-        .await
-        .expect("unprepare");
+    rig.unprepare("b", "unprepare").await;
     assert!(instances(m).is_empty());
 }

@@ -9,7 +9,7 @@
 #[path = "mig_dynamic/mod.rs"]
 mod rig;
 
-use gpu_dra::checkpoint::{Checkpoint, ClaimState};
+use gpu_dra::checkpoint::ClaimState;
 use gpu_dra::inventory::Placement;
 use gpu_dra::prepare::mig_control::MigControl;
 use gpu_dra::prepare::mig_dynamic;
@@ -27,11 +27,7 @@ async fn after_a_lost_checkpoint_live_claims_keep_their_instances_and_foreign_on
     let uuid = gpu0_uuid(m);
     let live = [claim("a", A), claim("c", C)];
     let first = make_rig(m, &live, None, None);
-    let a = first
-        .preparer
-        .prepare_claim(&cref("a"))
-        .await
-        .expect("prepare a");
+    let a = first.prepare("a", "prepare a").await;
     let spec_path = gpu_dra::cdi::spec_path(&first.cdi_root(), "uid-a");
     let spec_before = std::fs::read(&spec_path).expect("spec a");
     let before = mig_dynamic::records_of(&first.checkpoint().claims["uid-a"])[0].clone();
@@ -53,18 +49,9 @@ async fn after_a_lost_checkpoint_live_claims_keep_their_instances_and_foreign_on
         .control
         .create_compute_instance(&uuid, by_hand)
         .expect("hand-made ci");
-    let Rig { dir, preparer, .. } = first;
-    drop(preparer);
 
     // The checkpoint is lost; the API server still has a and c allocated here.
-    let rig = make_rig_in(
-        m,
-        dir,
-        &live,
-        Some(Checkpoint::new("boot-1")),
-        None,
-        Some(&live),
-    );
+    let rig = restart_after_loss(m, first, &live);
     let report = rig.preparer.recover_after_loss(Some(&live)).await;
     assert_eq!(report.rebuilt, ["uid-a", "uid-c"], "{report:?}");
     assert_eq!(report.rolled_back, ["uid-c"], "{report:?}");
@@ -112,31 +99,16 @@ async fn after_a_lost_checkpoint_live_claims_keep_their_instances_and_foreign_on
     );
 
     // a is answered from the rebuilt entry; unprepare still destroys its instance.
-    let again = rig.preparer.prepare_claim(&cref("a")).await.expect("again");
+    let again = rig.prepare("a", "again").await;
     assert_eq!(again, a);
     assert_eq!(instances(m).len(), 2);
-    rig.preparer
-        .unprepare_claim(&cref("a"))
-        .await
-        .expect("unprepare a");
-    assert_eq!(
-        instances(m).iter().map(|g| g.0).collect::<Vec<_>>(),
-        [by_hand]
-    );
+    rig.unprepare("a", "unprepare a").await;
+    assert_eq!(instance_ids(m), [by_hand]);
     // The kubelet's retry of c prepares it afresh.
-    rig.preparer
-        .prepare_claim(&cref("c"))
-        .await
-        .expect("prepare c");
+    rig.prepare("c", "prepare c").await;
     assert!(instances(m).iter().any(|g| (g.1, g.2) == (19, 4)));
-    rig.preparer
-        .unprepare_claim(&cref("c"))
-        .await
-        .expect("unprepare c");
-    assert_eq!(
-        instances(m).iter().map(|g| g.0).collect::<Vec<_>>(),
-        [by_hand]
-    );
+    rig.unprepare("c", "unprepare c").await;
+    assert_eq!(instance_ids(m), [by_hand]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,26 +117,13 @@ async fn after_a_lost_checkpoint_a_full_gpu_claim_keeps_mig_mode_off_until_unpre
     let m = fresh();
     let live = [claim("full", "gpu-0")];
     let first = make_rig(m, &live, None, None);
-    first
-        .preparer
-        .prepare_claim(&cref("full"))
-        .await
-        .expect("prepare the full GPU");
+    first.prepare("full", "prepare the full GPU").await;
     assert_eq!(mig_mode(m, 0), (false, false));
     let spec_path = gpu_dra::cdi::spec_path(&first.cdi_root(), "uid-full");
     let spec_before = std::fs::read(&spec_path).expect("spec");
-    let Rig { dir, preparer, .. } = first;
-    drop(preparer);
 
     // The checkpoint is lost; the published slices show gpu-0 as a dynamic full GPU.
-    let rig = make_rig_in(
-        m,
-        dir,
-        &live,
-        Some(Checkpoint::new("boot-1")),
-        None,
-        Some(&live),
-    );
+    let rig = restart_after_loss(m, first, &live);
     let report = rig.preparer.recover_after_loss(Some(&live)).await;
     assert_eq!(report.rebuilt, ["uid-full"], "{report:?}");
     assert_eq!(
@@ -183,9 +142,6 @@ async fn after_a_lost_checkpoint_a_full_gpu_claim_keeps_mig_mode_off_until_unpre
         inv.gpus[0].dynamic_mig.is_some() && !inv.gpus[0].mig.enabled,
         "still dynamic with MIG mode off"
     );
-    rig.preparer
-        .unprepare_claim(&cref("full"))
-        .await
-        .expect("unprepare");
+    rig.unprepare("full", "unprepare").await;
     assert_eq!(mig_mode(m, 0), (true, true), "MIG mode back on");
 }

@@ -12,11 +12,10 @@ mod rig;
 
 use gpu_dra::checkpoint::ClaimState;
 use gpu_dra::inventory::{Discover, NvmlDiscovery, Placement};
-use gpu_dra::prepare::error_chain;
 use gpu_dra::prepare::mig_control::MigControl;
 use gpu_dra::prepare::{mig_full, mig_select};
 use gpu_dra::slices::desired::{SliceFeatures, desired_devices};
-use nvidia_ml::control::{self, Fault, Times};
+use nvidia_ml::control;
 use rig::*;
 
 const FULL: &str = "gpu-0";
@@ -28,11 +27,7 @@ async fn the_full_gpu_leaves_mig_mode_for_its_claim_and_returns_to_it() {
     let uuid = gpu0_uuid(m);
     let rig = make_rig(m, &[claim("full", FULL), claim("b", B)], None, None);
     let before = desired_devices(&rig._inventory.borrow(), &SliceFeatures::default());
-    let answer = rig
-        .preparer
-        .prepare_claim(&cref("full"))
-        .await
-        .expect("prepare the full GPU");
+    let answer = rig.prepare("full", "prepare the full GPU").await;
     assert_eq!(answer[0].device_name, FULL);
     assert_eq!(
         mig_mode(m, 0),
@@ -61,28 +56,15 @@ async fn the_full_gpu_leaves_mig_mode_for_its_claim_and_returns_to_it() {
     assert_eq!(desired_devices(&inv, &SliceFeatures::default()), before);
 
     // Idempotent, and unprepare puts MIG mode back.
-    let again = rig
-        .preparer
-        .prepare_claim(&cref("full"))
-        .await
-        .expect("again");
+    let again = rig.prepare("full", "again").await;
     assert_eq!(again, answer);
-    rig.preparer
-        .unprepare_claim(&cref("full"))
-        .await
-        .expect("unprepare");
+    rig.unprepare("full", "unprepare").await;
     assert_eq!(mig_mode(m, 0), (true, true), "MIG mode back on");
     assert!(rig.checkpoint().claims.is_empty());
     assert!(rig.spec("uid-full").is_none());
     // Placements work again.
-    rig.preparer
-        .prepare_claim(&cref("b"))
-        .await
-        .expect("MIG device after");
-    rig.preparer
-        .unprepare_claim(&cref("b"))
-        .await
-        .expect("unprepare b");
+    rig.prepare("b", "MIG device after").await;
+    rig.unprepare("b", "unprepare b").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,21 +78,13 @@ async fn the_full_gpu_is_refused_while_an_instance_exists() {
         .control
         .create_gpu_instance(&uuid, 19, Placement { start: 6, size: 1 })
         .expect("hand-made instance");
-    let text = error_chain(
-        &rig.preparer
-            .prepare_claim(&cref("full"))
-            .await
-            .expect_err("instances exist"),
-    );
+    let text = rig.prepare_err("full", "instances exist").await;
     assert!(
         text.contains(&uuid) && text.contains(&format!("{by_hand} (profile id 19, slices 6..7)")),
         "{text}"
     );
     assert_eq!(mig_mode(m, 0), (true, true), "MIG mode untouched");
-    assert_eq!(
-        instances(m).iter().map(|g| g.0).collect::<Vec<_>>(),
-        [by_hand]
-    );
+    assert_eq!(instance_ids(m), [by_hand]);
     assert!(rig.checkpoint().claims.is_empty());
     assert!(rig.spec("uid-full").is_none());
 }
@@ -122,12 +96,7 @@ async fn a_busy_gpu_keeps_mig_mode_and_the_claim_fails_or_waits() {
     let uuid = gpu0_uuid(m);
     let rig = make_rig(m, &[claim("full", FULL)], None, None);
     assert!(control::set_gpu_clients(&m.state, &uuid, 1).expect("busy"));
-    let text = error_chain(
-        &rig.preparer
-            .prepare_claim(&cref("full"))
-            .await
-            .expect_err("busy"),
-    );
+    let text = rig.prepare_err("full", "busy").await;
     assert!(
         text.contains(&uuid) && text.contains("processes hold the GPU"),
         "{text}"
@@ -137,25 +106,14 @@ async fn a_busy_gpu_keeps_mig_mode_and_the_claim_fails_or_waits() {
 
     // Idle: prepared. Busy again at unprepare: refused and kept for the retry.
     control::set_gpu_clients(&m.state, &uuid, 0).expect("idle");
-    rig.preparer
-        .prepare_claim(&cref("full"))
-        .await
-        .expect("prepare");
+    rig.prepare("full", "prepare").await;
     control::set_gpu_clients(&m.state, &uuid, 1).expect("busy");
-    let text = error_chain(
-        &rig.preparer
-            .unprepare_claim(&cref("full"))
-            .await
-            .expect_err("busy at unprepare"),
-    );
+    let text = rig.unprepare_err("full", "busy at unprepare").await;
     assert!(text.contains("switching MIG mode on"), "{text}");
     assert_eq!(mig_mode(m, 0), (false, false));
     assert!(rig.checkpoint().claims.contains_key("uid-full"));
     control::set_gpu_clients(&m.state, &uuid, 0).expect("idle");
-    rig.preparer
-        .unprepare_claim(&cref("full"))
-        .await
-        .expect("retry");
+    rig.unprepare("full", "retry").await;
     assert_eq!(mig_mode(m, 0), (true, true));
     assert!(rig.checkpoint().claims.is_empty());
 }
@@ -166,12 +124,7 @@ async fn a_gpu_needing_a_reset_keeps_mig_mode_without_a_pending_change() {
     let m = fresh();
     let uuid1 = gpu_uuid(m, 1);
     let rig = make_rig(m, &[claim("full1", "gpu-1")], None, None);
-    let text = error_chain(
-        &rig.preparer
-            .prepare_claim(&cref("full1"))
-            .await
-            .expect_err("reset required"),
-    );
+    let text = rig.prepare_err("full1", "reset required").await;
     assert!(
         text.contains(&uuid1) && text.contains("needs a reset") && text.contains("7g"),
         "{text}"
@@ -188,54 +141,23 @@ async fn a_fault_in_the_mig_mode_calls_or_after_leaves_mig_mode_on() {
     let uuid = gpu0_uuid(m);
     for function in ["nvmlDeviceGetMigMode", "nvmlDeviceSetMigMode"] {
         let rig = make_rig(m, &[claim("full", FULL)], None, None);
-        control::inject_fault(
-            &m.state,
-            Fault {
-                function: function.into(),
-                gpu_uuid: Some(uuid.clone()),
-                error: 999,
-                times: Times::Once,
-            },
-        )
-        .expect("inject");
-        let text = error_chain(
-            &rig.preparer
-                .prepare_claim(&cref("full"))
-                .await
-                .expect_err(function),
-        );
+        fail_once(m, function, Some(uuid.clone()));
+        let text = rig.prepare_err("full", function).await;
         assert!(text.contains(function) && text.contains(&uuid), "{text}");
         assert_eq!(mig_mode(m, 0), (true, true), "{function}");
         assert!(rig.checkpoint().claims.is_empty(), "{function}");
-        rig.preparer
-            .prepare_claim(&cref("full"))
-            .await
-            .expect("retry");
-        rig.preparer
-            .unprepare_claim(&cref("full"))
-            .await
-            .expect("unprepare");
+        rig.prepare("full", "retry").await;
+        rig.unprepare("full", "unprepare").await;
     }
     // A CDI write failure after MIG mode went off puts it back on.
     let rig = make_rig(m, &[claim("full", FULL)], None, None);
     std::fs::write(rig.cdi_root(), "not a directory").expect("block cdi root");
-    let text = error_chain(
-        &rig.preparer
-            .prepare_claim(&cref("full"))
-            .await
-            .expect_err("cdi"),
-    );
+    let text = rig.prepare_err("full", "cdi").await;
     assert!(text.contains("CDI"), "{text}");
     assert_eq!(mig_mode(m, 0), (true, true), "rolled back");
     std::fs::remove_file(rig.cdi_root()).expect("unblock");
-    rig.preparer
-        .prepare_claim(&cref("full"))
-        .await
-        .expect("retry");
-    rig.preparer
-        .unprepare_claim(&cref("full"))
-        .await
-        .expect("unprepare");
+    rig.prepare("full", "retry").await;
+    rig.unprepare("full", "unprepare").await;
     assert_eq!(mig_mode(m, 0), (true, true));
 }
 
@@ -244,11 +166,7 @@ async fn recovery_turns_mig_back_on_for_a_cut_prepare_and_keeps_a_completed_one(
     let _serial = serial().await;
     let m = fresh();
     let first = make_rig(m, &[claim("full", FULL)], None, None);
-    first
-        .preparer
-        .prepare_claim(&cref("full"))
-        .await
-        .expect("prepare");
+    first.prepare("full", "prepare").await;
     let completed = first.checkpoint().as_ref().clone();
     drop(first);
     // A restart with the claim completed: MIG mode stays off, the claim is kept.

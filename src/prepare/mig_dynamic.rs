@@ -15,6 +15,7 @@
 //! A placement taken behind the driver's back fails the claim naming that instance. It
 //! must not touch GPUs the inventory does not mark dynamic.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
@@ -59,19 +60,30 @@ pub struct InstanceRecord {
 
 /// The instance records of a claim entry (none when absent or unreadable).
 pub fn records_of(entry: &ClaimEntry) -> Vec<InstanceRecord> {
-    entry
-        .extra
-        .get(EXTRA_KEY)
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or_default()
+    extra_records(entry, EXTRA_KEY)
 }
 
 /// Stores `records` in `entry` (removes the key when empty).
 pub fn set_records(entry: &mut ClaimEntry, records: &[InstanceRecord]) {
+    set_extra_records(entry, EXTRA_KEY, records);
+}
+
+/// The records a claim entry keeps under its extra field `key` (none when absent or
+/// unreadable).
+pub(super) fn extra_records<T: DeserializeOwned>(entry: &ClaimEntry, key: &str) -> Vec<T> {
+    entry
+        .extra
+        .get(key)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// Stores `records` under the extra field `key` of `entry` (removes the key when empty).
+pub(super) fn set_extra_records<T: Serialize>(entry: &mut ClaimEntry, key: &str, records: &[T]) {
     if records.is_empty() {
-        entry.extra.remove(EXTRA_KEY);
+        entry.extra.remove(key);
     } else if let Ok(v) = serde_json::to_value(records) {
-        entry.extra.insert(EXTRA_KEY.to_owned(), v);
+        entry.extra.insert(key.to_owned(), v);
     }
 }
 
@@ -202,10 +214,20 @@ fn step(
     rec: &InstanceRecord,
     source: impl std::error::Error + Send + Sync + 'static,
 ) -> DynamicMigError {
+    step_error(step, &rec.device, &rec.gpu_uuid, source)
+}
+
+/// [`DynamicMigError::Step`]: `step` on `device` (GPU `gpu_uuid`) failed with `source`.
+pub(super) fn step_error(
+    step: &'static str,
+    device: &str,
+    gpu_uuid: &str,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> DynamicMigError {
     DynamicMigError::Step {
         step,
-        device: rec.device.clone(),
-        gpu_uuid: rec.gpu_uuid.clone(),
+        device: device.to_owned(),
+        gpu_uuid: gpu_uuid.to_owned(),
         source: Box::new(source),
     }
 }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::mig_control::MigControl;
-use super::mig_dynamic::DynamicMigError;
+use super::mig_dynamic::{DynamicMigError, extra_records, set_extra_records, step_error};
 use crate::checkpoint::{Checkpoint, ClaimEntry};
 
 /// Key of the full-GPU records in [`ClaimEntry::extra`].
@@ -42,20 +42,12 @@ pub struct FullGpuRecord {
 
 /// The full-GPU records of a claim entry (none when absent or unreadable).
 pub fn records_of(entry: &ClaimEntry) -> Vec<FullGpuRecord> {
-    entry
-        .extra
-        .get(EXTRA_KEY)
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or_default()
+    extra_records(entry, EXTRA_KEY)
 }
 
 /// Stores `records` in `entry` (removes the key when empty).
 pub fn set_records(entry: &mut ClaimEntry, records: &[FullGpuRecord]) {
-    if records.is_empty() {
-        entry.extra.remove(EXTRA_KEY);
-    } else if let Ok(v) = serde_json::to_value(records) {
-        entry.extra.insert(EXTRA_KEY.to_owned(), v);
-    }
+    set_extra_records(entry, EXTRA_KEY, records);
 }
 
 /// UUIDs of the GPUs whose full GPU a claim of `cp` holds (any claim state): their MIG
@@ -180,10 +172,5 @@ fn step(
     rec: &FullGpuRecord,
     source: impl std::error::Error + Send + Sync + 'static,
 ) -> DynamicMigError {
-    DynamicMigError::Step {
-        step,
-        device: rec.device.clone(),
-        gpu_uuid: rec.gpu_uuid.clone(),
-        source: Box::new(source),
-    }
+    step_error(step, &rec.device, &rec.gpu_uuid, source)
 }

@@ -99,13 +99,7 @@ pub(super) async fn setup(
             "GPU instances this driver did not create on dynamic MIG GPUs are kept and their placements not offered: {}; to hand them back, delete them (nvidia-smi mig -i <gpu> -dci -gi <id>, then -dgi -gi <id>) when no workload uses them",
             foreign.join("; ")
         );
-        tracing::warn!(note = %note, "unknown MIG instances");
-        crate::events::notify(crate::events::Notice::Node {
-            warning: true,
-            reason: "UnknownMigInstances".into(),
-            action: "DiscoverMigInstances".into(),
-            note,
-        });
+        warn_unknown_instances("unknown MIG instances", "DiscoverMigInstances", note);
     }
     let wrapped: Arc<dyn Discover> = Arc::new(mig_select::DynamicMigDiscovery::new(
         discovery,
@@ -166,13 +160,23 @@ pub(super) fn foreign_report(
                 f.gi_id,
                 f.gi_id
             );
-            tracing::warn!(note = %note, "unknown MIG instance at an allocated placement");
-            crate::events::notify(crate::events::Notice::Node {
-                warning: true,
-                reason: "UnknownMigInstances".into(),
-                action: "PrepareMigDevice".into(),
+            warn_unknown_instances(
+                "unknown MIG instance at an allocated placement",
+                "PrepareMigDevice",
                 note,
-            });
+            );
         },
     )
+}
+
+/// Logs `note` as a warning (`message`) and posts it as the `UnknownMigInstances` Node
+/// Event of `action`.
+fn warn_unknown_instances(message: &str, action: &str, note: String) {
+    tracing::warn!(note = %note, "{message}");
+    crate::events::notify(crate::events::Notice::Node {
+        warning: true,
+        reason: "UnknownMigInstances".into(),
+        action: action.into(),
+        note,
+    });
 }

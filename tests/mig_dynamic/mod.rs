@@ -16,7 +16,8 @@ use std::time::Duration;
 use gpu_dra::checkpoint::{Checkpoint, CheckpointStore, CheckpointWriter};
 use gpu_dra::claims::FixedClaims;
 use gpu_dra::inventory::{Discover, Inventory, NvmlDiscovery};
-use gpu_dra::plugin::ClaimRef;
+use gpu_dra::plugin::{ClaimRef, PreparedDevice};
+use gpu_dra::prepare::error_chain;
 use gpu_dra::prepare::mig_control::NvmlMigControl;
 use gpu_dra::prepare::mig_select;
 use gpu_dra::prepare::{Preparer, PreparerConfig};
@@ -164,6 +165,73 @@ impl Rig {
     pub fn checkpoint(&self) -> Arc<Checkpoint> {
         self.preparer.checkpoint().snapshot()
     }
+    /// Prepares claim `name` (made by [`claim`]); panics with `what` when it fails.
+    pub async fn prepare(&self, name: &str, what: &str) -> Vec<PreparedDevice> {
+        self.preparer.prepare_claim(&cref(name)).await.expect(what)
+    }
+    /// Unprepares claim `name`; panics with `what` when it fails.
+    pub async fn unprepare(&self, name: &str, what: &str) {
+        self.preparer
+            .unprepare_claim(&cref(name))
+            .await
+            .expect(what)
+    }
+    /// The error chain of a prepare of claim `name` that must fail; panics with `what` when
+    /// it succeeds.
+    pub async fn prepare_err(&self, name: &str, what: &str) -> String {
+        error_chain(
+            &self
+                .preparer
+                .prepare_claim(&cref(name))
+                .await
+                .expect_err(what),
+        )
+    }
+    /// The error chain of an unprepare of claim `name` that must fail.
+    pub async fn unprepare_err(&self, name: &str, what: &str) -> String {
+        error_chain(
+            &self
+                .preparer
+                .unprepare_claim(&cref(name))
+                .await
+                .expect_err(what),
+        )
+    }
+}
+
+/// Arms a fault in the fake: the next call of NVML `function` on GPU `gpu_uuid` (any GPU
+/// when `None`) fails once with status 999 (unknown error).
+pub fn fail_once(m: &Machine, function: &str, gpu_uuid: Option<String>) {
+    control::inject_fault(
+        &m.state,
+        control::Fault {
+            function: function.into(),
+            gpu_uuid,
+            error: 999,
+            times: control::Times::Once,
+        },
+    )
+    .expect("inject");
+}
+
+/// The ids of the GPU instances on GPU 0.
+pub fn instance_ids(m: &Machine) -> Vec<u32> {
+    instances(m).iter().map(|g| g.0).collect()
+}
+
+/// `first`'s restart in its directory after its checkpoint was lost, with `live` the
+/// claims the API server still has allocated here (see [`make_rig_in`]).
+pub fn restart_after_loss(m: &Machine, first: Rig, live: &[ResourceClaim]) -> Rig {
+    let Rig { dir, preparer, .. } = first;
+    drop(preparer);
+    make_rig_in(
+        m,
+        dir,
+        live,
+        Some(Checkpoint::new("boot-1")),
+        None,
+        Some(live),
+    )
 }
 
 /// A preparer over the fake machine (GPUs 0 and 1 dynamic). `proc_root` defaults to the
