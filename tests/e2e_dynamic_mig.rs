@@ -62,6 +62,49 @@ fn gpu0_instances(gpus: &FakeGpus) -> Vec<(u32, u32, usize)> {
         .unwrap_or_default()
 }
 
+/// Waits until pod `name` is Running and the node agent has its container `ctr`'s result;
+/// returns that result (the wait's error after [`STEP`]).
+async fn wait_running_result(
+    b: &support::TestBox,
+    pods: &Api<Pod>,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<serde_json::Value> {
+    b.wait(STEP, &format!("pod {name} Running"), || async {
+        let p = pods.get(name).await?;
+        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        Ok(running
+            .then(|| b.container_result(NODE, ns, name, "ctr"))
+            .flatten())
+    })
+    .await
+}
+
+/// Waits until the scheduler marks pod `name` unschedulable (`PodScheduled` False, reason
+/// `Unschedulable`); `what` names the wait. Errors: the wait's, after [`STEP`].
+async fn wait_unschedulable(
+    b: &support::TestBox,
+    pods: &Api<Pod>,
+    name: &str,
+    what: &str,
+) -> anyhow::Result<()> {
+    b.wait(STEP, what, || async {
+        let p = pods.get(name).await?;
+        let unschedulable = p
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            });
+        Ok(unschedulable.then_some(()))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_claims_pack_one_gpu_a_third_waits_and_the_gpu_empties() {
     let b = support::shared();
@@ -123,14 +166,7 @@ async fn two_claims_pack_one_gpu_a_third_waits_and_the_gpu_empties() {
     }
     let mut uuids = Vec::new();
     for name in ["one", "two"] {
-        let result = b
-            .wait(STEP, &format!("pod {name} Running"), || async {
-                let p = pods.get(name).await?;
-                let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-                Ok(running
-                    .then(|| b.container_result(NODE, &ns, name, "ctr"))
-                    .flatten())
-            })
+        let result = wait_running_result(b, &pods, &ns, name)
             .await
             .unwrap_or_else(|e| fail(e));
         let uuid = env_of(&result, "NVIDIA_VISIBLE_DEVICES").unwrap_or_default();
@@ -153,22 +189,9 @@ async fn two_claims_pack_one_gpu_a_third_waits_and_the_gpu_empties() {
     pods.create(&PostParams::default(), &pod("three"))
         .await
         .expect("create third");
-    b.wait(STEP, "pod three unschedulable", || async {
-        let p = pods.get("three").await?;
-        let unschedulable = p
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| {
-                c.type_ == "PodScheduled"
-                    && c.status == "False"
-                    && c.reason.as_deref() == Some("Unschedulable")
-            });
-        Ok(unschedulable.then_some(()))
-    })
-    .await
-    .unwrap_or_else(|e| fail(e));
+    wait_unschedulable(b, &pods, "three", "pod three unschedulable")
+        .await
+        .unwrap_or_else(|e| fail(e));
     assert_eq!(
         gpu0_instances(&gpus).len(),
         2,
@@ -281,18 +304,9 @@ async fn two_claims_pack_one_gpu_a_third_waits_and_the_gpu_empties() {
     b.wait(STEP, "pod six Running", || running("six"))
         .await
         .unwrap_or_else(|e| fail(e));
-    b.wait(STEP, "pod seven unschedulable", || async {
-        let p = pods.get("seven").await?;
-        let unschedulable = p
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable"));
-        Ok(unschedulable.then_some(()))
-    })
-    .await
-    .unwrap_or_else(|e| fail(e));
+    wait_unschedulable(b, &pods, "seven", "pod seven unschedulable")
+        .await
+        .unwrap_or_else(|e| fail(e));
     assert_eq!(gpu0_instances(&gpus).len(), 2);
     for name in ["seven", "six", "five", "four"] {
         pods.delete(name, &DeleteParams::default())
@@ -338,14 +352,7 @@ async fn two_claims_pack_one_gpu_a_third_waits_and_the_gpu_empties() {
     )
     .await
     .expect("create whole pod");
-    let result = b
-        .wait(STEP, "pod whole Running", || async {
-            let p = pods.get("whole").await?;
-            let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-            Ok(running
-                .then(|| b.container_result(NODE, &ns, "whole", "ctr"))
-                .flatten())
-        })
+    let result = wait_running_result(b, &pods, &ns, "whole")
         .await
         .unwrap_or_else(|e| fail(e));
     assert_eq!(
@@ -357,19 +364,11 @@ async fn two_claims_pack_one_gpu_a_third_waits_and_the_gpu_empties() {
     pods.create(&PostParams::default(), &pod("eight"))
         .await
         .expect("create eight");
-    b.wait(
-        STEP,
+    wait_unschedulable(
+        b,
+        &pods,
+        "eight",
         "pod eight unschedulable beside the full GPU",
-        || async {
-            let p = pods.get("eight").await?;
-            let unschedulable = p
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "PodScheduled" && c.reason.as_deref() == Some("Unschedulable"));
-            Ok(unschedulable.then_some(()))
-        },
     )
     .await
     .unwrap_or_else(|e| fail(e));
