@@ -12,7 +12,6 @@ mod rig;
 use gpu_dra::checkpoint::ClaimState;
 use gpu_dra::inventory::Placement;
 use gpu_dra::prepare::error_chain;
-use gpu_dra::prepare::mig_control::MigControl;
 use gpu_dra::prepare::mig_dynamic::{self, InstanceRecord};
 use gpu_dra::slices::desired::{SliceFeatures, desired_devices};
 use nvidia_ml::control;
@@ -20,8 +19,7 @@ use rig::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_claims_pack_one_gpu_and_unprepare_empties_it() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let rig = make_rig(m, &[claim("a", A), claim("b", B)], None, None);
     let a = rig.prepare("a", "prepare a").await;
     let b = rig.prepare("b", "prepare b").await;
@@ -79,15 +77,11 @@ async fn two_claims_pack_one_gpu_and_unprepare_empties_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_placement_taken_by_hand_fails_the_claim_and_keeps_the_instance() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let rig = make_rig(m, &[claim("b", B)], None, None);
     // Made behind the driver's back (as `nvidia-smi mig -cgi 2g.20gb` would).
     let uuid = gpu0_uuid(m);
-    let foreign = rig
-        .control
-        .create_gpu_instance(&uuid, 14, Placement { start: 4, size: 2 })
-        .expect("hand-made instance");
+    let foreign = rig.make_instance(&uuid, 14, Placement { start: 4, size: 2 }, false);
     let text = rig.prepare_err("b", "taken").await;
     assert!(
         text.contains(&uuid) && text.contains(&format!("GPU instance {foreign}")),
@@ -142,8 +136,7 @@ const PATH_CALLS: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_on_any_nvml_call_of_prepare_leaves_nothing_behind() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let uuid = gpu0_uuid(m);
     for function in PATH_CALLS {
         let rig = make_rig(m, &[claim("b", B)], None, None);
@@ -184,8 +177,7 @@ async fn a_fault_on_any_nvml_call_of_prepare_leaves_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cdi_or_capability_failure_after_create_destroys_the_instance() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let uuid = gpu0_uuid(m);
     // CDI write: the CDI root is a regular file.
     let rig = make_rig(m, &[claim("b", B)], None, None);
@@ -224,8 +216,7 @@ async fn a_cdi_or_capability_failure_after_create_destroys_the_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_destroys_half_done_instances_adopts_completed_and_keeps_unknown() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let uuid = gpu0_uuid(m);
     // A completed claim on 3g@0, prepared normally.
     let first = make_rig(m, &[claim("a", A)], None, None);
@@ -233,17 +224,9 @@ async fn recovery_destroys_half_done_instances_adopts_completed_and_keeps_unknow
     let completed = first.checkpoint().as_ref().clone();
     // A prepare cut short by a crash: 1g@4 recorded PrepareStarted, instance created, ids
     // never recorded.
-    let control = first.control.clone();
-    let half = control
-        .create_gpu_instance(&uuid, 19, Placement { start: 4, size: 1 })
-        .expect("half-done gi");
-    control
-        .create_compute_instance(&uuid, half)
-        .expect("half-done ci");
+    first.make_instance(&uuid, 19, Placement { start: 4, size: 1 }, true);
     // And one made by hand on 1g@6.
-    let by_hand = control
-        .create_gpu_instance(&uuid, 19, Placement { start: 6, size: 1 })
-        .expect("hand-made gi");
+    let by_hand = first.make_instance(&uuid, 19, Placement { start: 6, size: 1 }, false);
     let mut cp = completed;
     let mut started = cp.claims["uid-a"].clone();
     started.state = ClaimState::PrepareStarted;
@@ -281,8 +264,7 @@ async fn recovery_destroys_half_done_instances_adopts_completed_and_keeps_unknow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_the_rollback_cannot_destroy_is_kept_on_record_and_destroyed_on_retry() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let uuid = gpu0_uuid(m);
     let rig = make_rig(m, &[claim("b", B)], None, None);
     for function in [

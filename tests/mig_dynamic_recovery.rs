@@ -11,7 +11,6 @@ mod rig;
 
 use gpu_dra::checkpoint::ClaimState;
 use gpu_dra::inventory::Placement;
-use gpu_dra::prepare::mig_control::MigControl;
 use gpu_dra::prepare::mig_dynamic;
 use gpu_dra::slices::desired::{SliceFeatures, desired_devices};
 use rig::*;
@@ -22,8 +21,7 @@ const HAND: &str = "gpu-0-mig-1g10gb-19-6";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_lost_checkpoint_live_claims_keep_their_instances_and_foreign_ones_stay() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let uuid = gpu0_uuid(m);
     let live = [claim("a", A), claim("c", C)];
     let first = make_rig(m, &live, None, None);
@@ -33,22 +31,8 @@ async fn after_a_lost_checkpoint_live_claims_keep_their_instances_and_foreign_on
     let before = mig_dynamic::records_of(&first.checkpoint().claims["uid-a"])[0].clone();
     // Claim c's prepare was cut after its instance, before its spec; one more instance was
     // made by hand.
-    let cut = first
-        .control
-        .create_gpu_instance(&uuid, 19, Placement { start: 4, size: 1 })
-        .expect("cut gi");
-    first
-        .control
-        .create_compute_instance(&uuid, cut)
-        .expect("cut ci");
-    let by_hand = first
-        .control
-        .create_gpu_instance(&uuid, 19, Placement { start: 6, size: 1 })
-        .expect("hand-made gi");
-    first
-        .control
-        .create_compute_instance(&uuid, by_hand)
-        .expect("hand-made ci");
+    first.make_instance(&uuid, 19, Placement { start: 4, size: 1 }, true);
+    let by_hand = first.make_instance(&uuid, 19, Placement { start: 6, size: 1 }, true);
 
     // The checkpoint is lost; the API server still has a and c allocated here.
     let rig = restart_after_loss(m, first, &live);
@@ -113,8 +97,7 @@ async fn after_a_lost_checkpoint_live_claims_keep_their_instances_and_foreign_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_lost_checkpoint_a_full_gpu_claim_keeps_mig_mode_off_until_unprepare() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let live = [claim("full", "gpu-0")];
     let first = make_rig(m, &live, None, None);
     first.prepare("full", "prepare the full GPU").await;

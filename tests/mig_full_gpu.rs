@@ -12,7 +12,6 @@ mod rig;
 
 use gpu_dra::checkpoint::ClaimState;
 use gpu_dra::inventory::{Discover, NvmlDiscovery, Placement};
-use gpu_dra::prepare::mig_control::MigControl;
 use gpu_dra::prepare::{mig_full, mig_select};
 use gpu_dra::slices::desired::{SliceFeatures, desired_devices};
 use nvidia_ml::control;
@@ -22,8 +21,7 @@ const FULL: &str = "gpu-0";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_full_gpu_leaves_mig_mode_for_its_claim_and_returns_to_it() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let uuid = gpu0_uuid(m);
     let rig = make_rig(m, &[claim("full", FULL), claim("b", B)], None, None);
     let before = desired_devices(&rig._inventory.borrow(), &SliceFeatures::default());
@@ -69,15 +67,11 @@ async fn the_full_gpu_leaves_mig_mode_for_its_claim_and_returns_to_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_full_gpu_is_refused_while_an_instance_exists() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let uuid = gpu0_uuid(m);
     let rig = make_rig(m, &[claim("full", FULL)], None, None);
     // Made by hand after the slices were published.
-    let by_hand = rig
-        .control
-        .create_gpu_instance(&uuid, 19, Placement { start: 6, size: 1 })
-        .expect("hand-made instance");
+    let by_hand = rig.make_instance(&uuid, 19, Placement { start: 6, size: 1 }, false);
     let text = rig.prepare_err("full", "instances exist").await;
     assert!(
         text.contains(&uuid) && text.contains(&format!("{by_hand} (profile id 19, slices 6..7)")),
@@ -91,8 +85,7 @@ async fn the_full_gpu_is_refused_while_an_instance_exists() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_gpu_keeps_mig_mode_and_the_claim_fails_or_waits() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let uuid = gpu0_uuid(m);
     let rig = make_rig(m, &[claim("full", FULL)], None, None);
     assert!(control::set_gpu_clients(&m.state, &uuid, 1).expect("busy"));
@@ -120,8 +113,7 @@ async fn a_busy_gpu_keeps_mig_mode_and_the_claim_fails_or_waits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_needing_a_reset_keeps_mig_mode_without_a_pending_change() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let uuid1 = gpu_uuid(m, 1);
     let rig = make_rig(m, &[claim("full1", "gpu-1")], None, None);
     let text = rig.prepare_err("full1", "reset required").await;
@@ -136,8 +128,7 @@ async fn a_gpu_needing_a_reset_keeps_mig_mode_without_a_pending_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_in_the_mig_mode_calls_or_after_leaves_mig_mode_on() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let uuid = gpu0_uuid(m);
     for function in ["nvmlDeviceGetMigMode", "nvmlDeviceSetMigMode"] {
         let rig = make_rig(m, &[claim("full", FULL)], None, None);
@@ -163,8 +154,7 @@ async fn a_fault_in_the_mig_mode_calls_or_after_leaves_mig_mode_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_turns_mig_back_on_for_a_cut_prepare_and_keeps_a_completed_one() {
-    let _serial = serial().await;
-    let m = fresh();
+    let (_serial, m) = serial_fresh().await;
     let first = make_rig(m, &[claim("full", FULL)], None, None);
     first.prepare("full", "prepare").await;
     let completed = first.checkpoint().as_ref().clone();

@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use gpu_dra::checkpoint::{Checkpoint, CheckpointStore, CheckpointWriter};
 use gpu_dra::claims::FixedClaims;
-use gpu_dra::inventory::{Discover, Inventory, NvmlDiscovery};
+use gpu_dra::inventory::{Discover, Inventory, NvmlDiscovery, Placement};
 use gpu_dra::plugin::{ClaimRef, PreparedDevice};
 use gpu_dra::prepare::error_chain;
-use gpu_dra::prepare::mig_control::NvmlMigControl;
+use gpu_dra::prepare::mig_control::{MigControl, NvmlMigControl};
 use gpu_dra::prepare::mig_select;
 use gpu_dra::prepare::{Preparer, PreparerConfig};
 use gpu_dra::sharing::{
@@ -85,6 +85,12 @@ pub fn machine() -> &'static Machine {
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
+}
+
+/// [`serial`] on a [`fresh`] machine: the guard to hold for the test, and the machine.
+pub async fn serial_fresh() -> (tokio::sync::MutexGuard<'static, ()>, &'static Machine) {
+    let guard = serial().await;
+    (guard, fresh())
 }
 
 pub fn gpu0_uuid(m: &Machine) -> String {
@@ -164,6 +170,27 @@ impl Rig {
     }
     pub fn checkpoint(&self) -> Arc<Checkpoint> {
         self.preparer.checkpoint().snapshot()
+    }
+    /// Creates, outside the preparer (as `nvidia-smi mig -cgi` would), a GPU instance of GI
+    /// profile `profile_id` at `placement` (memory slices) of GPU `gpu_uuid`, with its
+    /// full-size compute instance when `with_ci`; returns the GPU instance id.
+    pub fn make_instance(
+        &self,
+        gpu_uuid: &str,
+        profile_id: u32,
+        placement: Placement,
+        with_ci: bool,
+    ) -> u32 {
+        let gi = self
+            .control
+            .create_gpu_instance(gpu_uuid, profile_id, placement)
+            .expect("GPU instance made outside the preparer");
+        if with_ci {
+            self.control
+                .create_compute_instance(gpu_uuid, gi)
+                .expect("compute instance made outside the preparer");
+        }
+        gi
     }
     /// Prepares claim `name` (made by [`claim`]); panics with `what` when it fails.
     pub async fn prepare(&self, name: &str, what: &str) -> Vec<PreparedDevice> {
