@@ -108,10 +108,8 @@ fn run() -> anyhow::Result<()> {
         .iter()
         .map(|p| (p, claims_of(p, iterations, &mut fixed)))
         .collect();
-    let storage = harness::node_storage();
-    let plugin = Plugin::start(
+    let (storage, plugin) = Plugin::start_on_node(
         &server_rt,
-        &storage,
         &tools,
         fixed,
         &PluginOptions {

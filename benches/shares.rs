@@ -115,10 +115,8 @@ fn run() -> anyhow::Result<()> {
             share_claim(&format!("join-{i}"), &mut fixed, &root, &region)?,
         ));
     }
-    let storage = harness::node_storage();
-    let plugin = Plugin::start(
+    let (storage, plugin) = Plugin::start_on_node(
         &server_rt,
-        &storage,
         &tools,
         fixed,
         &PluginOptions {

@@ -17,11 +17,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::resource::v1::ResourceClaim;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::{Value, json};
 
 use support::TestBox;
 use support::driver::{DRIVER, FakeGpus, Plugin};
+use support::share_claims::{ShareAllocation, allocated_share, pod_running};
 
 const STEP: Duration = Duration::from_secs(90);
 
@@ -37,51 +38,17 @@ fn test_box() -> &'static TestBox {
 /// GpuConfig parameters carried by the allocation (as the scheduler copies claim configs).
 async fn share(
     client: &kube::Client,
-    (ns, node): (&str, &str),
+    at: (&str, &str),
     name: &str,
     consumed: Option<Value>,
     config: Option<Value>,
 ) -> anyhow::Result<(Pod, ResourceClaim)> {
-    let claims: Api<ResourceClaim> = Api::namespaced(client.clone(), ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let claim: ResourceClaim = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
-            "deviceClassName": "gpu.gpu-dra.dev", "allocationMode": "ExactCount", "count": 1}}]}},
-    }))?;
-    claims.create(&PostParams::default(), &claim).await?;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "nodeName": node,
-            "resourceClaims": [{"name": "gpu", "resourceClaimName": name}],
-            "containers": [{"name": "ctr", "image": "registry.example/tgi:none",
-                            "resources": {"claims": [{"name": "gpu"}]}}],
-        },
-    }))?;
-    let pod = pods.create(&PostParams::default(), &pod).await?;
-    let mut result = json!({"request": "gpu", "driver": DRIVER, "pool": node, "device": "gpu-0"});
-    if let Some(consumed) = consumed {
-        result["shareID"] = json!(uuid::Uuid::new_v4().to_string());
-        result["consumedCapacity"] = consumed;
-    }
-    let mut devices = json!({"results": [result]});
-    if let Some(parameters) = config {
-        devices["config"] = json!([{"source": "FromClaim", "requests": ["gpu"],
-            "opaque": {"driver": DRIVER, "parameters": parameters}}]);
-    }
-    let status = json!({"status": {
-        "allocation": {
-            "devices": devices,
-            "nodeSelector": {"nodeSelectorTerms": [{"matchFields": [
-                {"key": "metadata.name", "operator": "In", "values": [node]}]}]},
-        },
-        "reservedFor": [{"resource": "pods", "name": name, "uid": pod.metadata.uid}],
-    }});
-    let claim = claims
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
-    Ok((pod, claim))
+    let allocation = ShareAllocation {
+        capacity: None,
+        consumed,
+        config,
+    };
+    allocated_share(client, at, name, allocation).await
 }
 
 fn uid(claim: &ResourceClaim) -> String {
@@ -89,14 +56,7 @@ fn uid(claim: &ResourceClaim) -> String {
 }
 
 async fn running(b: &TestBox, plugin: &Plugin, pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
-    b.wait(STEP, &format!("pod {name} Running"), || async {
-        plugin.check_alive()?;
-        let p = pods.get(name).await?;
-        let phase = p.status.and_then(|s| s.phase).unwrap_or_default();
-        Ok((phase == "Running").then_some(()))
-    })
-    .await
-    .map_err(|e| e.context(plugin.log_tail(60)))
+    pod_running(b, (plugin, 60), pods, name, STEP).await
 }
 
 async fn ready(b: &TestBox, plugin: &Plugin) -> anyhow::Result<()> {
@@ -161,6 +121,21 @@ async fn prepare_failure(
         },
     )
     .await
+}
+
+/// [`share`] `name` allocated `(consumed, config)`, then [`prepare_failure`] of its pod
+/// naming `words`. Returns the claim.
+async fn refused_share(
+    b: &TestBox,
+    client: &kube::Client,
+    at: (&str, &str),
+    name: &str,
+    (consumed, config): (Option<Value>, Option<Value>),
+    words: &[&str],
+) -> anyhow::Result<ResourceClaim> {
+    let (_, claim) = share(client, at, name, consumed, config).await?;
+    prepare_failure(b, client, (at.0, name), words).await?;
+    Ok(claim)
 }
 
 fn count(d: &nvidia_ml::control::MpsDaemon, prefix: &str) -> usize {
@@ -351,38 +326,17 @@ async fn shares_of_one_gpu_get_their_own_namespaces_on_one_mps_v3_daemon() -> an
         "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}});
     let (_, holder) = share(&client, at, "whole", None, Some(time_sliced.clone())).await?;
     running(b, &plugin, &pods, "whole").await?;
-    share(
-        &client,
-        at,
-        "late",
-        Some(json!({"memory": "8Gi", "compute": "20"})),
-        None,
-    )
-    .await?;
-    prepare_failure(
-        b,
-        &client,
-        (&ns, "late"),
-        &[&gpu, &uid(&holder), "TimeSlicing"],
-    )
-    .await?;
+    let late = json!({"memory": "8Gi", "compute": "20"});
+    let words = [gpu.as_str(), &uid(&holder), "TimeSlicing"];
+    refused_share(b, &client, at, "late", (Some(late), None), &words).await?;
     pods.delete("whole", &DeleteParams::default()).await?;
     pods.delete("late", &DeleteParams::default()).await?;
-    share(
-        &client,
-        at,
-        "configured",
+    let configured = (
         Some(json!({"memory": "8Gi", "compute": "20"})),
         Some(time_sliced),
-    )
-    .await?;
-    prepare_failure(
-        b,
-        &client,
-        (&ns, "configured"),
-        &[&gpu, "sharing.strategy", "remove `sharing`"],
-    )
-    .await?;
+    );
+    let words = [gpu.as_str(), "sharing.strategy", "remove `sharing`"];
+    refused_share(b, &client, at, "configured", configured, &words).await?;
     assert!(
         daemon(&gpus, &gpu).is_none(),
         "a refused share starts no daemon"
@@ -402,21 +356,9 @@ async fn shares_of_one_gpu_get_their_own_namespaces_on_one_mps_v3_daemon() -> an
             times: Times::Always,
         },
     )?;
-    let (_, ignored) = share(
-        &client,
-        at,
-        "ignored",
-        Some(json!({"memory": "8Gi", "compute": "25"})),
-        None,
-    )
-    .await?;
-    prepare_failure(
-        b,
-        &client,
-        (&ns, "ignored"),
-        &[&gpu, "active_thread_percentage", "wanted 25"],
-    )
-    .await?;
+    let consumed = json!({"memory": "8Gi", "compute": "25"});
+    let words = [gpu.as_str(), "active_thread_percentage", "wanted 25"];
+    let ignored = refused_share(b, &client, at, "ignored", (Some(consumed), None), &words).await?;
     b.wait(STEP, "the failed prepare rolled back", || async {
         let mode = gpus.state().gpus[&gpu].compute_mode;
         Ok((daemon(&gpus, &gpu).is_none() && mode == ComputeMode::Default).then_some(()))
@@ -449,23 +391,19 @@ async fn a_legacy_mps_v2_node_refuses_compute_shares_unless_scheduling_only() ->
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let claims: Api<ResourceClaim> = Api::namespaced(client.clone(), &ns);
     // All of the GPU's memory (no memory limit to set), 40% of its compute.
-    share(
+    let consumed = json!({"memory": "46068Mi", "compute": "40"});
+    let words = [
+        "compute share of gpu-0 (40% on GPU-",
+        "upgrade the driver to r615",
+        "--allow-scheduling-only-shares",
+    ];
+    refused_share(
+        b,
         &client,
         (&ns, node),
         "tgi",
-        Some(json!({"memory": "46068Mi", "compute": "40"})),
-        None,
-    )
-    .await?;
-    prepare_failure(
-        b,
-        &client,
-        (&ns, "tgi"),
-        &[
-            "compute share of gpu-0 (40% on GPU-",
-            "upgrade the driver to r615",
-            "--allow-scheduling-only-shares",
-        ],
+        (Some(consumed), None),
+        &words,
     )
     .await?;
 

@@ -419,24 +419,7 @@ async fn bad_input(b: &TestBox, nodes: &mut ShareNodes) {
         ),
     )
     .await;
-    let events: Api<Event> = Api::namespaced(b.client().await, &ns);
-    let event = b
-        .wait(
-            STEP,
-            "FailedPrepareDynamicResources on slice-long",
-            || async {
-                let lp = ListParams::default().fields("involvedObject.name=slice-long");
-                Ok(events
-                    .list(&lp)
-                    .await?
-                    .items
-                    .into_iter()
-                    .find(|e| e.reason.as_deref() == Some("FailedPrepareDynamicResources")))
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
-    let message = event.message.unwrap_or_default();
+    let message = failed_prepare(b, nodes, &ns, "slice-long").await;
     eprintln!("slice-long: {message}");
     assert!(message.contains(&target), "names the GPU: {message}");
     assert!(message.contains("sharing"), "names the field: {message}");
@@ -462,6 +445,29 @@ async fn bad_input(b: &TestBox, nodes: &mut ShareNodes) {
     );
 
     old_driver(b, nodes, &ns).await;
+}
+
+/// The message of the first FailedPrepareDynamicResources event of pod `name` in `ns`,
+/// waited for up to [`STEP`]; panics with the plugins' log tail when none comes.
+async fn failed_prepare(b: &TestBox, nodes: &ShareNodes, ns: &str, name: &str) -> String {
+    let events: Api<Event> = Api::namespaced(b.client().await, ns);
+    let event = b
+        .wait(
+            STEP,
+            &format!("FailedPrepareDynamicResources on {name}"),
+            || async {
+                let lp = ListParams::default().fields(&format!("involvedObject.name={name}"));
+                Ok(events
+                    .list(&lp)
+                    .await?
+                    .items
+                    .into_iter()
+                    .find(|e| e.reason.as_deref() == Some("FailedPrepareDynamicResources")))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
+    event.message.unwrap_or_default()
 }
 
 /// A node whose driver (570) cannot limit memory per cgroup, with limits required: a share
@@ -495,24 +501,7 @@ async fn old_driver(b: &TestBox, nodes: &mut ShareNodes, ns: &str) {
         ),
     )
     .await;
-    let events: Api<Event> = Api::namespaced(b.client().await, ns);
-    let event = b
-        .wait(
-            STEP,
-            "FailedPrepareDynamicResources on old-share",
-            || async {
-                let lp = ListParams::default().fields("involvedObject.name=old-share");
-                Ok(events
-                    .list(&lp)
-                    .await?
-                    .items
-                    .into_iter()
-                    .find(|e| e.reason.as_deref() == Some("FailedPrepareDynamicResources")))
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", nodes.log_tail(30)));
-    let message = event.message.unwrap_or_default();
+    let message = failed_prepare(b, nodes, ns, "old-share").await;
     eprintln!("old-share: {message}");
     assert!(message.contains(share.as_str()), "names the GPU: {message}");
     assert!(message.contains("r615"), "says what to upgrade: {message}");

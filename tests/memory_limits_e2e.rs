@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::resource::v1::ResourceClaim;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams};
 use serde_json::json;
 
-use support::driver::{DRIVER, FakeGpus, Plugin};
+use support::driver::{FakeGpus, Plugin};
+use support::share_claims::{ShareAllocation, allocated_share, pod_running};
 
 const NODE: &str = "node-a";
 const STEP: Duration = Duration::from_secs(90);
@@ -38,40 +39,12 @@ async fn share(
     name: &str,
     memory: &str,
 ) -> anyhow::Result<(Pod, ResourceClaim)> {
-    let claims: Api<ResourceClaim> = Api::namespaced(client.clone(), ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let claim: ResourceClaim = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
-            "deviceClassName": "gpu.gpu-dra.dev", "allocationMode": "ExactCount", "count": 1,
-            "capacity": {"requests": {"memory": memory}}}}]}},
-    }))?;
-    claims.create(&PostParams::default(), &claim).await?;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "nodeName": NODE,
-            "resourceClaims": [{"name": "gpu", "resourceClaimName": name}],
-            "containers": [{"name": "ctr", "image": "registry.example/tgi:none",
-                            "resources": {"claims": [{"name": "gpu"}]}}],
-        },
-    }))?;
-    let pod = pods.create(&PostParams::default(), &pod).await?;
-    let status = json!({"status": {
-        "allocation": {
-            "devices": {"results": [{
-                "request": "gpu", "driver": DRIVER, "pool": NODE, "device": "gpu-0",
-                "shareID": uuid::Uuid::new_v4().to_string(),
-                "consumedCapacity": {"memory": memory}}]},
-            "nodeSelector": {"nodeSelectorTerms": [{"matchFields": [
-                {"key": "metadata.name", "operator": "In", "values": [NODE]}]}]},
-        },
-        "reservedFor": [{"resource": "pods", "name": name, "uid": pod.metadata.uid}],
-    }});
-    let claim = claims
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
-    Ok((pod, claim))
+    let allocation = ShareAllocation {
+        capacity: Some(json!({ "memory": memory })),
+        consumed: Some(json!({ "memory": memory })),
+        config: None,
+    };
+    allocated_share(client, (ns, NODE), name, allocation).await
 }
 
 fn pod_cgroup(root: &Path, pod: &Pod) -> PathBuf {
@@ -107,14 +80,7 @@ async fn each_share_is_limited_on_its_pod_cgroup_until_the_pod_goes() -> anyhow:
     let (c, _) = share(&client, &ns, "tgi-b", "12Gi").await?;
     let (cg_a, cg_b) = (pod_cgroup(&cgroup_root, &a), pod_cgroup(&cgroup_root, &c));
     for name in ["tgi-a", "tgi-b"] {
-        b.wait(STEP, &format!("pod {name} Running"), || async {
-            plugin.check_alive()?;
-            let p = pods.get(name).await?;
-            let phase = p.status.and_then(|s| s.phase).unwrap_or_default();
-            Ok((phase == "Running").then_some(()))
-        })
-        .await
-        .map_err(|e| e.context(plugin.log_tail(40)))?;
+        pod_running(b, (&plugin, 40), &pods, name, STEP).await?;
     }
 
     // What the fake GPU recorded, per pod cgroup, and the dmem files it left there.

@@ -340,6 +340,19 @@ pub struct Plugin {
 }
 
 impl Plugin {
+    /// [`Plugin::start`] on the [`node_storage`] variant; returns that storage too (its
+    /// label names the variant in the report rows).
+    pub fn start_on_node(
+        rt: &Runtime,
+        tools: &FakeTools,
+        claims: FixedClaims,
+        options: &PluginOptions,
+    ) -> anyhow::Result<(Storage, Self)> {
+        let storage = node_storage();
+        let plugin = Self::start(rt, &storage, tools, claims, options)?;
+        Ok((storage, plugin))
+    }
+
     /// Wires the plugin as `run::kubelet_plugin` does, with the state under `storage`.
     pub fn start(
         rt: &Runtime,

@@ -128,25 +128,14 @@ impl<L: ClaimLookup> Preparer<L> {
         live: &[k8s_openapi::api::resource::v1::ResourceClaim],
         entries: &mut BTreeMap<String, ClaimEntry>,
     ) {
-        for claim in live {
-            let Some(entry) = claim.metadata.uid.as_ref().and_then(|u| entries.get_mut(u)) else {
-                continue;
-            };
-            let decision = plan_claim(
-                claim,
-                &self.inventory.borrow(),
-                &self.config.driver_name,
-                &self.config.node_name,
-            )
-            .map_err(PrepareError::from)
-            .and_then(|plans| self.compute_decision(claim, &plans));
-            match decision {
+        self.for_each_rebuilt(live, entries, |claim, entry, plans| {
+            match plans.and_then(|plans| self.compute_decision(claim, &plans)) {
                 Ok(d) => record_into(&d, entry),
                 Err(err) => {
                     warn!(claim.uid = ?claim.metadata.uid, error = %err, "compute share of a rebuilt claim not recorded");
                 }
             }
-        }
+        });
     }
 }
 

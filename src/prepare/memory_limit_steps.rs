@@ -101,17 +101,8 @@ impl<L: ClaimLookup> Preparer<L> {
         if self.memory_limits.is_none() {
             return;
         }
-        for claim in live {
-            let Some(entry) = claim.metadata.uid.as_ref().and_then(|u| entries.get_mut(u)) else {
-                continue;
-            };
-            let record = plan_claim(
-                claim,
-                &self.inventory.borrow(),
-                &self.config.driver_name,
-                &self.config.node_name,
-            )
-            .map_err(PrepareError::from)
+        self.for_each_rebuilt(live, entries, |claim, entry, plans| {
+            let record = plans
             .and_then(|plans| self.memory_decision(claim, &plans))
             .and_then(|decision| {
                 let uid = claim.metadata.uid.clone().unwrap_or_default();
@@ -130,6 +121,33 @@ impl<L: ClaimLookup> Preparer<L> {
                     warn!(claim.uid = ?claim.metadata.uid, error = %err, "memory limits of a rebuilt claim not recorded; they are cleared when its pod cgroup goes");
                 }
             }
+        });
+    }
+
+    /// Calls `each` with every claim of `live` that has an entry in `entries` (rebuilt
+    /// after a lost checkpoint), that entry, and the claim's device plans on this node.
+    pub(super) fn for_each_rebuilt(
+        &self,
+        live: &[k8s_openapi::api::resource::v1::ResourceClaim],
+        entries: &mut BTreeMap<String, ClaimEntry>,
+        mut each: impl FnMut(
+            &k8s_openapi::api::resource::v1::ResourceClaim,
+            &mut ClaimEntry,
+            Result<Vec<DevicePlan>, PrepareError>,
+        ),
+    ) {
+        for claim in live {
+            let Some(entry) = claim.metadata.uid.as_ref().and_then(|u| entries.get_mut(u)) else {
+                continue;
+            };
+            let plans = plan_claim(
+                claim,
+                &self.inventory.borrow(),
+                &self.config.driver_name,
+                &self.config.node_name,
+            )
+            .map_err(PrepareError::from);
+            each(claim, entry, plans);
         }
     }
 }

@@ -31,7 +31,7 @@
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use serde::{Deserialize, Serialize};
 
-use super::memory_limit_plan::{DeviceInput, MEMORY_CAPACITY};
+use super::memory_limit_plan::{DeviceInput, MEMORY_CAPACITY, consumed_capacity, whole};
 use super::policy::Policy;
 use crate::inventory::Inventory;
 
@@ -170,12 +170,6 @@ impl ComputeShareRecord {
     }
 }
 
-fn whole(q: &str) -> Option<u64> {
-    crate::config::quantity::parse_quantity(q)
-        .ok()
-        .and_then(|b| u64::try_from(b).ok())
-}
-
 /// The compute shares of `devices` in `claim`'s allocation (results of `driver` in
 /// `pool`), with each device's policy from `policies` (same order as `devices`).
 ///
@@ -188,25 +182,10 @@ pub fn compute_shares(
     inventory: &Inventory,
 ) -> Result<Vec<ComputeShare>, ComputeShareError> {
     let claim_uid = claim.metadata.uid.clone().unwrap_or_default();
-    let results = claim
-        .status
-        .as_ref()
-        .and_then(|s| s.allocation.as_ref())
-        .and_then(|a| a.devices.as_ref())
-        .and_then(|d| d.results.as_deref())
-        .unwrap_or_default();
     let mut shares = Vec::new();
     for (input, policy) in devices {
-        let Some(consumed) = results
-            .iter()
-            .find(|r| {
-                r.driver == driver
-                    && r.pool == pool
-                    && r.device == input.device
-                    && r.request == input.request
-            })
-            .and_then(|r| r.consumed_capacity.as_ref())
-            .filter(|c| !c.is_empty())
+        let Some(consumed) =
+            consumed_capacity(claim, driver, pool, input).filter(|c| !c.is_empty())
         else {
             continue;
         };

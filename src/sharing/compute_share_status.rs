@@ -8,9 +8,10 @@
 //! its own condition (one server-side apply per claim, one field manager), so neither
 //! removes the other's. Must not talk to the API server itself.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::compute_share_plan::ComputeShareRecord;
+use super::memory_limit_status::device_condition;
 use crate::checkpoint::ClaimEntry;
 
 /// Condition type of a device's compute-limit enforcement.
@@ -23,7 +24,7 @@ pub fn condition(entry: &ClaimEntry, device: &str, now: &str) -> Option<Value> {
     if record.device != device {
         return None;
     }
-    let (status, reason, message) = match &record.scheduling_only {
+    let fields = match &record.scheduling_only {
         Some(why) => (
             "False",
             "SchedulingOnly",
@@ -44,13 +45,7 @@ pub fn condition(entry: &ClaimEntry, device: &str, now: &str) -> Option<Value> {
             ),
         ),
     };
-    Some(json!({
-        "type": CONDITION_TYPE,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": now,
-    }))
+    Some(device_condition(CONDITION_TYPE, fields, now))
 }
 
 #[cfg(test)]

@@ -14,9 +14,10 @@
 //! its memory has no right answer. Such a claim is treated as not enforceable (see
 //! [`decide`]); one claim per pod (a ResourceClaimTemplate) is the enforced form.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::{Deserialize, Serialize};
 
 use super::memory_limit::MemoryLimitError;
@@ -148,36 +149,18 @@ pub fn memory_shares(
     inventory: &Inventory,
 ) -> Result<Vec<MemoryShare>, MemoryLimitError> {
     let claim_uid = claim.metadata.uid.clone().unwrap_or_default();
-    let results = claim
-        .status
-        .as_ref()
-        .and_then(|s| s.allocation.as_ref())
-        .and_then(|a| a.devices.as_ref())
-        .and_then(|d| d.results.as_deref())
-        .unwrap_or_default();
     let mut shares = Vec::new();
     for input in devices {
-        let Some(quantity) = results
-            .iter()
-            .find(|r| {
-                r.driver == driver
-                    && r.pool == pool
-                    && r.device == input.device
-                    && r.request == input.request
-            })
-            .and_then(|r| r.consumed_capacity.as_ref())
-            .and_then(|c| c.get(MEMORY_CAPACITY))
+        let Some(quantity) =
+            consumed_capacity(claim, driver, pool, input).and_then(|c| c.get(MEMORY_CAPACITY))
         else {
             continue;
         };
-        let bytes = crate::config::quantity::parse_quantity(&quantity.0)
-            .ok()
-            .and_then(|b| u64::try_from(b).ok())
-            .ok_or_else(|| MemoryLimitError::Quantity {
-                claim_uid: claim_uid.clone(),
-                device: input.device.to_owned(),
-                value: quantity.0.clone(),
-            })?;
+        let bytes = whole(&quantity.0).ok_or_else(|| MemoryLimitError::Quantity {
+            claim_uid: claim_uid.clone(),
+            device: input.device.to_owned(),
+            value: quantity.0.clone(),
+        })?;
         let gpu = inventory.gpus.iter().find(|g| g.uuid == input.gpu_uuid);
         let total = gpu.map_or(u64::MAX, |g| g.memory_bytes);
         if bytes >= total {
@@ -200,6 +183,40 @@ pub fn memory_shares(
         });
     }
     Ok(shares)
+}
+
+/// `q` as a whole non-negative number (a Kubernetes quantity: `4Gi` is 4294967296);
+/// `None` when it is not a quantity or is negative or above `u64`.
+pub(super) fn whole(q: &str) -> Option<u64> {
+    crate::config::quantity::parse_quantity(q)
+        .ok()
+        .and_then(|b| u64::try_from(b).ok())
+}
+
+/// The `consumedCapacity` of `input`'s allocation result in `claim` (result of `driver`
+/// in `pool` for that device and request); `None` when the claim has no such result or
+/// the result consumes nothing recorded.
+pub(crate) fn consumed_capacity<'c>(
+    claim: &'c ResourceClaim,
+    driver: &str,
+    pool: &str,
+    input: &DeviceInput<'_>,
+) -> Option<&'c BTreeMap<String, Quantity>> {
+    claim
+        .status
+        .as_ref()
+        .and_then(|s| s.allocation.as_ref())
+        .and_then(|a| a.devices.as_ref())
+        .and_then(|d| d.results.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .find(|r| {
+            r.driver == driver
+                && r.pool == pool
+                && r.device == input.device
+                && r.request == input.request
+        })
+        .and_then(|r| r.consumed_capacity.as_ref())
 }
 
 /// The pods of `claim`'s `status.reservedFor` (core `pods` entries only), sorted.

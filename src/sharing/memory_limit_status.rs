@@ -72,7 +72,7 @@ pub fn device_status_apply(driver: &str, entry: &ClaimEntry, now: &str) -> Optio
 }
 
 fn memory_condition(record: &MemoryLimitRecord, device: &str, now: &str) -> Option<Value> {
-    let (status, reason, message) = match &record.scheduling_only {
+    let fields = match &record.scheduling_only {
         Some(why) => (
             "False",
             "SchedulingOnly",
@@ -93,13 +93,23 @@ fn memory_condition(record: &MemoryLimitRecord, device: &str, now: &str) -> Opti
             )
         }
     };
-    Some(json!({
-        "type": CONDITION_TYPE,
+    Some(device_condition(CONDITION_TYPE, fields, now))
+}
+
+/// A KEP-4817 device condition (`metav1.Condition` shape) of type `kind` with `status`
+/// (`True` / `False`), `reason`, `message` and `lastTransitionTime` `now` (RFC 3339).
+pub(super) fn device_condition(
+    kind: &str,
+    (status, reason, message): (&str, &str, String),
+    now: &str,
+) -> Value {
+    json!({
+        "type": kind,
         "status": status,
         "reason": reason,
         "message": message,
         "lastTransitionTime": now,
-    }))
+    })
 }
 
 /// Follows `checkpoint` and applies the device status of every completed claim with a

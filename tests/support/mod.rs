@@ -12,6 +12,7 @@ pub mod driver;
 pub mod dynamic_mig;
 pub mod examples;
 pub mod scenario;
+pub mod share_claims;
 pub mod share_limits;
 pub mod shares;
 
