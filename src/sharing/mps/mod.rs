@@ -28,6 +28,7 @@
 //! plugin sharing the host IPC namespace) no shm mount is emitted.
 
 mod client;
+mod edits;
 mod error;
 pub mod limits;
 pub mod processes;
@@ -43,36 +44,10 @@ use std::time::Duration;
 
 pub use super::launcher::MpsLauncher;
 use super::policy::MpsLimits;
+pub use edits::{CONTAINER_LOG_DIR, CONTAINER_PIPE_DIR, CONTROL_PIPE, ClaimEdits, MountSpec};
 pub use error::MpsError;
 pub use limits::{LimitSetting, limit_commands, limit_settings};
 use processes::{ProcScanner, Signal};
-
-/// Where the claim's containers find the control pipe (`CUDA_MPS_PIPE_DIRECTORY`).
-pub const CONTAINER_PIPE_DIR: &str = "/tmp/nvidia-mps";
-/// Where the claim's containers see the daemon's logs (`CUDA_MPS_LOG_DIRECTORY`, read-only).
-pub const CONTAINER_LOG_DIR: &str = "/var/log/nvidia-mps";
-/// The file the control daemon creates in its pipe directory when it accepts commands.
-pub const CONTROL_PIPE: &str = "control";
-
-/// One bind mount for a claim's containers, as plain data for the CDI module.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountSpec {
-    /// Path on the node.
-    pub host_path: PathBuf,
-    /// Path in the container.
-    pub container_path: String,
-    /// OCI mount options, e.g. `["rw", "nosuid", "nodev", "bind"]`.
-    pub options: Vec<String>,
-}
-
-/// Container edits a claim needs for its sharing policy (empty for time-slicing/exclusive).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClaimEdits {
-    /// Environment variables (name, value), in a stable order.
-    pub env: Vec<(String, String)>,
-    /// Bind mounts, in a stable order.
-    pub mounts: Vec<MountSpec>,
-}
 
 /// How to give the daemon the claim's `shm` dir as `/dev/shm` (needs CAP_SYS_ADMIN).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,43 +202,6 @@ impl MpsSupervisor {
             shm: root.join("shm"),
             root,
         })
-    }
-
-    /// The container edits for a claim served by a daemon (pure).
-    pub fn edits(&self, dirs: &ClaimDirs) -> ClaimEdits {
-        let opts = |o: &[&str]| o.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        let mut mounts = vec![
-            MountSpec {
-                host_path: dirs.pipe.clone(),
-                container_path: CONTAINER_PIPE_DIR.to_owned(),
-                options: opts(&["rw", "nosuid", "nodev", "bind"]),
-            },
-            MountSpec {
-                host_path: dirs.log.clone(),
-                container_path: CONTAINER_LOG_DIR.to_owned(),
-                options: opts(&["ro", "nosuid", "nodev", "bind"]),
-            },
-        ];
-        if self.settings.private_shm.is_some() {
-            mounts.push(MountSpec {
-                host_path: dirs.shm.clone(),
-                container_path: "/dev/shm".to_owned(),
-                options: opts(&["rw", "nosuid", "nodev", "bind"]),
-            });
-        }
-        ClaimEdits {
-            env: vec![
-                (
-                    "CUDA_MPS_PIPE_DIRECTORY".to_owned(),
-                    CONTAINER_PIPE_DIR.to_owned(),
-                ),
-                (
-                    "CUDA_MPS_LOG_DIRECTORY".to_owned(),
-                    CONTAINER_LOG_DIR.to_owned(),
-                ),
-            ],
-            mounts,
-        }
     }
 
     /// The program and arguments that launch the daemon, wrapped by the launcher (pure).
