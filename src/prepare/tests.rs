@@ -10,10 +10,12 @@ use k8s_openapi::api::resource::v1::ResourceClaim;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use super::node_driver::each_claim;
 use super::*;
 use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::claims::FixedClaims;
 use crate::inventory::fixtures::dgx_h100;
+use crate::plugin::NodeDriver;
 use crate::sharing::{
     ComputeControl, ComputeMode, ControlError, MpsSettings, MpsSupervisor, TimeSlice,
     TimeSliceControl, TimeSliceState,
